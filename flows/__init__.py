@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only, over the stages dvc.yaml defines."""

@@ -1,0 +1,1 @@
+"""The Llama architecture in plain torch; knows nothing of Ray, Prefect or MLflow."""

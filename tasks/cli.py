@@ -1,0 +1,50 @@
+"""`tinyllama`: one CLI whose subcommands are the pipeline's stages (what dvc.yaml calls).
+
+Only the chosen subcommand's module is imported, so `tinyllama plan` does not pay for
+Ray or lm-eval. Each stage module exposes `add_arguments(parser)` and `main(args)`.
+Bad input (`UserError`) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tasks.errors import UserError
+
+COMMANDS = {
+    "plan": ("tasks.plan", "dry-run a profile: parameters, steps, memory per GPU, days"),
+    "tokenizer": ("tasks.tokenizer", "train or convert the tokenizer into models/tokenizer/"),
+    "prepare": ("tasks.prepare", "tokenize and pack the corpora into Parquet shards"),
+    "pretrain": ("tasks.pretrain", "pretrain on Ray Train, exporting milestone checkpoints"),
+    "evaluate": ("tasks.evaluate", "score every milestone with lm-eval, log to MLflow"),
+    "generate": ("tasks.generate", "sample text from a checkpoint dir"),
+}
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyllama", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = _parser(command).parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"tinyllama {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

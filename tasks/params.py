@@ -1,0 +1,287 @@
+"""params.yaml: every knob of every stage, validated once at the edge.
+
+`load_params(path)` validates the whole file before any stage runs and reports *every* bad
+field in one `UserError` (dotted path + value), so a typo never costs a half-built output.
+Each stage reads only its own section; dvc.yaml lists exactly those keys per stage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model.config import LlamaConfig, preset
+from tasks.errors import UserError
+
+_TOKEN_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_tokens(value: int | float | str) -> int:
+    """'105B' -> 105_000_000_000; also accepts plain ints and '1.5T'."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a token count: {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0 or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"not a positive whole token count: {value!r}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBT]?)\s*", str(value).upper())
+    if not match:
+        raise ValueError(f"not a token count: {value!r} (use e.g. 500000, '500K', '105B', '1.5T')")
+    tokens = float(match.group(1)) * _TOKEN_SUFFIX[match.group(2)]
+    if tokens <= 0 or not math.isclose(tokens, round(tokens)):
+        raise ValueError(f"not a positive whole token count: {value!r}")
+    return int(round(tokens))
+
+
+def format_tokens(tokens: int) -> str:
+    """105_000_000_000 -> '105B', 1_500_000_000_000 -> '1.5T', 1_048_576 -> '1048.576K' (exact, no rounding)."""
+    for suffix in ("T", "B", "M", "K"):
+        unit = _TOKEN_SUFFIX[suffix]
+        if tokens >= unit and (tokens * 1000) % unit == 0:
+            return f"{tokens / unit:.3f}".rstrip("0").rstrip(".") + suffix
+    return str(tokens)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Paths(Section):
+    data: str = "data"
+    models: str = "models"
+    metrics: str = "metrics"
+
+
+class TokenizerParams(Section):
+    kind: Literal["train", "pretrained"] = "train"
+    vocab_size: int = Field(2048, ge=259)
+    model_file: str | None = None
+    train_sources: list[str] = Field(default_factory=list)
+    max_sentences: int = Field(200_000, gt=0)
+
+    @model_validator(mode="after")
+    def _pretrained_needs_file(self):
+        if self.kind == "pretrained" and not self.model_file:
+            raise ValueError("tokenizer.model_file is required when tokenizer.kind is 'pretrained'")
+        return self
+
+
+class ModelParams(Section):
+    preset: str = "tiny"
+    overrides: dict = Field(default_factory=dict)
+
+    def build_config(self, vocab_size: int | None = None) -> LlamaConfig:
+        config = preset(self.preset).with_overrides(**self.overrides)
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            config = config.with_overrides(vocab_size=vocab_size)
+        return config
+
+    @model_validator(mode="after")
+    def _valid_architecture(self):
+        self.build_config()
+        return self
+
+
+class SourceParams(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    format: Literal["slimpajama", "starcoderdata", "jsonl", "text", "builtin"]
+    uri: str = ""
+    weight: float = Field(gt=0)
+    exclude_sets: list[str] = Field(default_factory=lambda: ["RedPajamaGithub"])
+    languages: list[str] | None = None
+    text_field: str = "text"
+    builtin_part: Literal["text", "code"] | None = None
+
+    @model_validator(mode="after")
+    def _uri_or_builtin(self):
+        if self.format == "builtin":
+            if self.builtin_part is None:
+                raise ValueError(f"data.sources[{self.name}].builtin_part is required for format 'builtin' (text or code)")
+        elif not self.uri:
+            raise ValueError(f"data.sources[{self.name}].uri is required for format '{self.format}'")
+        return self
+
+
+class BuiltinCorpusParams(Section):
+    seed: int = 1234
+    entities: int = Field(120, gt=0)
+    programs: int = Field(1500, gt=0)
+
+
+class DataParams(Section):
+    seq_len: int = Field(256, gt=0)
+    separator: Literal["bos", "eos", "both"] = "bos"
+    val_fraction: float = Field(0.02, gt=0, lt=1)
+    rows_per_shard: int = Field(8192, gt=0)
+    row_group_rows: int = Field(1024, gt=0)
+    workers: int = Field(2, gt=0)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    builtin: BuiltinCorpusParams = Field(default_factory=BuiltinCorpusParams)
+    sources: list[SourceParams]
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources):
+        if not sources:
+            raise ValueError("at least one source is required")
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate source name {dupes[0]!r}")
+        if sum(s.weight for s in sources) <= 0:
+            raise ValueError("source weights must sum to a positive number")
+        return sources
+
+
+class TrainParams(Section):
+    workers: int = Field(2, gt=0)
+    cpus_per_worker: int = Field(1, gt=0)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    threads_per_worker: int = Field(1, gt=0)
+    micro_batch: int = Field(8, gt=0)
+    global_batch_tokens: int = Field(..., gt=0)
+    total_tokens: int | str
+    milestones: list[int | str]
+    lr: float = Field(4e-4, gt=0)
+    min_lr: float = Field(4e-5, ge=0)
+    warmup_steps: int = Field(2000, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    checkpoint_every_steps: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every_steps: int = Field(10, gt=0)
+    val_every_steps: int = Field(100, gt=0)
+    val_batches: int = Field(4, gt=0)
+    max_failures: int = Field(1, ge=0)
+    eval_milestones_during_training: bool = True
+
+    @field_validator("total_tokens")
+    @classmethod
+    def _total(cls, value):
+        return parse_tokens(value)
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, values):
+        tokens = [parse_tokens(v) for v in values]
+        if not tokens:
+            raise ValueError("at least one milestone is required")
+        for a, b in zip(tokens, tokens[1:]):
+            if b <= a:
+                raise ValueError(f"milestones must increase: {format_tokens(b)} follows {format_tokens(a)}")
+        return tokens
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        if self.milestones[-1] > self.total_tokens:
+            raise ValueError(f"train.milestones: last milestone {format_tokens(self.milestones[-1])} exceeds "
+                             f"train.total_tokens {format_tokens(self.total_tokens)}")
+        return self
+
+
+class PlanParams(Section):
+    tokens_per_sec_per_gpu: float = Field(24_000, gt=0)
+    gpu_memory_gb: float = Field(40, gt=0)
+    peak_tflops_per_gpu: float = Field(312, gt=0)
+
+
+class EvalParams(Section):
+    tasks: list[str]
+    data_dir: str | None = None
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    device: str = "cpu"
+
+
+class MlflowParams(Section):
+    tracking_uri: str | None = None
+    experiment: str = "tinyllama-tiny"
+
+
+class Params(Section):
+    profile: str = "tiny"
+    seed: int = 1337
+    paths: Paths = Field(default_factory=Paths)
+    tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams
+    train: TrainParams
+    plan: PlanParams = Field(default_factory=PlanParams)
+    eval: EvalParams
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+
+    @model_validator(mode="after")
+    def _cross_section(self):
+        config = self.model.build_config(self.tokenizer.vocab_size if self.tokenizer.kind == "train" else None)
+        if self.data.seq_len > config.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
+        per_step = self.train.workers * self.train.micro_batch * self.data.seq_len
+        if self.train.global_batch_tokens % per_step:
+            raise ValueError(f"train.global_batch_tokens ({self.train.global_batch_tokens}) is not divisible by "
+                             f"workers × micro_batch × seq_len = {self.train.workers} × {self.train.micro_batch} × "
+                             f"{self.data.seq_len} = {per_step}")
+        names = {s.name for s in self.data.sources}
+        for name in self.tokenizer.train_sources:
+            if name not in names:
+                raise ValueError(f"tokenizer.train_sources: {name!r} is not a data.sources name ({', '.join(sorted(names))})")
+        return self
+
+    def model_config(self, vocab_size: int | None = None) -> LlamaConfig:
+        """The architecture; `vocab_size` from the prepared tokenizer wins over the preset's."""
+        if vocab_size is None and self.tokenizer.kind == "train":
+            vocab_size = self.tokenizer.vocab_size
+        return self.model.build_config(vocab_size)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.global_batch_tokens // (self.train.workers * self.train.micro_batch * self.data.seq_len)
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "params"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{where}: required field is missing"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    return f"{where}: {message}{shown}"
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        raise UserError(f"{source}: {len(problems)} invalid field(s): " + "; ".join(problems)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--params: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections")
+    return parse_params(raw, str(path))
+
+
+def add_params_argument(parser) -> None:
+    """Every stage takes `--params FILE` (default params.yaml), as dvc.yaml calls it."""
+    parser.add_argument("--params", default="params.yaml", metavar="FILE",
+                        help="the profile to run (default: params.yaml)")
