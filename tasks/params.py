@@ -94,7 +94,8 @@ class SourceParams(Section):
     weight: float = Field(gt=0)
     exclude_sets: list[str] = Field(default_factory=lambda: ["RedPajamaGithub"])
     languages: list[str] | None = None
-    text_field: str = "text"
+    text_field: str | None = None     # None: "text" (JSON lines), "content" (starcoderdata Parquet)
+    text_unit: Literal["paragraph", "line", "file"] = "paragraph"  # what one document is in a 'text' file
     builtin_part: Literal["text", "code"] | None = None
 
     @model_validator(mode="after")
@@ -239,7 +240,7 @@ class Params(Section):
                 raise ValueError(f"tokenizer.train_sources: {name!r} is not a data.sources name ({', '.join(sorted(names))})")
         return self
 
-    def model_config(self, vocab_size: int | None = None) -> LlamaConfig:
+    def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
         """The architecture; `vocab_size` from the prepared tokenizer wins over the preset's."""
         if vocab_size is None and self.tokenizer.kind == "train":
             vocab_size = self.tokenizer.vocab_size

@@ -44,13 +44,13 @@ def count_parameters_on_meta(params: Params) -> int:
     from model.llama import Llama
 
     with torch.device("meta"):
-        model = Llama(params.model_config())
+        model = Llama(params.llama_config())
     return sum(p.numel() for p in model.parameters())
 
 
 def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
     """Rough bytes per GPU: sharded fp32 master weights, grads and AdamW moments, activations, logits."""
-    config = params.model_config()
+    config = params.llama_config()
     train = params.train
     shards = train.workers if train.strategy == "fsdp" else 1
     act_bytes = 2 if train.precision == "bf16" else 4
@@ -69,7 +69,7 @@ def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
 
 
 def make_plan(params: Params) -> Plan:
-    config = params.model_config()
+    config = params.llama_config()
     n_params = count_parameters_on_meta(params)
     if n_params != config.num_params():
         raise AssertionError(f"meta model has {n_params} parameters, the config says {config.num_params()}")
@@ -100,6 +100,13 @@ def make_plan(params: Params) -> Plan:
     )
 
 
+def _duration(days: float) -> str:
+    if days >= 1:
+        return f"{days:.1f} days"
+    minutes = days * 24 * 60
+    return f"{minutes / 60:.1f} hours" if minutes >= 90 else f"{minutes:.1f} minutes"
+
+
 def render(plan: Plan, gpu_memory_gb: float) -> str:
     mem = plan.memory_per_gpu_gib
     lines = [
@@ -112,7 +119,7 @@ def render(plan: Plan, gpu_memory_gb: float) -> str:
         "milestones         " + ", ".join(f"{name} @ step {step:,}" for name, step in plan.milestones.items()),
         "memory per device  " + ", ".join(f"{k} {v} GiB" for k, v in mem.items() if k != "total")
         + f" → {mem['total']} GiB of {gpu_memory_gb:g} GiB" + ("" if mem["total"] <= gpu_memory_gb else "  (DOES NOT FIT)"),
-        f"time               {plan.days:.1f} days at {plan.tokens_per_sec_per_gpu:,.0f} tok/s/device "
+        f"time               {_duration(plan.days)} at {plan.tokens_per_sec_per_gpu:,.0f} tok/s/device "
         f"(MFU {plan.mfu_at_that_speed:.1%}, {plan.flops_per_token / 1e9:.2f} GFLOP/token)",
     ]
     return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""`tinyllama plan`: the dry run of the real recipe, through the CLI a user runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_tinyllama_plan_matches_the_paper():
+    result = run_cli("plan", "--params", "configs/tinyllama-1.1b.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["parameters"] == 1_100_048_384
+    assert plan["tokens_per_step"] == 2_097_152
+    assert plan["total_steps"] == 1_430_512
+    assert plan["grad_accum"] == 8
+    assert 89.5 < plan["days"] < 91.0
+    assert list(plan["milestones"]) == ["105B", "503B", "1T", "1.5T", "2T", "2.5T", "3T"]
+    assert plan["milestones"]["105B"] == 50_068  # ceil(105e9 / 2_097_152)
+    assert 0.5 < plan["mfu_at_that_speed"] < 0.6  # the anchor: 24k tok/s/GPU is ~56% MFU on an A100
+    assert plan["memory_per_gpu_gib"]["total"] < 40
+
+
+def test_plan_text_and_speed_override():
+    result = run_cli("plan", "--params", "configs/tinyllama-1.1b.yaml", "--tokens-per-sec", "48000")
+    assert result.returncode == 0, result.stderr
+    assert "1,100,048,384" in result.stdout and "45.2 days" in result.stdout
+
+
+@pytest.mark.parametrize("model,needle", [
+    ({"preset": "nope"}, "model.preset: unknown preset 'nope'"),
+    ({"preset": "tiny", "overrides": {"n_head": 7}}, "model.n_head: 7 does not divide"),
+    ({"preset": "tiny", "overrides": {"n_kv_head": 4}}, "model.n_kv_head: 4 does not divide"),
+])
+def test_plan_bad_model_exits_2_with_one_line(tmp_path, model, needle):
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["model"] = model
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    result = run_cli("plan", "--params", str(params))
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
