@@ -110,7 +110,7 @@ class SourceParams(Section):
 
 class BuiltinCorpusParams(Section):
     seed: int = 1234
-    entities: int = Field(120, gt=0)
+    entities: int = Field(60, gt=0)
     programs: int = Field(1500, gt=0)
 
 
@@ -165,6 +165,9 @@ class TrainParams(Section):
     val_batches: int = Field(4, gt=0)
     max_failures: int = Field(1, ge=0)
     eval_milestones_during_training: bool = True
+    # Ray Train's storage for resume checkpoints (a path or s3:// URI), deliberately outside the DVC
+    # outputs: DVC deletes a stage's outputs before re-running it, which would defeat --resume auto.
+    checkpoint_dir: str = "checkpoints/pretrain"
 
     @field_validator("total_tokens")
     @classmethod
@@ -205,6 +208,7 @@ class EvalParams(Section):
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
     device: str = "cpu"
+    perplexity_rows: int = Field(256, gt=0)
 
 
 class MlflowParams(Section):

@@ -1,0 +1,70 @@
+"""Evaluate a milestone on Ray the moment it lands, without blocking training.
+
+The pretrain loop calls `submit_milestone_eval` and keeps going; the task runs on its own Ray
+resources (one CPU on the tiny profile, where the cluster reserves a spare core for it; one GPU on
+the cluster) and logs into the pretrain run with `step = tokens seen`. A failure never propagates:
+the task tags the run `eval_failed/<milestone>` and returns a status, so a broken eval cannot kill
+a multi-day pretraining run. The scores land in the cache the `evaluate` stage reads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+from tasks.params import Params
+from tasks.tracking import tracking_uri
+
+
+def eval_resources(params: Params) -> dict:
+    if params.eval.device.startswith("cuda"):
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": 1, "num_gpus": 0}
+
+
+def absolute_paths(params: Params) -> Params:
+    """Ray workers may run elsewhere than the driver's cwd: ship absolute paths."""
+    paths = params.paths.model_copy(update={key: str(Path(value).resolve())
+                                            for key, value in params.paths.model_dump().items()})
+    data_dir = str(Path(params.eval.data_dir).resolve()) if params.eval.data_dir else None
+    return params.model_copy(update={"paths": paths, "eval": params.eval.model_copy(update={"data_dir": data_dir})})
+
+
+def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_seen: int, uri: str,
+                       threads: int) -> dict:
+    """The body of the Ray task (a plain function, so it is also callable in-process)."""
+    import torch
+
+    from tasks.evaluation.milestones import read_milestone
+    from tasks.evaluation.mlflow_log import client_for, log_result, mark_failed
+    from tasks.evaluation.scoring import score_milestone
+    from tasks.evaluation.tasksets import build_taskset
+
+    torch.set_num_threads(threads)
+    client = client_for(uri)
+    name = Path(milestone_dir).name
+    try:
+        milestone = replace(read_milestone(Path(milestone_dir)), tokens_seen=int(tokens_seen))
+        name = milestone.name
+        with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as include_dir:
+            result = score_milestone(params, build_taskset(params, Path(include_dir)), milestone)
+        log_result(client, run_id, result)
+        return {"status": "ok", **result}
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        mark_failed(client, run_id, name, error + "\n" + traceback.format_exc(limit=5))
+        return {"status": "failed", "milestone": name, "tokens": int(tokens_seen), "error": error}
+
+
+def submit_milestone_eval(params: Params, milestone_dir: str | Path, run_id: str, tokens_seen: int,
+                          mlflow_uri: str | None = None):
+    """Start the eval as a Ray task; returns its ObjectRef (a dict with "status" once done).
+    `mlflow_uri` defaults to the profile's store as seen from this process's working directory."""
+    import ray
+
+    resources = eval_resources(params)
+    task = ray.remote(run_milestone_eval).options(**resources, max_retries=0, name=f"eval-{Path(milestone_dir).name}")
+    return task.remote(absolute_paths(params), str(Path(milestone_dir).resolve()), run_id, int(tokens_seen),
+                       mlflow_uri or tracking_uri(params), max(1, int(resources["num_cpus"])))

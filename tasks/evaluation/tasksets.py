@@ -1,0 +1,115 @@
+"""Which lm-eval tasks a profile runs, and where their data comes from.
+
+One resolver for every caller (the `evaluate` stage and the per-milestone Ray task), so a name is
+judged the same way everywhere, and every problem is reported before any model is loaded:
+1. a tiny-profile task listed in `<eval dir>/tasks.json` (prepare's held-out items);
+2. with `eval.data_dir` set, one of the seven benchmarks read from local original-schema files;
+3. without it, lm-eval's own task of that name (downloads its dataset from the Hub).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.errors import UserError
+from tasks.evaluation.files import sha256_file, sha256_json
+from tasks.evaluation.tasks_offline import OFFLINE_TASKS, load_offline_rows, write_offline_task
+from tasks.evaluation.tasks_tiny import check_items, read_tiny_tasks, write_tiny_task
+from tasks.params import Params
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    names: list[str]
+    include_dir: Path | None       # generated YAMLs (None: lm-eval's packaged tasks only)
+    include_defaults: bool         # whether lm-eval's packaged tasks are indexed too
+    chance: dict[str, float] = field(default_factory=dict)
+    fingerprint: str = ""          # changes when any task's data or eval setting changes
+
+    def task_manager(self):
+        return _task_manager(str(self.include_dir) if self.include_dir else None, self.include_defaults)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_dir: str | None, include_defaults: bool):
+    """Indexing lm-eval's ~15k packaged YAMLs takes a minute on 2 busy cores: do it once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_dir, include_defaults=include_defaults)
+
+
+def tiny_eval_dir(params: Params) -> Path:
+    return Path(params.eval.data_dir) if params.eval.data_dir else Path(params.paths.data) / "eval"
+
+
+def _unknown_to_lm_eval(names: list[str]) -> list[str]:
+    """Names lm-eval does not register. A name that occurs nowhere in the packaged YAML text cannot be
+    registered, which rejects typos in seconds; only the rest pay for lm-eval's own (slow) index."""
+    import lm_eval.tasks
+
+    root, pending = Path(lm_eval.tasks.__file__).parent, set(names)
+    mentioned = set()
+    for path in root.rglob("*.yaml"):
+        text = path.read_text(errors="ignore")
+        mentioned |= {name for name in pending if name in text}
+    if mentioned != pending:
+        return [name for name in names if name not in mentioned]
+    known = set(_task_manager(None, True).all_tasks)
+    return [name for name in names if name not in known]
+
+
+def build_taskset(params: Params, include_dir: Path) -> TaskSet:
+    """Validate `eval.tasks` and write the YAMLs (and adapted rows) they need into `include_dir`."""
+    names = list(params.eval.tasks)
+    if not names:
+        raise UserError("eval.tasks: empty list (name at least one task)")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"eval.tasks: {dupes[0]!r} is listed twice")
+    eval_dir = tiny_eval_dir(params)
+    tiny = read_tiny_tasks(eval_dir)
+    data_dir = Path(params.eval.data_dir) if params.eval.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"eval.data_dir: {data_dir} is not a directory")
+    online = [n for n in names if n not in tiny and (data_dir is None or n not in OFFLINE_TASKS)]
+    if online:
+        if data_dir is not None:
+            raise UserError(f"eval.tasks: {online[0]!r} has no offline copy: with eval.data_dir set, tasks must be "
+                            f"listed in {eval_dir / 'tasks.json'} or be one of {', '.join(OFFLINE_TASKS)}")
+        unknown = _unknown_to_lm_eval(online)
+        if unknown:
+            raise UserError(f"eval.tasks: unknown task {unknown[0]!r} (not in {eval_dir / 'tasks.json'} "
+                            f"and not an lm-eval task)")
+
+    generated, chance, data_hashes = False, {}, {}
+    for name in names:
+        if name in tiny:
+            items = eval_dir / f"{name}.jsonl"
+            check_items(items)
+            write_tiny_task(name, items, include_dir)
+            chance[name] = float(tiny[name].get("chance", 0.0))
+            data_hashes[name] = sha256_file(items)
+            generated = True
+        elif name in OFFLINE_TASKS and data_dir is not None:
+            _, rows = load_offline_rows(OFFLINE_TASKS[name], data_dir)
+            write_offline_task(OFFLINE_TASKS[name], rows, include_dir)
+            chance[name] = _offline_chance(name, rows)
+            data_hashes[name] = sha256_json(rows)
+            generated = True
+        else:
+            data_hashes[name] = "lm-eval packaged"
+    import lm_eval
+
+    fingerprint = sha256_json({"tasks": names, "data": data_hashes, "num_fewshot": params.eval.num_fewshot,
+                               "limit": params.eval.limit, "lm_eval": lm_eval.__version__})
+    return TaskSet(names=names, include_dir=include_dir if generated else None,
+                   include_defaults=bool(online), chance=chance, fingerprint=fingerprint)
+
+
+def _offline_chance(name: str, rows: list[dict]) -> float:
+    """Expected accuracy of a uniform guess, from the rows' own choice counts."""
+    counts = {"hellaswag": lambda r: len(r["endings"]), "boolq": lambda r: 2, "piqa": lambda r: 2,
+              "winogrande": lambda r: 2}.get(name, lambda r: len(r["choices"]["text"]))
+    return sum(1.0 / counts(row) for row in rows) / len(rows)
