@@ -1,0 +1,176 @@
+"""The pipeline flow: every dvc.yaml stage, in order, each a Prefect task run through DVC.
+
+Running a stage as `dvc repro --single-item <stage>` (not by calling the stage function) keeps
+DVC the judge of what is up to date: the flow, `dvc repro` and `dvc exp run` share dvc.lock and
+the cache, so a flow run after a `dvc repro` reruns nothing, and a stage that failed midway is
+the first one the next run redoes. `python -m flows.pipeline --params FILE` is what `make run` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.dag import Stage, load_stages
+from flows.report import artifact_key, read_metrics, run_ids, run_link, stage_markdown, summary
+from tasks.errors import UserError
+from tasks.params import Params, load_params
+from tasks.tracking import tracking_uri
+
+ACTIVE_PARAMS = "params.yaml"  # what every dvc.yaml cmd reads and DVC tracks
+EPHEMERAL_STARTUP_S = 180      # Prefect's 20 s default is too short for 2 busy cores
+BAD_INPUT_EXIT = 2             # a stage's exit code for bad input (UserError): retrying cannot help
+_DVC_CMD_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # how `dvc repro` reports the cmd's code
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited non-zero; args stay (stage, returncode) so it pickles across processes."""
+
+    def __init__(self, stage: str, returncode: int):
+        super().__init__(stage, returncode)
+        self.stage, self.returncode = stage, returncode
+
+    def __str__(self) -> str:
+        return f"stage {self.stage!r} failed: `dvc repro --single-item {self.stage}` exited {self.returncode}"
+
+
+@dataclass
+class StageResult:
+    name: str
+    ran: bool
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry crashes (a lost Ray worker, OOM) but not a stage's own bad-input exit."""
+    error = state.result(raise_on_failure=False)
+    return not (isinstance(error, StageFailed) and error.returncode == BAD_INPUT_EXIT)
+
+
+def stage_env(ray_address: str | None) -> dict[str, str]:
+    """The environment a stage runs in: this interpreter's bin dir first, Ray's address if given."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+def _mlflow_links(params: Params, ids: list[str]) -> dict[str, str]:
+    """Run id -> MLflow UI URL; the experiment id comes from the pipeline's tracking store."""
+    if not ids:
+        return {}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(params))
+    links = {}
+    for run_id in ids:
+        try:
+            experiment_id = client.get_run(run_id).info.experiment_id
+        except Exception:  # a store that is unreachable must not fail a finished stage
+            experiment_id = None
+        links[run_id] = run_link(run_id, experiment_id)
+    return links
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_bad_input, cache_policy=NO_CACHE,
+      task_run_name="{stage.name}")
+def run_stage(stage: Stage, root: str, ray_address: str | None, params: Params) -> StageResult:
+    """`dvc repro --single-item`, its output streamed line by line into the task's log.
+
+    No Prefect result cache: DVC decides what is up to date.
+    """
+    logger = get_run_logger()
+    env = stage_env(ray_address)
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage.name]
+    logger.info("$ %s", " ".join(command[1:]))
+    ran, returncode = False, None
+    with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1, errors="replace") as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            ran = ran or line.startswith(f"Running stage '{stage.name}'")
+            if match := _DVC_CMD_EXIT.search(line):
+                returncode = int(match.group(1))
+            if line:
+                logger.info(line)
+    if proc.returncode:
+        raise StageFailed(stage.name, returncode if returncode is not None else proc.returncode)
+    root_path = Path(root)
+    links = _mlflow_links(params, run_ids(read_metrics(root_path, stage)))
+    create_markdown_artifact(markdown=stage_markdown(root_path, stage, ran, links), key=artifact_key(stage),
+                             description=f"{stage.name}: metrics, tables and MLflow runs")
+    return StageResult(stage.name, ran)
+
+
+def activate_params(params_file: str | Path, root: Path) -> Params:
+    """Validate the chosen profile in full, then make it the workspace's params.yaml.
+
+    Validation comes first so a bad file stops the run before any stage or any write. dvc.yaml
+    reads params.yaml (as `dvc exp run -S` edits it), so another profile is copied onto it
+    (atomically) and DVC sees exactly which values changed.
+    """
+    params = load_params(params_file)
+    source, target = Path(params_file).resolve(), (root / ACTIVE_PARAMS).resolve()
+    if source != target:
+        with tempfile.NamedTemporaryFile("wb", dir=root, prefix=".params.", delete=False) as tmp:
+            tmp.write(source.read_bytes())
+        os.replace(tmp.name, target)
+        print(f"params: {params_file} is now {ACTIVE_PARAMS}, the profile dvc.yaml tracks (profile {params.profile})")
+    return params
+
+
+@flow(name="tinyllama-pipeline", log_prints=True)
+def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retries: int = 1) -> list[StageResult]:
+    """Run the DAG in dvc.yaml on the profile `params`; `ray_address` points the stages at a Ray cluster."""
+    root = Path.cwd()
+    profile = activate_params(params, root)
+    stages = load_stages(root)
+    results = []
+    for stage in stages:
+        results.append(run_stage.with_options(retries=retries)(stage, str(root), ray_address, profile))
+    print(summary(root, stages, tracking_uri(profile)))
+    return results
+
+
+def _patient_ephemeral_server():
+    """Without PREFECT_API_URL, Prefect starts a throwaway server; give it time unless the user chose."""
+    from contextlib import nullcontext
+
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        return nullcontext()
+    return temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_S})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=ACTIVE_PARAMS, metavar="FILE", help="the profile (default: params.yaml)")
+    parser.add_argument("--ray-address", default=None, help="a running Ray cluster (sets RAY_ADDRESS for the stages)")
+    parser.add_argument("--retries", type=int, default=1, help="retries per stage after a crash (default: 1)")
+    args = parser.parse_args(argv)
+    try:
+        load_params(args.params)  # fail in one line, before Prefect starts, on a bad profile
+        with _patient_ephemeral_server():
+            pipeline(params=args.params, ray_address=args.ray_address, retries=args.retries)
+    except UserError as exc:
+        print(f"pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    except StageFailed as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""What a finished stage shows in the Prefect UI, and where the pipeline's results live.
+
+Generic over stages on purpose: a stage's DVC metrics become a table, a markdown output (the
+EVAL-style table) is shown as written, and any `mlflow_run_id` in its metrics becomes a link to
+the MLflow UI. A new stage (sft, quantize) gets its artifact without code here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from flows.dag import Stage
+
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, object]:
+    """{'100K': {'avg': 0.3}} -> {'100K.avg': 0.3}: one row per number, like `dvc metrics show`."""
+    rows: dict[str, object] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.update(flatten(value, f"{name}."))
+        else:
+            rows[name] = value
+    return rows
+
+
+def read_metrics(root: Path, stage: Stage) -> dict[str, dict]:
+    """The stage's metrics files that exist and parse, by path."""
+    found = {}
+    for path in stage.metrics:
+        file = root / path
+        if file.is_file():
+            try:
+                found[path] = json.loads(file.read_text())
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def run_ids(metrics: dict[str, dict]) -> list[str]:
+    return sorted({str(m["mlflow_run_id"]) for m in metrics.values() if isinstance(m, dict) and m.get("mlflow_run_id")})
+
+
+def mlflow_ui_url() -> str:
+    return os.environ.get("MLFLOW_UI_URL", DEFAULT_MLFLOW_UI).rstrip("/")
+
+
+def run_link(run_id: str, experiment_id: str | None) -> str:
+    if experiment_id is None:
+        return f"{mlflow_ui_url()}/#/runs/{run_id}"
+    return f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def stage_markdown(root: Path, stage: Stage, ran: bool, links: dict[str, str]) -> str:
+    """The stage's artifact: status, metrics table, markdown outputs, MLflow links."""
+    lines = [f"# {stage.name}", "", "ran" if ran else "up to date (DVC cache): nothing to rerun", ""]
+    for path, metrics in read_metrics(root, stage).items():
+        lines += [f"## {path}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in flatten(metrics).items()]
+        lines.append("")
+    for path in stage.outs:
+        file = root / path
+        if file.suffix == ".md" and file.is_file():
+            lines += [f"## {path}", "", file.read_text().strip(), ""]
+    if links:
+        lines += ["## MLflow", ""] + [f"- [run {run_id}]({url})" for run_id, url in links.items()] + [""]
+    outs = [f"- `{path}`" + ("" if (root / path).exists() else " (missing)") for path in stage.outs]
+    return "\n".join(lines + ["## Outputs", ""] + outs) + "\n"
+
+
+def artifact_key(stage: Stage) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", stage.name.lower()).strip("-") + "-stage"
+
+
+def summary(root: Path, stages: list[Stage], tracking_uri: str) -> str:
+    """Where everything is, printed when the pipeline ends."""
+    lines = ["", "Pipeline finished. Where everything is:", ""]
+    if tracking_uri.startswith("sqlite:"):
+        artifacts = root / "mlflow" / "artifacts"
+        lines += [f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
+                  f"--default-artifact-root {artifacts} --port 5000   (then open {DEFAULT_MLFLOW_UI})",
+                  "              or `make services` (Prefect + MLflow servers in the background)"]
+    else:
+        lines.append(f"  MLflow:     {tracking_uri}")
+    lines += ["  Metrics:    .venv/bin/dvc metrics show", "  Outputs:"]
+    for stage in stages:
+        for path in stage.outs:
+            lines.append(f"    {stage.name:<10} {root / path}" + ("" if (root / path).exists() else "  (missing)"))
+    return "\n".join(lines) + "\n"
