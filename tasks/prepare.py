@@ -1,0 +1,180 @@
+"""`tinyllama prepare`: tokenize every source and pack it into Parquet shards + manifest.json.
+
+Layout and fields: docs/CONTRACTS.md "Prepared data". Each source keeps its own shards, so
+the mixing weights stay a training-time choice and changing the mix never re-tokenizes.
+
+Everything is built in a staging dir next to the outputs (`{paths.data}/.prepare.tmp`) and
+renamed into place at the very end, manifest last: an interrupted or failed run leaves
+nothing a later run (or DVC) would trust, and the next run starts the staging dir afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import UserError
+from tasks.params import Params, add_params_argument, load_params
+from tasks.sources import BAD_REASONS, SKIP_REASONS, SourceReader, builtin_corpus, where
+
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def add_arguments(parser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def main(args) -> int:
+    params = load_params(args.params)
+    started = time.perf_counter()
+    manifest = prepare(params, progress=not args.no_progress)
+    elapsed = time.perf_counter() - started
+    total = sum(split["tokens"] for s in manifest["sources"].values() for split in s["splits"].values())
+    for name, source in manifest["sources"].items():
+        splits = source["splits"]
+        skipped = ", ".join(f"{k} {v}" for k, v in source["skipped"].items() if v) or "none"
+        print(f"{name}: train {splits['train']['rows']} rows / {splits['train']['tokens']} tokens, "
+              f"val {splits['val']['rows']} rows / {splits['val']['tokens']} tokens; skipped: {skipped}")
+    print(f"prepared {total} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s) "
+          f"-> {Path(params.paths.data) / 'prepared'}")
+    return 0
+
+
+def load_tokenizer(params: Params):
+    from model.tokenizer import Tokenizer
+
+    directory = Path(params.paths.models) / "tokenizer"
+    try:
+        return Tokenizer.load(str(directory))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"paths.models: no usable tokenizer at {directory} ({exc}); "
+                        f"run `tinyllama tokenizer` first") from None
+
+
+def prepare(params: Params, progress: bool = True) -> dict:
+    """Run the stage; returns the manifest it wrote. Raises `UserError` before publishing
+    anything if a source is missing, unreadable or has too many bad rows."""
+    from tasks.encoding import EncoderPool
+    from tasks.shards import token_dtype
+
+    tokenizer = load_tokenizer(params)
+    readers = [SourceReader(source, params) for source in params.data.sources]
+    dtype = token_dtype(tokenizer.vocab_size)
+    data_dir = Path(params.paths.data)
+    staging = data_dir / ".prepare.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "prepared").mkdir(parents=True)
+    try:
+        manifest = {"version": MANIFEST_VERSION, "seq_len": params.data.seq_len, "row_len": params.data.seq_len + 1,
+                    "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "separator": params.data.separator,
+                    "tokenizer_sha256": tokenizer.sha256, "sources": {}}
+        with EncoderPool(str(Path(params.paths.models) / "tokenizer"), params.data.workers,
+                         params.data.separator, dtype) as pool:
+            for reader in readers:
+                manifest["sources"][reader.source.name] = _prepare_source(
+                    reader, pool, staging / "prepared", params, dtype, progress)
+        _write_eval_items(params, staging / "eval")
+        _write_json(staging / "prepared" / "manifest.json", manifest)
+        for name in ("eval", "prepared"):
+            _publish(staging / name, data_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, dtype, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from tasks.packing import Packer, is_val
+    from tasks.shards import ShardWriter
+
+    source, data = reader.source, params.data
+    row_len = data.seq_len + 1
+    writers = {split: ShardWriter(out_root, f"{source.name}/{split}", row_len, dtype,
+                                  data.rows_per_shard, data.row_group_rows) for split in SPLITS}
+    packers = {split: Packer(row_len, dtype) for split in SPLITS}
+    documents, skipped, rows_read, ids_seen = Counter(), Counter(), 0, 0
+    bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc=f"prepare {source.name}",
+               disable=not progress, file=sys.stderr, mininterval=1.0)
+    with bar:
+        for encoded in pool.encode(source, reader.chunks()):
+            start = documents["train"] + documents["val"]
+            val_docs = is_val(np.arange(start, start + len(encoded.lengths), dtype=np.uint64), data.val_fraction)
+            val_ids = np.repeat(val_docs, encoded.lengths)
+            for split, doc_mask, id_mask in (("train", ~val_docs, ~val_ids), ("val", val_docs, val_ids)):
+                writers[split].write(packers[split].add(encoded.ids[id_mask]))
+                documents[split] += int(doc_mask.sum())
+            rows_read += encoded.rows
+            ids_seen += len(encoded.ids)
+            skipped.update(encoded.skipped)
+            bar.update(encoded.nbytes)
+            bar.set_postfix(docs=documents.total(), tok_s=f"{ids_seen / max(bar.format_dict['elapsed'], 1e-9):,.0f}",
+                            refresh=False)
+    for writer in writers.values():
+        writer.close()
+    _check_rows(source, reader, rows_read, skipped, documents, data.max_bad_fraction)
+    if writers["train"].rows == 0:
+        raise UserError(f"{where(source)}: {packers['train'].dropped} training tokens is less than one row "
+                        f"(data.seq_len + 1 = {row_len})")
+    if writers["val"].rows == 0:
+        print(f"warning: {where(source)}: no validation row (data.val_fraction {data.val_fraction} "
+              f"gave {documents['val']} documents)", file=sys.stderr)
+    return {
+        "format": source.format,
+        "inputs": {uri: reader.input_sha256[uri] for uri in reader.inputs},
+        "input_rows": rows_read,
+        "splits": {split: {"rows": writers[split].rows, "tokens": writers[split].rows * row_len,
+                           "documents": documents[split], "dropped_tokens": packers[split].dropped,
+                           "shards": writers[split].shards} for split in SPLITS},
+        "skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
+    }
+
+
+def _check_rows(source, reader: SourceReader, rows: int, skipped: Counter, documents: Counter,
+                max_bad_fraction: float) -> None:
+    """Broken rows are skipped and counted; too many of them means the source itself is wrong."""
+    bad = sum(skipped[reason] for reason in BAD_REASONS)
+    if rows and bad / rows > max_bad_fraction:
+        reasons = ", ".join(f"{reason} {skipped[reason]}" for reason in BAD_REASONS if skipped[reason])
+        raise UserError(f"{where(source)}: {bad} of {rows} rows are bad ({reasons}), more than "
+                        f"data.max_bad_fraction={max_bad_fraction} in {source.uri or reader.inputs[0]}")
+    if not documents.total():
+        raise UserError(f"{where(source)}: no documents in {source.uri or reader.inputs[0]} "
+                        f"({rows} rows read, skipped: {dict(+skipped) or 'none'})")
+
+
+def _write_eval_items(params: Params, out_dir: Path) -> None:
+    """The embedded corpus's held-out items; without a builtin source an empty task list, so the
+    output always exists (a DVC out) and never holds items of a corpus no longer trained on."""
+    if any(source.format == "builtin" for source in params.data.sources):
+        from tasks.corpus import write_eval_items
+
+        write_eval_items(builtin_corpus(params), out_dir)
+    else:
+        out_dir.mkdir()
+        _write_json(out_dir / "tasks.json", {})
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    temporary.rename(path)
+
+
+def _publish(built: Path, target: Path) -> None:
+    """Swap a finished dir into place: the old one is moved aside first and deleted after, so
+    at no moment does `target` hold a mix of two runs."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    built.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

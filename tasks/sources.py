@@ -1,0 +1,386 @@
+"""Readers for every corpus format that `prepare` and the tokenizer trainer consume.
+
+Reading is cut in two so that `prepare` can spread the expensive half over a process pool and
+still produce the same bytes for any worker count:
+
+- `SourceReader` runs in the parent. It lists the inputs in one fixed (sorted) order, streams
+  and decompresses them (local paths, globs, directories or `s3://` through fsspec/s3fs) and
+  cuts the raw records into chunks of about `CHUNK_BYTES`, hashing every input as it goes.
+- `parse_chunk` runs anywhere (a worker): it decodes, parses and filters one chunk's records
+  into document strings and counts every row it skips and why.
+
+`iter_documents` chains the two for callers that only want the text (the tokenizer trainer).
+Bad input that makes a whole source unusable (missing file, empty glob, unreadable archive,
+missing text column) raises `UserError`; bad *rows* are skipped and counted, and `prepare`
+decides whether there are too many.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import json
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+from tasks.errors import UserError
+
+if TYPE_CHECKING:
+    from tasks.params import Params, SourceParams
+
+CHUNK_BYTES = 256 * 1024
+"""Raw input per chunk: big enough to amortize a worker round trip, small enough that the
+chunks in flight (2 per worker) keep memory flat whatever the corpus size."""
+
+SKIP_REASONS = ("malformed_json", "non_utf8", "missing_field", "excluded_set", "empty")
+BAD_REASONS = ("malformed_json", "non_utf8", "missing_field")
+"""Skips that mean broken data (counted against `data.max_bad_fraction`); an excluded set or an
+empty text is the filter working as configured."""
+
+_EXTENSIONS = {
+    "slimpajama": (".jsonl", ".jsonl.zst", ".jsonl.gz"),
+    "jsonl": (".jsonl", ".jsonl.zst", ".jsonl.gz"),
+    "starcoderdata": (".parquet",),
+    "text": (".txt", ".txt.zst", ".txt.gz"),
+}
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class Chunk:
+    """A slice of one source's records in input order: raw bytes (JSON lines, text documents)
+    or already-decoded strings (Parquet cells, builtin documents)."""
+
+    records: list
+    nbytes: int = 0          # input bytes consumed since the previous chunk (progress)
+    input: str = ""          # the file the records came from (error messages)
+    first: bool = False      # the first chunk of its input (where a wrong text field shows)
+
+
+@dataclass
+class Parsed:
+    documents: list[str]
+    rows: int
+    skipped: Counter = field(default_factory=Counter)
+
+
+def where(source: SourceParams, attribute: str = "") -> str:
+    """'data.sources[slimpajama].uri': the params field an error is about."""
+    return f"data.sources[{source.name}]" + (f".{attribute}" if attribute else "")
+
+
+def text_field(source: SourceParams) -> str:
+    """The row field holding the document: as configured, else the format's own name for it
+    (Starcoderdata keeps code in `content`, SlimPajama and generic JSON lines in `text`)."""
+    if source.text_field:
+        return source.text_field
+    return "content" if source.format == "starcoderdata" else "text"
+
+
+# ---------------------------------------------------------------- locating inputs
+
+
+def resolve_inputs(source: SourceParams) -> list[str]:
+    """The source's files as full URIs, sorted so every run (and every rank) reads one order.
+
+    `uri` may be a file, a directory (searched recursively for the format's extensions) or a
+    glob; `s3://` and other fsspec protocols work the same way as local paths.
+    """
+    import fsspec
+
+    uri = source.uri
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"{where(source, 'uri')}: cannot open {uri!r}: {exc}") from None
+    try:
+        if _GLOB_CHARS & set(path):
+            paths = [p for p in fs.glob(path) if fs.isfile(p)]
+            if not paths:
+                raise UserError(f"{where(source, 'uri')}: no files match {uri!r}")
+        elif fs.isdir(path):
+            suffixes = _EXTENSIONS[source.format]
+            paths = [p for p in fs.find(path) if p.endswith(suffixes)]
+            if not paths:
+                raise UserError(f"{where(source, 'uri')}: no {'/'.join(suffixes)} files under {uri!r}")
+        elif fs.isfile(path):
+            paths = [path]
+        else:
+            raise UserError(f"{where(source, 'uri')}: file not found: {uri!r}")
+    except (OSError, PermissionError) as exc:
+        raise UserError(f"{where(source, 'uri')}: cannot list {uri!r}: {exc}") from None
+    paths = sorted(paths)
+    if source.format == "starcoderdata" and source.languages:
+        paths = _language_subset(source, paths)
+    return [_as_given(fs, source.uri, p) for p in paths]
+
+
+def _as_given(fs, uri: str, path: str) -> str:
+    """Local files stay plain paths (relative when the uri was), so the manifest reads the same
+    on every checkout; remote ones keep their protocol (`s3://bucket/key`)."""
+    import os
+
+    if "file" in fs.protocol:
+        return path if os.path.isabs(uri) else os.path.relpath(path)
+    return fs.unstrip_protocol(path)
+
+
+def _language_subset(source: SourceParams, paths: list[str]) -> list[str]:
+    """Starcoderdata has one folder per language; keep the folders named in `languages`."""
+    wanted = set(source.languages)
+    kept = [p for p in paths if p.rstrip("/").split("/")[-2] in wanted]
+    found = {p.rstrip("/").split("/")[-2] for p in kept}
+    missing = sorted(wanted - found)
+    if missing:
+        raise UserError(f"{where(source, 'languages')}: no Parquet files for {', '.join(missing)} under {source.uri!r}")
+    return kept
+
+
+# ---------------------------------------------------------------- streaming readers
+
+
+class _HashingReader(io.RawIOBase):
+    """Hashes and counts the (compressed) bytes as the decompressor pulls them: one read pass
+    gives both the documents and the input's sha256 for the manifest."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        self.sha256.update(data)
+        self.consumed += len(data)
+        return len(data)
+
+    def drain(self) -> str:
+        """Hash whatever the decompressor left unread (trailing frames, padding)."""
+        while self.read(1 << 20):
+            pass
+        return self.sha256.hexdigest()
+
+
+def _decompressed(uri: str, hashing: _HashingReader):
+    if uri.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(hashing, read_across_frames=True),
+                                 buffer_size=1 << 20)
+    if uri.endswith(".gz"):
+        return gzip.GzipFile(fileobj=io.BufferedReader(hashing, buffer_size=1 << 20))
+    return io.BufferedReader(hashing, buffer_size=1 << 20)
+
+
+def _unreadable(source: SourceParams, uri: str, exc: Exception) -> UserError:
+    return UserError(f"{where(source, 'uri')}: cannot read {uri}: {type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def _read_errors():
+    import pyarrow
+    import zstandard
+
+    return (OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException)
+
+
+def _sha256_of(uri: str) -> str:
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(uri, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SourceReader:
+    """Streams one source as `Chunk`s in a fixed order; fills `input_sha256` as inputs finish."""
+
+    def __init__(self, source: SourceParams, params: Params):
+        self.source = source
+        self.params = params
+        self.input_sha256: dict[str, str] = {}
+        if source.format == "builtin":
+            self.inputs = [_builtin_uri(source, params)]
+            self.total_bytes = sum(len(d.encode()) for d in _builtin_documents(source, params))
+        else:
+            import fsspec
+
+            self.inputs = resolve_inputs(source)
+            self.sizes = {uri: fsspec.core.url_to_fs(uri)[0].size(uri) or 0 for uri in self.inputs}
+            self.total_bytes = sum(self.sizes.values())
+
+    def chunks(self) -> Iterator[Chunk]:
+        if self.source.format == "builtin":
+            yield from self._builtin_chunks()
+            return
+        for uri in self.inputs:
+            try:
+                if self.source.format == "starcoderdata":
+                    yield from self._parquet_chunks(uri)
+                else:
+                    yield from self._stream_chunks(uri)
+            except _read_errors() as exc:
+                raise _unreadable(self.source, uri, exc) from None
+
+    def _stream_chunks(self, uri: str) -> Iterator[Chunk]:
+        import fsspec
+
+        with fsspec.open(uri, "rb") as raw:
+            hashing = _HashingReader(raw)
+            lines = _decompressed(uri, hashing)
+            records = _text_records(lines, self.source.text_unit) if self.source.format == "text" else \
+                (line for line in lines if line.strip())
+            batch, size, reported, first = [], 0, 0, True
+            for record in records:
+                batch.append(record)
+                size += len(record)
+                if size >= CHUNK_BYTES:
+                    yield Chunk(batch, hashing.consumed - reported, uri, first)
+                    reported, batch, size, first = hashing.consumed, [], 0, False
+            self.input_sha256[uri] = hashing.drain()
+            yield Chunk(batch, hashing.consumed - reported, uri, first)
+
+    def _parquet_chunks(self, uri: str) -> Iterator[Chunk]:
+        import fsspec
+        import pyarrow.parquet as pq
+
+        column = text_field(self.source)
+        with fsspec.open(uri, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if column not in parquet.schema_arrow.names:
+                raise UserError(f"{where(self.source, 'text_field')}: column {column!r} not in {uri} "
+                                f"(columns: {', '.join(parquet.schema_arrow.names)})")
+            total, size = max(parquet.metadata.num_rows, 1), self.sizes[uri]
+            for index, batch in enumerate(parquet.iter_batches(batch_size=128, columns=[column])):
+                yield Chunk(batch.column(0).to_pylist(), size * batch.num_rows // total, uri, index == 0)
+        self.input_sha256[uri] = _sha256_of(uri)
+
+    def _builtin_chunks(self) -> Iterator[Chunk]:
+        digest = hashlib.sha256()
+        batch, size = [], 0
+        for document in _builtin_documents(self.source, self.params):
+            encoded = document.encode()
+            digest.update(len(encoded).to_bytes(8, "little") + encoded)
+            batch.append(document)
+            size += len(encoded)
+            if size >= CHUNK_BYTES:
+                yield Chunk(batch, size, self.inputs[0])
+                batch, size = [], 0
+        self.input_sha256[self.inputs[0]] = digest.hexdigest()
+        yield Chunk(batch, size, self.inputs[0])
+
+
+def _text_records(lines, unit: str) -> Iterator[bytes]:
+    """Plain text as documents: one per line, per blank-line-separated paragraph, or per file."""
+    if unit == "file":
+        yield lines.read()
+        return
+    if unit == "line":
+        yield from (line.rstrip(b"\r\n") for line in lines if line.strip())
+        return
+    paragraph: list[bytes] = []
+    for line in lines:
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield b"".join(paragraph).rstrip(b"\r\n")
+            paragraph = []
+    if paragraph:
+        yield b"".join(paragraph).rstrip(b"\r\n")
+
+
+# ---------------------------------------------------------------- the embedded corpus
+
+
+@functools.lru_cache(maxsize=2)
+def _build_corpus(seed: int, entities: int, programs: int):
+    from tasks.corpus import build_corpus
+
+    return build_corpus(seed=seed, entities=entities, programs=programs)
+
+
+def builtin_corpus(params: Params):
+    """The deterministic embedded corpus (built once per process, shared by the text and code
+    sources and by the eval items `prepare` writes)."""
+    spec = params.data.builtin
+    return _build_corpus(spec.seed, spec.entities, spec.programs)
+
+
+def _builtin_documents(source: SourceParams, params: Params) -> list[str]:
+    corpus = builtin_corpus(params)
+    return corpus.text_documents if source.builtin_part == "text" else corpus.code_documents
+
+
+def _builtin_uri(source: SourceParams, params: Params) -> str:
+    spec = params.data.builtin
+    return f"builtin://{source.builtin_part}?seed={spec.seed}&entities={spec.entities}&programs={spec.programs}"
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_chunk(source: SourceParams, chunk: Chunk) -> Parsed:
+    """Turn one chunk's raw records into documents, counting each skipped row by reason.
+
+    A file whose first chunk has the text field in no row at all is a misconfigured source
+    (wrong `text_field`, wrong format), not bad rows: that fails at once instead of after
+    skipping the whole corpus.
+    """
+    parsed = Parsed(documents=[], rows=len(chunk.records))
+    for record in chunk.records:
+        text, reason = _parse_record(source, record)
+        if reason:
+            parsed.skipped[reason] += 1
+        else:
+            parsed.documents.append(text)
+    if chunk.first and parsed.rows and parsed.skipped["missing_field"] == parsed.rows:
+        raise UserError(f"{where(source, 'text_field')}: no row of {chunk.input} has a text field "
+                        f"{text_field(source)!r}")
+    return parsed
+
+
+def _parse_record(source: SourceParams, record) -> tuple[str | None, str | None]:
+    if record is None:
+        return None, "missing_field"
+    if isinstance(record, bytes):
+        try:
+            record = record.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "non_utf8"
+    if source.format in ("slimpajama", "jsonl"):
+        try:
+            row = json.loads(record)
+        except ValueError:
+            return None, "malformed_json"
+        if not isinstance(row, dict):
+            return None, "malformed_json"
+        text = row.get(text_field(source))
+        if not isinstance(text, str):
+            return None, "missing_field"
+        if source.format == "slimpajama" and _excluded(row, source.exclude_sets):
+            return None, "excluded_set"
+        record = text
+    if not record.strip():
+        return None, "empty"
+    return record, None
+
+
+def _excluded(row: dict, exclude_sets: list[str]) -> bool:
+    meta = row.get("meta")
+    return isinstance(meta, dict) and meta.get("redpajama_set_name") in exclude_sets
+
+
+def iter_documents(source: SourceParams, params: Params) -> Iterator[str]:
+    """Every document of a source as text, in the same order `prepare` packs them."""
+    reader = SourceReader(source, params)
+    for chunk in reader.chunks():
+        yield from parse_chunk(source, chunk).documents
