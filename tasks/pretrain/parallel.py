@@ -1,0 +1,82 @@
+"""Data parallelism for the training loop: DDP (tiny profile, gloo) or FSDP2 `fully_shard` per block
+(cluster profile, NCCL), behind one small interface so the loop has a single code path.
+
+Kept apart from model/ (which knows nothing of distribution) in the spirit of torchtitan's
+`parallelize.py`. Both strategies run on CPU with gloo, which is how the tests exercise FSDP2.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from model.llama import Llama
+
+
+class _LossModule(nn.Module):
+    """DDP only syncs gradients of work done through its own `forward`, so the loss goes through one."""
+
+    def __init__(self, model: Llama):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(rows)
+
+
+class Parallel:
+    """`model` is the plain (possibly sharded) Llama: state dicts and exports read it directly."""
+
+    def __init__(self, model: Llama, strategy: str, device: torch.device, precision: str):
+        self.model, self.strategy, self.device = model, strategy, device
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        if strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+            register_fsdp_forward_method(model, "loss")  # `loss`, not `forward`, is what training calls
+            self._loss = model.loss
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [device.index] if device.type == "cuda" else None
+            self._loss = DistributedDataParallel(_LossModule(model), device_ids=device_ids)
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else nullcontext())
+        with autocast:
+            return self._loss(rows)
+
+    @contextmanager
+    def accumulating(self, sync: bool):
+        """Skip the gradient all-reduce / reduce-scatter on every micro step but the last of a step."""
+        if sync:
+            yield
+        elif self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self._loss.no_sync():
+                yield
+
+
+def build_optimizer(model: Llama, lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings and projections), none on norm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """`clip_grad_norm_` returns a DTensor under FSDP2; the full value is the same on every rank."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -1,0 +1,207 @@
+"""The driver of `tinyllama pretrain`: check inputs, place the run, start Ray Train, record results.
+
+A run lives under `{train.checkpoint_dir}/run-<fingerprint>/` (Ray Train's storage for resume
+checkpoints; outside the DVC outputs, which DVC deletes before re-running a stage). The
+fingerprint covers everything that decides the training trajectory (data, model, recipe, seed)
+and nothing that does not (worker count, micro-batch, logging and checkpoint cadence), so
+`--resume auto` after a crash or a killed driver picks up exactly that run, possibly on a
+different number of workers, and a changed recipe never resumes a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from tasks.params import Params
+from tasks.pretrain.data import PreparedData, open_prepared
+from tasks.pretrain.schedule import StepPlan
+
+log = logging.getLogger("tinyllama.pretrain")
+
+RUN_FILE = "run.json"
+COMPLETE_FILE = "complete.json"
+METRIC_KEYS = ("final_train_loss", "final_val_loss", "tokens", "steps", "tokens_per_s")
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def resolved_params(params: Params) -> Params:
+    """Paths made absolute: Ray workers do not share the driver's working directory."""
+    paths = params.paths.model_copy(update={k: _absolute(v) for k, v in params.paths.model_dump().items()})
+    train = params.train.model_copy(update={"checkpoint_dir": _absolute(params.train.checkpoint_dir)})
+    return params.model_copy(update={"paths": paths, "train": train})
+
+
+def fingerprint(params: Params, data: PreparedData) -> str:
+    train = params.train
+    inputs = {"seed": params.seed, "model": params.llama_config(data.vocab_size).to_dict(),
+              "manifest_sha256": data.manifest_sha256, "seq_len": params.data.seq_len,
+              "sources": data.weights,
+              "recipe": {k: getattr(train, k) for k in ("global_batch_tokens", "total_tokens", "lr", "min_lr",
+                                                         "warmup_steps", "weight_decay", "betas", "eps",
+                                                         "grad_clip", "precision")}}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """The resolved config as MLflow params: `train.lr` → "0.003"."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return flat
+
+
+def _fs(uri: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
+def _read_json(uri: str) -> dict | None:
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def _write_json(uri: str, data: dict) -> None:
+    fs, path = _fs(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path + ".tmp", "wb") as handle:
+        handle.write(json.dumps(data, indent=1).encode())
+    fs.mv(path + ".tmp", path)
+
+
+def prepare_run_dir(run_uri: str, resume: str) -> dict | None:
+    """Returns the previous run's record when resuming it; clears the dir when starting over."""
+    fs, path = _fs(run_uri)
+    record = _read_json(f"{run_uri}/{RUN_FILE}")
+    finished = fs.exists(f"{path}/{COMPLETE_FILE}")
+    if record is not None and resume == "auto" and not finished:
+        return record
+    if fs.exists(path):
+        reason = "--resume never" if resume == "never" else "the previous identical run had finished"
+        log.warning("starting over in %s (%s)", run_uri, reason)
+        fs.rm(path, recursive=True)
+    return None
+
+
+def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tuple[str, str]:
+    """The pretrain run: resumed when the previous attempt's run still exists. Returns (uri, run id)."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import configure_mlflow, tracking_uri
+
+    experiment_id = configure_mlflow(params)
+    uri = tracking_uri(params)
+    client = MlflowClient(uri)
+    if previous is not None:
+        try:
+            client.get_run(previous["mlflow_run_id"])
+            client.update_run(previous["mlflow_run_id"], status="RUNNING")
+            return uri, previous["mlflow_run_id"]
+        except MlflowException:
+            log.warning("MLflow run %s of the resumed run is gone; logging to a new run", previous["mlflow_run_id"])
+    run = client.create_run(experiment_id, run_name=f"pretrain-{params.profile}", tags={"stage": "pretrain"})
+    flat = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra.items()}}
+    entries = [Param(k, v) for k, v in sorted(flat.items())]
+    for start in range(0, len(entries), 100):  # MLflow's per-request param limit
+        client.log_batch(run.info.run_id, params=entries[start:start + 100])
+    return uri, run.info.run_id
+
+
+def _eval_hook_available() -> bool:
+    try:
+        from tasks.evaluation import submit_milestone_eval  # noqa: F401
+    except ImportError:
+        log.warning("train.eval_milestones_during_training: tasks.evaluation.submit_milestone_eval is not "
+                    "available; milestones are exported but not evaluated during training")
+        return False
+    return True
+
+
+def _write_metrics(params: Params, metrics: dict) -> Path:
+    out = Path(params.paths.metrics) / "pretrain.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def pretrain(params: Params, resume: str = "auto") -> dict:
+    """Run the stage; returns what it wrote to `{paths.metrics}/pretrain.json`."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tasks.pretrain.loop import LoopConfig, train_loop
+    from tasks.ray_cluster import check_train_resources, ray_session
+
+    started = time.perf_counter()
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
+    params = resolved_params(params)
+    train = params.train
+    data = open_prepared(params)  # every input check happens before anything is written
+    plan = StepPlan.from_params(params)
+    evals = train.eval_milestones_during_training and _eval_hook_available()
+    with ray_session(params, extra_cpus=1 if evals else 0):
+        check_train_resources(params)
+        run_name = f"run-{fingerprint(params, data)[:16]}"
+        run_uri = f"{train.checkpoint_dir.rstrip('/')}/{run_name}"
+        previous = prepare_run_dir(run_uri, resume)
+        peak = params.plan.peak_tflops_per_gpu * 1e12 if train.use_gpu else None
+        extra = {"derived.total_steps": plan.total_steps, "derived.grad_accum": plan.grad_accum,
+                 "derived.tokens_per_step": plan.tokens_per_step, "derived.run_dir": run_uri,
+                 "derived.parameters": params.llama_config(data.vocab_size).num_params(),
+                 "derived.mfu_peak": "configured plan.peak_tflops_per_gpu" if peak else "measured fp32 matmul per worker"}
+        uri, run_id = start_mlflow_run(params, previous, extra)
+        _write_json(f"{run_uri}/{RUN_FILE}", {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
+        print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
+              f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
+        loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
+                                 models_dir=params.paths.models, tracking_uri=uri, mlflow_run_id=run_id,
+                                 peak_flops_per_worker=peak, eval_milestones=evals)
+        resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+        trainer = TorchTrainer(
+            lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
+            torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=run_name, storage_path=train.checkpoint_dir,
+                                 failure_config=FailureConfig(max_failures=train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)))
+        client = MlflowClient(uri)
+        try:
+            result = trainer.fit()
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        wall = time.perf_counter() - started
+        reported = result.metrics
+        metrics = {"mlflow_run_id": run_id, **{k: reported.get(k) for k in METRIC_KEYS}, "wall_time_s": round(wall, 2)}
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), now, metrics["steps"])
+                                          for k, v in metrics.items() if isinstance(v, (int, float))])
+        client.set_terminated(run_id, status="FINISHED")
+        _write_json(f"{run_uri}/{COMPLETE_FILE}", metrics)
+    out = _write_metrics(params, metrics)
+    print(f"pretrain: done in {wall:.0f}s; final train loss {metrics['final_train_loss']:.4f}, val loss "
+          f"{metrics['final_val_loss']:.4f}; metrics -> {out}", flush=True)
+    return metrics
+

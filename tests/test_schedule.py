@@ -1,0 +1,45 @@
+"""Steps, milestones and the warmup + cosine learning rate of the pretrain stage."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tasks.params import load_params
+from tasks.pretrain.schedule import StepPlan, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
+    warmup = [lr_at(s, **kw) for s in range(10)]
+    assert warmup == pytest.approx([1e-4 * (s + 1) for s in range(10)])
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx(0.5 * (1e-3 + 1e-4))  # halfway down the cosine
+    decay = [lr_at(s, **kw) for s in range(10, 110)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert decay[-1] == pytest.approx(1e-4 + 0.45e-3 * (1 + math.cos(math.pi * 99 / 100)))
+    assert lr_at(500, **kw) == pytest.approx(1e-4)  # past the end it stays at min_lr
+
+
+def test_no_warmup_starts_at_peak():
+    assert lr_at(0, lr=2e-3, min_lr=0.0, warmup_steps=0, total_steps=5) == pytest.approx(2e-3)
+
+
+def test_milestone_steps_follow_the_contract_example():
+    """CONTRACTS.md: the tiny profile's 100K milestone lands at step 13 with 106,496 tokens seen."""
+    plan = StepPlan.from_params(load_params(ROOT / "params.yaml"))
+    assert plan.tokens_per_step == 8192
+    step = plan.milestone_step(100_000)
+    assert (step, plan.tokens_after(step)) == (13, 106_496)
+    assert plan.milestones_reached(12, 13) == [100_000]
+    assert plan.milestones_reached(13, 14) == []
+    every = [m for s in range(plan.total_steps) for m in plan.milestones_reached(s, s + 1)]
+    assert every == list(plan.milestones)  # each milestone exactly once, in order
+
+
+def test_cluster_plan_matches_the_recipe():
+    plan = StepPlan.from_params(load_params(ROOT / "configs" / "tinyllama-1.1b.yaml"))
+    assert (plan.tokens_per_step, plan.grad_accum, plan.total_steps) == (2_097_152, 8, 1_430_512)
+    assert plan.milestone_step(105_000_000_000) == 50_068
