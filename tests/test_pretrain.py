@@ -61,6 +61,9 @@ def test_pretrain_learns_exports_milestones_and_logs(pretrain_workspace, local_r
         assert [m.step for m in history] == list(range(1, 25)), key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [8, 16, 24]
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    for name in ("5.12K", "24.576K"):  # each milestone's HF dir is browsable in the run's artifacts
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, f"checkpoints/{name}")}
+        assert f"checkpoints/{name}/model.safetensors" in logged and f"checkpoints/{name}/config.json" in logged
     assert losses[-1] < losses[0] - 1.0
 
     run_dirs = list((root / "checkpoints").iterdir())

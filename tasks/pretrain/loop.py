@@ -128,6 +128,8 @@ class Trainer:
         if out is None:
             return
         print(f"milestone {name}: exported {out} at step {self.step} ({metadata['tokens_seen']} tokens seen)", flush=True)
+        if self.mlflow is not None:
+            self.mlflow.log_checkpoint(out, name)
         if self.config.eval_milestones:
             from tasks.evaluation import submit_milestone_eval
 

@@ -61,6 +61,11 @@ class MlflowMetrics:
         now = int(time.time() * 1000)
         self.pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
 
+    def log_checkpoint(self, directory, milestone: str) -> None:
+        """The milestone's HF dir as run artifacts (`checkpoints/<milestone>/`), so the MLflow UI lists
+        every checkpoint beside the loss and eval curves of the run that produced it."""
+        self.client.log_artifacts(self.run_id, str(directory), f"checkpoints/{milestone}")
+
     def flush(self) -> None:
         for start in range(0, len(self.pending), 1000):  # MLflow's per-request metric limit
             self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
