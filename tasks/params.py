@@ -110,7 +110,7 @@ class SourceParams(Section):
 
 class BuiltinCorpusParams(Section):
     seed: int = 1234
-    entities: int = Field(60, gt=0)
+    entities: int = Field(24, gt=0)
     programs: int = Field(1500, gt=0)
 
 

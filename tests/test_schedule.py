@@ -28,13 +28,13 @@ def test_no_warmup_starts_at_peak():
 
 
 def test_milestone_steps_follow_the_contract_example():
-    """CONTRACTS.md: the tiny profile's 100K milestone lands at step 13 with 106,496 tokens seen."""
+    """The tiny profile's 100K milestone lands on the first step past it: step 25, 102,400 tokens seen."""
     plan = StepPlan.from_params(load_params(ROOT / "params.yaml"))
-    assert plan.tokens_per_step == 8192
+    assert plan.tokens_per_step == 4096
     step = plan.milestone_step(100_000)
-    assert (step, plan.tokens_after(step)) == (13, 106_496)
-    assert plan.milestones_reached(12, 13) == [100_000]
-    assert plan.milestones_reached(13, 14) == []
+    assert (step, plan.tokens_after(step)) == (25, 102_400)
+    assert plan.milestones_reached(24, 25) == [100_000]
+    assert plan.milestones_reached(25, 26) == []
     every = [m for s in range(plan.total_steps) for m in plan.milestones_reached(s, s + 1)]
     assert every == list(plan.milestones)  # each milestone exactly once, in order
 
