@@ -28,18 +28,18 @@ def load_stages(root: str | Path = ".") -> list[Stage]:
 
     with Repo(str(root)) as repo:
         stages = [s for s in repo.index.stages if isinstance(s, PipelineStage) and s.path_in_repo == "dvc.yaml"]
-        position = {s.addressing: i for i, s in enumerate(stages)}
+        position = {s.name: i for i, s in enumerate(stages)}
         graph = repo.index.graph  # edge (a, b): stage a depends on an output of stage b
-        needs = {s.addressing: tuple(sorted(b.addressing for _, b in graph.out_edges(s))) for s in stages}
-        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda s: position.get(s.addressing, -1))
+        needs = {s.name: tuple(sorted(b.name for _, b in graph.out_edges(s))) for s in stages}
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda s: position.get(s.name, -1))
         return [
             Stage(
-                name=s.addressing,
+                name=s.name,
                 cmd=s.cmd,
                 outs=tuple(out.def_path for out in s.outs),
                 metrics=tuple(out.def_path for out in s.outs if out.metric),
-                upstream=needs[s.addressing],
+                upstream=needs[s.name],
             )
             for s in order
-            if s.addressing in position
+            if s.name in position
         ]

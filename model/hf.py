@@ -12,15 +12,14 @@ Weights are read with safetensors only (never pickle): a checkpoint is data, not
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model.atomic import atomic_dir
 from model.config import LlamaConfig
 from model.llama import Llama
 
@@ -198,16 +197,6 @@ def _write_json(path: Path, data: dict) -> None:
     with open(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
@@ -216,49 +205,22 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
         raise ValueError(f"tokenizer_dir: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
     for name in found:
         shutil.copyfile(tokenizer_dir / name, out / name)
-        _fsync(out / name)
 
 
 def save_hf(model: Llama, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
             metadata: dict | None = None) -> Path:
-    """Write `model` as a HF Llama dir, atomically: everything goes to a sibling temp dir that is
-    fsynced and renamed into place; an existing `out_dir` is swapped out only after that succeeds."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        config = config_to_hf(model.config, model.lm_head.weight.dtype)
-        if metadata:
-            config["tinyllama"] = metadata
+    """Write `model` as a HF Llama dir, atomically (model/atomic.py): an existing `out_dir` is
+    swapped out only after the complete new dir is on disk."""
+    config = config_to_hf(model.config, model.lm_head.weight.dtype)
+    if metadata:
+        config["tinyllama"] = metadata
+    with atomic_dir(out_dir) as tmp:
         save_file(to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_FILE)
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
                                                    "max_length": model.config.max_seq_len})
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp)
-        _fsync(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` onto `target`; an old `target` is moved aside first and deleted only after the new
-    one is in place (restored if that rename fails), so `target` is never a mix of old and new files."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)
-        raise
-    _fsync(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -22,11 +22,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from model.atomic import atomic_dir
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 MIN_VOCAB = 3 + 256
@@ -190,47 +189,12 @@ def save_tokenizer_dir(model_bytes: bytes, out_dir: str | Path) -> Path:
     backend = hf_backend(model_bytes)
     spec = parse_model(model_bytes).trainer_spec
     special = {"bos_token": spec.bos_piece, "eos_token": spec.eos_piece, "unk_token": spec.unk_piece}
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(out_dir) as tmp:
         PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                 **special).save_pretrained(tmp)
         (tmp / MODEL_FILE).write_bytes(model_bytes)
         (tmp / SPECIAL_TOKENS_FILE).write_text(json.dumps(special, indent=2) + "\n")
-        for path in tmp.iterdir():
-            _fsync(path)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` onto `target`, moving an old `target` aside first (restored if the rename fails)
-    and deleting it only afterwards, so `target` is never a mix of two tokenizers."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)
-        raise
-    _fsync(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return Path(out_dir)
 
 
 class Tokenizer:

@@ -34,7 +34,7 @@ def markdown_table(results: list[dict], tasks: list[str], settings: str) -> str:
                  f"{100 * r['avg']:.2f}", f"{r['val_ppl']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     metrics = ", ".join(f"{t}: {results[0]['scores'][t]['metric']}" for t in tasks) if results else ""
-    return (f"## Evaluation by milestone\n\n" + "\n".join(lines) +
+    return ("## Evaluation by milestone\n\n" + "\n".join(lines) +
             f"\n\nScores ×100 ({metrics}); {settings}. val ppl: perplexity on the prepared val split.\n")
 
 
