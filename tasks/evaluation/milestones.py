@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.evaluation.files import sha256_file, sha256_json
+from tasks.files import sha256_file, sha256_json
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 

@@ -11,7 +11,7 @@ import csv
 import io
 from pathlib import Path
 
-from tasks.evaluation.files import write_atomic, write_json_atomic
+from tasks.files import write_atomic, write_json_atomic
 from tasks.params import format_tokens
 
 # EVAL.md's column titles for the benchmarks it reports; other tasks keep their own names.

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.evaluation.files import sha256_json, write_json_atomic
+from tasks.files import sha256_json, write_json_atomic
 from tasks.evaluation.harness import load_checkpoint, run_lm_eval
 from tasks.evaluation.milestones import Milestone
 from tasks.evaluation.perplexity import perplexity, read_manifest, val_rows

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.evaluation.files import sha256_file, sha256_json
+from tasks.files import sha256_file, sha256_json
 from tasks.evaluation.tasks_offline import OFFLINE_TASKS, load_offline_rows, write_offline_task
 from tasks.evaluation.tasks_tiny import check_items, read_tiny_tasks, write_tiny_task
 from tasks.params import Params

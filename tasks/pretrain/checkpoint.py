@@ -12,7 +12,6 @@ Everything is safetensors + JSON: resuming never unpickles a file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -25,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+
+from tasks.files import sha256_file
 
 CHECKPOINT_JSON = "checkpoint.json"
 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE = "model.safetensors", "optimizer.safetensors", "rng.safetensors"
@@ -52,14 +53,6 @@ def checkpoint_name(step: int) -> str:
 def gather_model(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the full model state on rank 0's CPU (other ranks may get an empty dict)."""
     return get_model_state_dict(model, options=_GATHER)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -95,7 +88,7 @@ def save_local(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     save_file(tensors, str(directory / OPTIMIZER_FILE))
     save_file(_rng_state(), str(directory / RNG_FILE))
     record = dict(state, param_groups=param_groups,
-                  files={name: _sha256(directory / name) for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)})
+                  files={name: sha256_file(directory / name) for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)})
     (directory / CHECKPOINT_JSON).write_text(json.dumps(record, indent=1))
     return True
 
@@ -110,7 +103,7 @@ def _read_verified(directory: Path) -> tuple[dict, dict, dict, dict]:
         path = directory / name
         if not path.is_file():
             raise CorruptCheckpoint(f"{name} is missing")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CorruptCheckpoint(f"{name} does not match its recorded sha256")
     try:
         model_state, optimizer_tensors, rng = (load_file(str(directory / n)) for n in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE))

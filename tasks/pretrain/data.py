@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import UserError
+from tasks.files import sha256_file
 from tasks.params import Params
 
 MANIFEST = "manifest.json"
@@ -52,14 +53,6 @@ def _read_bytes(uri: str) -> bytes:
 
     with fsspec.open(uri, "rb") as handle:
         return handle.read()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -125,7 +118,7 @@ def open_prepared(params: Params) -> PreparedData:
     tokenizer_model = tokenizer_dir(params) / TOKENIZER_MODEL
     if not tokenizer_model.is_file():
         raise UserError(f"paths.models: no tokenizer at {tokenizer_model} (run `tinyllama tokenizer` first)")
-    tokenizer_sha = _sha256_file(tokenizer_model)
+    tokenizer_sha = sha256_file(tokenizer_model)
     if manifest.get("tokenizer_sha256") != tokenizer_sha:
         raise UserError(f"paths.data: prepared data was built with tokenizer sha256 "
                         f"{str(manifest.get('tokenizer_sha256'))[:12]}…, {tokenizer_model} has {tokenizer_sha[:12]}… "

@@ -1,6 +1,6 @@
-"""Small file helpers the evaluation outputs share: atomic writes and content hashes.
+"""Small file helpers the stages share: atomic writes and content hashes.
 
-Why atomic: eval.json and the cache are read by DVC, MLflow and the next `evaluate` run; a crash
+Why atomic: metrics, caches and checkpoints are read by DVC, MLflow and the next run; a crash
 mid-write must leave the old file or the new one, never half of either.
 """
 
