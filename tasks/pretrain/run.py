@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from tasks.files import write_json_atomic
 from tasks.params import Params
 from tasks.pretrain.data import PreparedData, open_prepared
 from tasks.pretrain.schedule import StepPlan
@@ -124,23 +125,8 @@ def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tupl
     return uri, run.info.run_id
 
 
-def _eval_hook_available() -> bool:
-    try:
-        from tasks.evaluation import submit_milestone_eval  # noqa: F401
-    except ImportError:
-        log.warning("train.eval_milestones_during_training: tasks.evaluation.submit_milestone_eval is not "
-                    "available; milestones are exported but not evaluated during training")
-        return False
-    return True
-
-
 def _write_metrics(params: Params, metrics: dict) -> Path:
-    out = Path(params.paths.metrics) / "pretrain.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(out)
-    return out
+    return write_json_atomic(Path(params.paths.metrics) / "pretrain.json", metrics)
 
 
 def pretrain(params: Params, resume: str = "auto") -> dict:
@@ -159,7 +145,7 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
     train = params.train
     data = open_prepared(params)  # every input check happens before anything is written
     plan = StepPlan.from_params(params)
-    evals = train.eval_milestones_during_training and _eval_hook_available()
+    evals = train.eval_milestones_during_training
     with ray_session(params, extra_cpus=1 if evals else 0):
         check_train_resources(params)
         run_name = f"run-{fingerprint(params, data)[:16]}"
