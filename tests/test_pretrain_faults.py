@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import pretrain_params, write_prepared
@@ -129,12 +130,34 @@ def test_killed_driver_reruns_resume_past_a_corrupt_checkpoint(reference, tmp_pa
     _assert_bitwise_equal(_final_weights(tmp_path), reference)
 
 
-def test_fsdp2_on_cpu_matches_ddp(reference, tmp_path, monkeypatch, local_ray):
-    from tasks.pretrain.run import pretrain
+def test_fsdp2_on_cpu_matches_ddp_and_resumes_from_sharded_checkpoints(reference, tmp_path, monkeypatch, local_ray):
+    """FSDP2 trains the same weights as DDP; its resume checkpoints hold one safetensors shard per
+    rank and no full copy; and a run resumed from them (past a corrupt shard) ends bitwise equal."""
+    from tasks.pretrain.run import COMPLETE_FILE, pretrain
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    pretrain(_workspace(tmp_path, strategy="fsdp"))
+    params = _workspace(tmp_path, strategy="fsdp")
+    first = pretrain(params)
     weights = _final_weights(tmp_path)
     assert weights.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+
+    previous, newest = _checkpoints(tmp_path)[-2:]
+    shards = sorted(p.name for p in (newest / "shards").iterdir())
+    assert len(shards) == 2 and all(name.endswith(".safetensors") for name in shards), shards
+    assert not (newest / "model.safetensors").exists() and not (newest / "optimizer.safetensors").exists()
+    assert sum((newest / "shards" / name).stat().st_size for name in shards) > sum(t.numel() * 4 for t in weights.values())
+
+    # The driver died after the last checkpoint, and that checkpoint lost part of a shard.
+    (newest.parent / COMPLETE_FILE).unlink()
+    shard = newest / "shards" / shards[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    second = pretrain(params)
+    assert (newest.parent / f"corrupt-{newest.name}").is_dir()
+    _assert_bitwise_equal(_final_weights(tmp_path), weights)
+    # It resumed (same MLflow run, steps after the previous checkpoint logged twice, none before).
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    resumed_at = int(previous.name.rsplit("_", 1)[1])
+    logged = [m.step for m in MlflowClient().get_metric_history(first["mlflow_run_id"], "loss")]
+    assert sorted(logged) == sorted([*range(1, STEPS + 1), *range(resumed_at + 1, STEPS + 1)])

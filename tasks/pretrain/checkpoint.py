@@ -1,12 +1,21 @@
 """Resume checkpoints (through Ray Train) and milestone exports (HF dirs), for both DDP and FSDP2.
 
-A resume checkpoint is a directory Ray Train persists under `{train.checkpoint_dir}/<run>/`:
-  model.safetensors      full model state (gathered to rank 0; FSDP2 re-shards it on load)
-  optimizer.safetensors  AdamW moments and step counts, keyed `state.<param>.<name>`
+A resume checkpoint is a directory Ray Train persists under `{train.checkpoint_dir}/<run>/`.
+Its model and AdamW state come in one of two layouts:
+  full (DDP, every rank holds the whole state):
+    model.safetensors      full model state, written by rank 0
+    optimizer.safetensors  AdamW moments and step counts, keyed `state.<param>.<name>`
+  sharded (FSDP2, the cluster profile: no rank ever holds the whole state):
+    shards/shard-<rank+1>-model-00001-of-00001.safetensors
+                           each rank's slices of model and optimizer state, written in parallel by
+                           torch.distributed.checkpoint's safetensors writer, slice offsets in the
+                           file's header. Ray Train merges the ranks' directories into one. Loading
+                           re-slices, so a run may resume on another number of workers.
+and in both:
   rng.safetensors        torch RNG state(s) of rank 0 (every rank is seeded alike)
   checkpoint.json        step, tokens, loader state, optimizer param groups, metrics, and the
-                         sha256 of each file above, so a truncated or half-uploaded
-                         checkpoint is detected and skipped for the previous one.
+                         sha256 of every file above (gathered from all ranks), so a truncated or
+                         half-uploaded checkpoint is detected and skipped for the previous one.
 Everything is safetensors + JSON: resuming never unpickles a file.
 """
 
@@ -29,6 +38,7 @@ from tasks.files import sha256_file
 
 CHECKPOINT_JSON = "checkpoint.json"
 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE = "model.safetensors", "optimizer.safetensors", "rng.safetensors"
+SHARD_DIR = "shards"
 PREFIX = "checkpoint_"
 _NAME = re.compile(PREFIX + r"\d{10}")  # not Ray's own checkpoint_manager_snapshot.json beside them
 CORRUPT_PREFIX = "corrupt-"
@@ -76,24 +86,67 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[di
     return {"state": state, "param_groups": param_groups}
 
 
-def save_local(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> bool:
-    """Collective. Gathers model and optimizer state; rank 0 writes the checkpoint into `directory`
-    (checkpoint.json last). Returns whether this rank wrote files (only rank 0 does)."""
+def _save_full(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], list[dict]]:
+    """Collective: gathers model and optimizer state; rank 0 writes them. Returns (files written,
+    param groups), both empty on the other ranks, which the gather leaves empty-handed."""
     model_state = gather_model(model)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=_GATHER)
     if dist.get_rank() != 0:
-        return False
+        return [], []
     tensors, param_groups = _flatten_optimizer(optimizer_state)
     save_file({k: v.contiguous() for k, v in model_state.items()}, str(directory / MODEL_FILE))
     save_file(tensors, str(directory / OPTIMIZER_FILE))
+    return [MODEL_FILE, OPTIMIZER_FILE], param_groups
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
+    """This rank's slices of model and optimizer state (DTensors), as the dict DCP saves or loads in place."""
+    tensors, param_groups = _flatten_optimizer(get_optimizer_state_dict(model, optimizer))
+    return {"model": get_model_state_dict(model), "optimizer": tensors}, param_groups
+
+
+def _save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], list[dict]]:
+    """Collective: every rank writes its own slices, in parallel, as safetensors under shards/."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+    state, param_groups = _sharded_state(model, optimizer)
+    save(state, storage_writer=HuggingFaceStorageWriter(str(directory / SHARD_DIR), save_distributed=True))
+    return sorted(str(p.relative_to(directory)) for p in (directory / SHARD_DIR).glob("*.safetensors")), param_groups
+
+
+def _load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict]) -> None:
+    """Collective: every rank reads the slices it owns now (re-sliced if the world size changed)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    state, _ = _sharded_state(model, optimizer)
+    load(state, storage_reader=HuggingFaceStorageReader(str(directory / SHARD_DIR)))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(state["optimizer"], param_groups))
+
+
+def save_local(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+               sharded: bool) -> bool:
+    """Collective. Writes this rank's part of a checkpoint into `directory` (rank 0: also the RNG
+    state and checkpoint.json, last, with the sha256 of every rank's files). Returns whether this
+    rank wrote files, i.e. has a directory to hand to `ray.train.report`."""
+    written, param_groups = (_save_sharded if sharded else _save_full)(directory, model, optimizer)
+    hashes = {name: sha256_file(directory / name) for name in written}
+    every_rank: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every_rank, hashes)
+    if dist.get_rank() != 0:
+        return bool(written)
     save_file(_rng_state(), str(directory / RNG_FILE))
-    record = dict(state, param_groups=param_groups,
-                  files={name: sha256_file(directory / name) for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)})
+    files = {name: digest for rank_hashes in every_rank for name, digest in rank_hashes.items()}
+    files[RNG_FILE] = sha256_file(directory / RNG_FILE)
+    record = dict(state, layout="sharded" if sharded else "full", param_groups=param_groups, files=files)
     (directory / CHECKPOINT_JSON).write_text(json.dumps(record, indent=1))
     return True
 
 
-def _read_verified(directory: Path) -> tuple[dict, dict, dict, dict]:
+def _verified_record(directory: Path) -> dict:
+    """checkpoint.json, once every file it lists is present with its recorded sha256."""
     try:
         record = json.loads((directory / CHECKPOINT_JSON).read_text())
         files = record["files"]
@@ -105,11 +158,7 @@ def _read_verified(directory: Path) -> tuple[dict, dict, dict, dict]:
             raise CorruptCheckpoint(f"{name} is missing")
         if sha256_file(path) != expected:
             raise CorruptCheckpoint(f"{name} does not match its recorded sha256")
-    try:
-        model_state, optimizer_tensors, rng = (load_file(str(directory / n)) for n in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE))
-    except Exception as exc:  # safetensors raises its own error types for a malformed header
-        raise CorruptCheckpoint(f"unreadable safetensors ({exc})") from None
-    return record, model_state, _unflatten_optimizer(optimizer_tensors, record["param_groups"]), rng
+    return record
 
 
 def list_checkpoints(run_uri: str) -> list[str]:
@@ -131,7 +180,8 @@ def _fetch(run_uri: str, name: str, scratch: Path) -> Path:
     fs, path = fsspec.core.url_to_fs(f"{run_uri.rstrip('/')}/{name}")
     if isinstance(fs, LocalFileSystem):
         return Path(path)
-    fs.get(path, str(scratch / name), recursive=True)
+    if not (scratch / name).is_dir():
+        fs.get(path, str(scratch / name), recursive=True)
     return scratch / name
 
 
@@ -143,39 +193,52 @@ def _quarantine(run_uri: str, name: str) -> None:
     fs.mv(f"{path}/{name}", f"{path}/{CORRUPT_PREFIX}{name}", recursive=True)
 
 
-def _load_newest_valid(run_uri: str) -> tuple[dict, dict, dict, dict] | None:
-    """Rank 0: the newest checkpoint that verifies; every unusable one is logged and set aside."""
-    with tempfile.TemporaryDirectory(prefix="resume-") as scratch:
-        for name in list_checkpoints(run_uri):
-            try:
-                loaded = _read_verified(_fetch(run_uri, name, Path(scratch)))
-            except CorruptCheckpoint as exc:
-                _say(f"warning: resume checkpoint {name} is corrupt ({exc}); falling back to the previous one")
-                _quarantine(run_uri, name)
-                continue
-            _say(f"resuming from {name} (step {loaded[0]['step']}, {loaded[0]['tokens_seen']} tokens seen)")
-            return loaded
+def _newest_valid(run_uri: str, scratch: Path) -> tuple[str, dict] | None:
+    """Rank 0: (name, record) of the newest checkpoint that verifies; every unusable one is logged
+    and set aside."""
+    for name in list_checkpoints(run_uri):
+        try:
+            record = _verified_record(_fetch(run_uri, name, scratch))
+        except CorruptCheckpoint as exc:
+            _say(f"warning: resume checkpoint {name} is corrupt ({exc}); falling back to the previous one")
+            _quarantine(run_uri, name)
+            continue
+        _say(f"resuming from {name} (step {record['step']}, {record['tokens_seen']} tokens seen)")
+        return name, record
     return None
 
 
-def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Collective. Loads the newest valid checkpoint of the run into model and optimizer on every
-    rank (rank 0 reads, the others receive by broadcast); returns its checkpoint.json record, or
-    None when there is nothing to resume from."""
-    loaded = _load_newest_valid(run_uri) if dist.get_rank() == 0 else None
-    box = [loaded[0] if loaded else None]
+def _broadcast(value):
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    record = box[0]
-    if record is None:
-        return None
-    model_state, optimizer_state, rng = loaded[1:] if loaded else ({}, {}, {})
-    set_model_state_dict(model, model_state, options=_SCATTER)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER)
-    rng_box = [rng]
-    dist.broadcast_object_list(rng_box, src=0)
-    torch.set_rng_state(rng_box[0]["torch_cpu"])
-    if "torch_cuda" in rng_box[0] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng_box[0]["torch_cuda"])
+    return box[0]
+
+
+def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Collective. Loads the newest valid checkpoint of the run into model, optimizer and RNG on
+    every rank; returns its checkpoint.json record, or None when there is nothing to resume from.
+    Rank 0 picks and verifies the checkpoint; a full one it reads and broadcasts, a sharded one
+    every rank reads its own slices of."""
+    with tempfile.TemporaryDirectory(prefix="resume-") as scratch:
+        found = _newest_valid(run_uri, Path(scratch)) if dist.get_rank() == 0 else None
+        found = _broadcast(found)
+        if found is None:
+            return None
+        name, record = found
+        first, sharded = dist.get_rank() == 0, record.get("layout") == "sharded"
+        local = _fetch(run_uri, name, Path(scratch)) if first or sharded else None
+        if sharded:
+            _load_sharded(local, model, optimizer, record["param_groups"])
+        else:
+            model_state = load_file(str(local / MODEL_FILE)) if first else {}
+            optimizer_state = (_unflatten_optimizer(load_file(str(local / OPTIMIZER_FILE)), record["param_groups"])
+                               if first else {})
+            set_model_state_dict(model, model_state, options=_SCATTER)
+            set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER)
+        rng = _broadcast(load_file(str(local / RNG_FILE)) if first else None)
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
     return record
 
 

@@ -116,6 +116,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for batch in self.val:
             total += self.parallel.loss(batch.to(self.device)).float()
+        self.parallel.reshard()
         return _mean_across_ranks(total / len(self.val))
 
     # -- milestones, checkpoints -----------------------------------------------------------------
@@ -134,10 +135,11 @@ class Trainer:
             from tasks.evaluation import submit_milestone_eval
 
             self.eval_refs.append(submit_milestone_eval(self.params, str(out), self.config.mlflow_run_id,
-                                                        metadata["tokens_seen"]))
+                                                        metadata["tokens_seen"], self.config.tracking_uri))
 
     def report(self, checkpoint: bool) -> None:
-        """Every rank calls this (ray.train.report is a barrier); only rank 0 hands over files."""
+        """Every rank calls this (ray.train.report is a barrier) and hands over the files it wrote:
+        rank 0 all of a full checkpoint, every rank its own shard of a sharded one."""
         import tempfile
 
         import ray.train
@@ -149,7 +151,7 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.plan.tokens_after(self.step),
                  "loader": self.loader.state(), "metrics": self.metrics}
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            wrote = save_local(Path(tmp), self.model, self.optimizer, state)
+            wrote = save_local(Path(tmp), self.model, self.optimizer, state, sharded=self.train.strategy == "fsdp")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
                              checkpoint_dir_name=checkpoint_name(self.step))
 

@@ -52,6 +52,13 @@ class Parallel:
         with autocast:
             return self._loss(rows)
 
+    def reshard(self) -> None:
+        """After forward-only passes (validation). FSDP2 leaves the root module's parameters gathered
+        after a forward, because a backward normally follows at once; with none coming, the module
+        would keep exposing full tensors instead of its shards to state-dict and checkpoint code."""
+        if self.strategy == "fsdp":
+            self.model.reshard()
+
     @contextmanager
     def accumulating(self, sync: bool):
         """Skip the gradient all-reduce / reduce-scatter on every micro step but the last of a step."""
