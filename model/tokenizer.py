@@ -243,4 +243,4 @@ class Tokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=True)
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos if bos or eos else ids

@@ -165,6 +165,9 @@ class TrainParams(Section):
     val_batches: int = Field(4, gt=0)
     max_failures: int = Field(1, ge=0)
     eval_milestones_during_training: bool = True
+    # CPU priority of those evals. idle: they run only on cycles training leaves unused (Linux
+    # SCHED_IDLE, elsewhere nice 19), so they cannot slow it; normal: training's own priority.
+    eval_priority: Literal["idle", "normal"] = "idle"
     # Ray Train's storage for resume checkpoints (a path or s3:// URI), deliberately outside the DVC
     # outputs: DVC deletes a stage's outputs before re-running it, which would defeat --resume auto.
     checkpoint_dir: str = "checkpoints/pretrain"
