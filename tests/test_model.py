@@ -211,12 +211,13 @@ def test_loss_under_no_grad_is_the_same_loss(model):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager():
+@pytest.mark.parametrize("how", ["compile_blocks", "compile_loss"])
+def test_compiled_model_trains_like_eager(how):
     torch.manual_seed(4)
     eager = Llama(micro())
     compiled = Llama(micro())
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_blocks()
+    getattr(compiled, how)()
     rows = torch.randint(0, 512, (2, 33))
     for m in (eager, compiled):
         m.loss(rows).backward()

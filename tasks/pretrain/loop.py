@@ -65,8 +65,10 @@ class Trainer:
         torch.manual_seed(params.seed)
         model_config = params.llama_config(config.data.vocab_size)
         self.model = Llama(model_config).to(self.device)
-        if train.compile:
-            self.model.compile_blocks()
+        if train.compile and train.strategy == "fsdp":
+            self.model.compile_blocks()  # FSDP2's per-block hooks would split a whole-model graph
+        elif train.compile:
+            self.model.compile_loss()
         self.parallel = Parallel(self.model, train.strategy, self.device, train.precision)
         self.optimizer = build_optimizer(self.model, train.lr, train.betas, train.eps, train.weight_decay)
         self.loader = MixedLoader(config.data, params.seed, train.micro_batch, self.plan.grad_accum, self.rank, self.world)
