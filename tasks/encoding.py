@@ -99,10 +99,6 @@ def _with_separators(documents: list[list[int]], dtype, bos: bool, eos: bool) ->
     return ids, lengths
 
 
-def _ready() -> None:
-    """A no-op task whose only effect is to have a worker started."""
-
-
 _PRELOAD = ["tasks.encoding", "model.tokenizer", "tokenizers", "sentencepiece.sentencepiece_model_pb2"]
 
 
@@ -131,16 +127,6 @@ class EncoderPool:
         else:
             self._executor = ProcessPoolExecutor(workers, mp_context=_worker_context(),
                                                  initializer=_init_worker, initargs=(tokenizer_dir, os.getpid()))
-            # The executor forks its workers on the first submits, and the first one waits for the
-            # forkserver to boot (~0.3 s); done from a thread, that overlaps the caller's own setup.
-            threading.Thread(target=self._start_workers, daemon=True).start()
-
-    def _start_workers(self) -> None:
-        try:
-            for future in [self._executor.submit(_ready) for _ in range(self.workers)]:
-                future.result()
-        except Exception:  # a pool that cannot start fails the first real task, in the caller's thread
-            pass
 
     def encode(self, source, chunks: Iterable[Chunk]) -> Iterator[Encoded]:
         tasks = ((source, self.separator, self.dtype, chunk) for chunk in chunks)

@@ -66,27 +66,27 @@ def prepare(params: Params, progress: bool = True) -> dict:
     from tasks.shards import token_dtype
 
     tokenizer = load_tokenizer(params)
+    readers = [SourceReader(source, params) for source in params.data.sources]
     dtype = token_dtype(tokenizer.vocab_size)
     data_dir = Path(params.paths.data)
     staging = data_dir / ".prepare.tmp"
-    with EncoderPool(str(Path(params.paths.models) / "tokenizer"), params.data.workers,
-                     params.data.separator, dtype) as pool:  # workers start while inputs are listed
-        readers = [SourceReader(source, params) for source in params.data.sources]
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / "prepared").mkdir(parents=True)
-        try:
-            manifest = {"version": MANIFEST_VERSION, "seq_len": params.data.seq_len, "row_len": params.data.seq_len + 1,
-                        "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "separator": params.data.separator,
-                        "tokenizer_sha256": tokenizer.sha256, "sources": {}}
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "prepared").mkdir(parents=True)
+    try:
+        manifest = {"version": MANIFEST_VERSION, "seq_len": params.data.seq_len, "row_len": params.data.seq_len + 1,
+                    "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "separator": params.data.separator,
+                    "tokenizer_sha256": tokenizer.sha256, "sources": {}}
+        with EncoderPool(str(Path(params.paths.models) / "tokenizer"), params.data.workers,
+                         params.data.separator, dtype) as pool:
             for reader in readers:
                 manifest["sources"][reader.source.name] = _prepare_source(
                     reader, pool, staging / "prepared", params, dtype, progress)
-            _write_eval_items(params, staging / "eval")
-            _write_json(staging / "prepared" / "manifest.json", manifest)
-            for name in ("eval", "prepared"):
-                _publish(staging / name, data_dir / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _write_eval_items(params, staging / "eval")
+        _write_json(staging / "prepared" / "manifest.json", manifest)
+        for name in ("eval", "prepared"):
+            _publish(staging / name, data_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
