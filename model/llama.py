@@ -6,9 +6,10 @@ with an optional KV cache for decoding. Parameter names follow Hugging Face's
 
 Speed choices (benchmarks/train_step.py measures them against transformers): grouped-query
 attention goes to SDPA with `enable_gqa` instead of copying K/V per query head (the KV cache
-holds only the KV heads), training projects q, k and v in one matmul, the training loss never
-materialises the full logits (model/loss.py), and `compile_loss` compiles the whole loss into
-one graph (`compile_blocks`, for sharded models, the one decoder-block graph every layer shares).
+holds only the KV heads), training projects q, k and v in one matmul (and gate and up in another),
+the training loss never materialises the full logits (model/loss.py), and `compile_loss` compiles
+the whole loss into one graph (`compile_blocks`, for sharded models, the one decoder-block graph
+every layer shares).
 """
 
 from __future__ import annotations
@@ -126,7 +127,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.mlp_dim, config.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Training: gate and up as one matmul on the concatenated weights, as Attention.project does
+        # for q, k and v (one grad-input matmul instead of two and an add in the backward).
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -146,7 +152,6 @@ class Llama(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.compiled = False  # set by compile_blocks
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -200,8 +205,7 @@ class Llama(nn.Module):
         With `targets` (same shape as `rows`, -100 = ignore, e.g. SFT prompt tokens): rows are the inputs.
         """
         inputs, targets = (rows[:, :-1], rows[:, 1:]) if targets is None else (rows, targets)
-        return linear_cross_entropy(self.hidden_states(inputs), self.lm_head.weight, targets,
-                                    compiled=self.compiled)
+        return linear_cross_entropy(self.hidden_states(inputs), self.lm_head.weight, targets)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` tokens (default: max_seq_len)."""
@@ -218,10 +222,8 @@ class Llama(nn.Module):
         return self
 
     def compile_blocks(self, **compile_kwargs) -> "Llama":
-        """torch.compile each decoder block in place, and the loss's per-chunk elementwise work.
-        The blocks share one graph, so compile time is that of one block however deep the model;
-        the loss's matmuls and its chunk loop stay eager."""
+        """torch.compile each decoder block in place. The blocks share one graph, so compile time is
+        that of one block however deep the model; the loss stays eager (model/loss.py)."""
         for block in self.layers:
             block.compile(**compile_kwargs)
-        self.compiled = True
         return self

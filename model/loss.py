@@ -5,8 +5,8 @@ are hundreds of MB to GBs (8 × 2048 rows: 2 GB), and a plain `lm_head` + `cross
 them, their log-softmax and their gradient alive at once. Here each chunk of rows is projected,
 reduced to its loss *and* its gradient at once, and dropped, so at most `chunk × vocab` logits
 exist (the idea of Liger's fused linear cross entropy). The FLOPs are the same three matmuls.
-With `compiled=True` the per-chunk elementwise work (log-softmax, loss, gradient) is one
-torch.compile'd function, which on CPU takes ~half the time of the eager ops.
+The per-chunk elementwise work (log-softmax, loss, gradient) has an eager form and a form
+for torch.compile, used when a compiled caller (`Llama.compile_loss`) traces through here.
 """
 
 from __future__ import annotations
@@ -21,50 +21,61 @@ IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 25
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
+def _eager_chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
     """(summed loss, d(loss·scale)/d(logits)) of one chunk; ignored rows add nothing and get zero gradient.
-    Written so that it is fast both eager (a fused log_softmax) and compiled (one or two fused passes)."""
+    Built from aten's fused log_softmax and then in place on its output: the fewest full passes eagerly."""
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, 0)[:, None]
     logp = torch.log_softmax(logits.float(), dim=-1)
     loss = -(logp.gather(1, safe).squeeze(1) * valid).sum()
-    grad = logp.exp().scatter_add(1, safe, torch.full_like(logp[:, :1], -1.0))  # softmax - onehot
-    return loss, grad * (valid * scale)[:, None]
+    grad = logp.exp_().scatter_add_(1, safe, torch.full_like(logp[:, :1], -1.0))  # softmax - onehot
+    return loss, grad.mul_((valid * scale)[:, None])
 
 
-_compiled_chunk_loss_and_grad = None
+def _fused_chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
+    """The same, written for torch.compile: one reduction (logsumexp) and one pointwise pass that
+    writes the gradient, the one-hot being an index comparison rather than a scatter. Compiled, it
+    runs as fast as the eager form does eagerly, and ~1/3 faster than inductor's code for the eager
+    form (whose in-place ops it has to functionalise); run eagerly it is ~4× slower, hence two forms."""
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, 0)[:, None]
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    loss = ((lse.squeeze(1) - logits.gather(1, safe).squeeze(1)) * valid).sum()
+    onehot = torch.arange(logits.shape[1], device=logits.device) == safe
+    return loss, (torch.exp(logits - lse) - onehot.float()) * (valid * scale)[:, None]
 
 
-def _chunk_fn(compiled: bool):
-    global _compiled_chunk_loss_and_grad
-    if not compiled:
-        return _chunk_loss_and_grad
-    if _compiled_chunk_loss_and_grad is None:
-        _compiled_chunk_loss_and_grad = torch.compile(_chunk_loss_and_grad)
-    return _compiled_chunk_loss_and_grad
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
+    """The form for the compiler while torch.compile traces, else the eager form."""
+    if torch.compiler.is_compiling():
+        return _fused_chunk_loss_and_grad(logits, targets, scale)
+    return _eager_chunk_loss_and_grad(logits, targets, scale)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compiled: bool) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        chunk_fn = _chunk_fn(compiled)
         autocast = torch.is_autocast_enabled(hidden.device.type)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
-            loss, grad = chunk_fn(h @ weight.t(), targets[start:start + chunk], 1.0 / n_valid)
+            loss, grad = _chunk_loss_and_grad(h @ weight.t(), targets[start:start + chunk], 1.0 / n_valid)
             total += loss
             grad = grad.to(hidden.dtype)
             if want_hidden:
                 grad_hidden[start:start + chunk] = grad @ weight
-            if want_weight and autocast:
+            if not want_weight:
+                continue
+            if grad_weight is None:  # the first chunk's product is the sum so far (no zero-filled buffer)
+                grad_weight = (grad.t() @ h).to(weight.dtype)
+            elif autocast:
                 grad_weight += grad.t() @ h  # low-precision matmul (as autocast chose), fp32 sum
-            elif want_weight:
+            else:
                 grad_weight.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / n_valid
@@ -73,11 +84,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype), None, None, None)
+                None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype), None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int | None = None, compiled: bool = False) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Mean cross entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX rows skipped).
 
     hidden: (..., dim); weight: (vocab, dim); targets: (...) int64. Equals
@@ -91,7 +102,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         pieces = -(-hidden.shape[0] // max(1, _CHUNK_ELEMENTS // weight.shape[0]))
         chunk = max(1, -(-hidden.shape[0] // pieces))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compiled)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
     # Evaluation: the loss alone, still chunked so the full logits never exist.
     total = sum(F.cross_entropy((hidden[i:i + chunk] @ weight.t()).float(), targets[i:i + chunk],
                                 ignore_index=IGNORE_INDEX, reduction="sum")

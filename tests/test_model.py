@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from model.config import LlamaConfig, micro, tinyllama_1_1b
 from model.llama import Llama, RMSNorm, apply_rope, rope_cache
-from model.loss import linear_cross_entropy
+from model.loss import _eager_chunk_loss_and_grad, _fused_chunk_loss_and_grad, linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -180,6 +180,23 @@ def test_linear_cross_entropy_chunks_and_ignore_index():
     torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-7)
     assert torch.all(grads[0][0, :5] == 0)
+
+
+def test_both_chunk_forms_give_the_same_loss_and_gradient():
+    """The eager form (log_softmax + in-place scatter) and the form written for torch.compile
+    (logsumexp + an index comparison) are two spellings of one function, ignored rows included."""
+    torch.manual_seed(6)
+    logits = torch.randn(12, 50) * 4
+    targets = torch.randint(0, 50, (12,))
+    targets[[0, 5, 11]] = -100
+    scale = torch.tensor(1 / 9)
+    loss_e, grad_e = _eager_chunk_loss_and_grad(logits.clone(), targets, scale)
+    loss_f, grad_f = _fused_chunk_loss_and_grad(logits, targets, scale)
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_f, grad_e, rtol=1e-5, atol=1e-8)
+    assert torch.all(grad_f[[0, 5, 11]] == 0)
+    expected = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss_f, expected, rtol=1e-6, atol=1e-5)
 
 
 def test_loss_under_bf16_autocast_matches_plain_cross_entropy():
