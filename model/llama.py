@@ -76,6 +76,17 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def parallel_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """Bias-free `layer(x)` for each layer (q/k/v, gate/up). When training, as one matmul on the
+    concatenated weights: its backward is one grad-input matmul instead of one per layer plus adds
+    (~25% less time for q/k/v on CPU at the 55M size), while the parameters keep HF's names.
+    Decoding keeps separate matmuls (no weight copy per token)."""
+    if not torch.is_grad_enabled():
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers])
+    return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
@@ -87,19 +98,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v. When training, as one matmul on the concatenated weights: its backward is one
-        grad-input matmul instead of three plus two adds (~25% less time on CPU at the 55M size),
-        while the parameters keep HF's names. Decoding keeps three matmuls (no weight copy per token)."""
-        if not torch.is_grad_enabled():
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        kv_dim = self.n_kv_head * self.head_dim
-        return F.linear(x, weight).split([self.n_head * self.head_dim, kv_dim, kv_dim], dim=-1)
-
     def forward(self, x, cos, sin, pos: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
         b, t, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = parallel_linear(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -127,11 +128,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.mlp_dim, config.dim, bias=False)
 
     def forward(self, x):
-        if not torch.is_grad_enabled():
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        # Training: gate and up as one matmul on the concatenated weights, as Attention.project does
-        # for q, k and v (one grad-input matmul instead of two and an add in the backward).
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        gate, up = parallel_linear(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(gate) * up)
 
 

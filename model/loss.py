@@ -35,8 +35,9 @@ def _eager_chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scal
 def _fused_chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
     """The same, written for torch.compile: one reduction (logsumexp) and one pointwise pass that
     writes the gradient, the one-hot being an index comparison rather than a scatter. Compiled, it
-    runs as fast as the eager form does eagerly, and ~1/3 faster than inductor's code for the eager
-    form (whose in-place ops it has to functionalise); run eagerly it is ~4× slower, hence two forms."""
+    runs as fast as the eager form does eagerly, and ~1/3 faster than inductor's code for a
+    log_softmax + scatter form (235 vs 348 ms on 2048 × 32000 logits, 2 CPU cores); run eagerly it
+    is ~4× slower, hence two forms."""
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, 0)[:, None]
     logits = logits.float()
