@@ -33,9 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.llama import Llama  # noqa: E402
-from tasks.corpus import EvalTask, build_corpus  # noqa: E402
-from tasks.corpus.vocab import RELATION_BY_NAME, cloze_query, is_cloze  # noqa: E402
-from tasks.corpus.world import make_world  # noqa: E402
+from tasks.data.corpus import EvalTask, build_corpus  # noqa: E402
+from tasks.data.corpus.vocab import RELATION_BY_NAME, cloze_query, is_cloze  # noqa: E402
+from tasks.data.corpus.world import make_world  # noqa: E402
 from tasks.params import format_tokens, load_params  # noqa: E402
 
 BOS = 1

@@ -54,7 +54,7 @@ def write_corpus(root: Path, entities: int, programs: int, copies: int) -> Path:
     `copies` times over."""
     import zstandard
 
-    from tasks.corpus import build_corpus
+    from tasks.data.corpus import build_corpus
 
     corpus = build_corpus(seed=1234, entities=entities, programs=programs)
     documents = corpus.text_documents + corpus.code_documents
@@ -73,7 +73,7 @@ def write_corpus(root: Path, entities: int, programs: int, copies: int) -> Path:
 def write_params(work: Path, corpus: Path, workers: int) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"] = {"data": str(work / "data"), "models": str(work / "models"), "metrics": str(work / "metrics")}
-    raw["data"]["workers"] = workers
+    raw["data"]["encode_processes"] = workers
     raw["data"]["sources"] = [{"name": "corpus", "format": "slimpajama", "uri": f"{corpus}/**/*.jsonl.zst",
                                "weight": 1.0}]
     raw["tokenizer"]["train_sources"] = ["corpus"]
@@ -85,7 +85,7 @@ def write_params(work: Path, corpus: Path, workers: int) -> Path:
 def train_tokenizer(params_file: Path) -> None:
     from model.tokenizer import save_tokenizer_dir, train_sentencepiece
     from tasks.params import load_params
-    from tasks.sources import iter_documents
+    from tasks.data.sources import iter_documents
 
     params = load_params(params_file)
     model = train_sentencepiece(iter_documents(params.data.sources[0], params), params.tokenizer.vocab_size,
@@ -98,7 +98,7 @@ def raw_encode(params_file: Path) -> dict:
     in chunks of the stage's size, one BOS per document counted like the stage counts it."""
     from model.tokenizer import Tokenizer
     from tasks.params import load_params
-    from tasks.sources import SourceReader, parse_chunk
+    from tasks.data.sources import SourceReader, parse_chunk
 
     params = load_params(params_file)
     source = params.data.sources[0]

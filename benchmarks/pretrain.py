@@ -154,7 +154,7 @@ def gpu_1b(steps: int) -> dict:
     tokens_per_s = params.train.global_batch_tokens / steady
     flops = params.llama_config().flops_per_token(params.data.seq_len) * tokens_per_s
     return {"device": torch.cuda.get_device_name(), "tokens_per_s_per_gpu": round(tokens_per_s),
-            "mfu_vs_configured_peak": flops / (params.plan.peak_tflops_per_gpu * 1e12),
+            "mfu_vs_configured_peak": flops / (params.plan.peak_tflops_per_worker * 1e12),
             "achieved_tflops": flops / 1e12, "anchor": "24k tok/s/GPU, 56% MFU on A100-40G",
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 

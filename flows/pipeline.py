@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.dag import Stage, load_stages
 from flows.report import artifact_key, read_metrics, run_ids, run_link, stage_markdown, summary
 from tasks.errors import UserError
+from tasks.files import write_atomic
 from tasks.params import Params, load_params
 from tasks.tracking import tracking_uri
 
@@ -122,9 +122,7 @@ def activate_params(params_file: str | Path, root: Path) -> Params:
     params = load_params(params_file)
     source, target = Path(params_file).resolve(), (root / ACTIVE_PARAMS).resolve()
     if source != target:
-        with tempfile.NamedTemporaryFile("wb", dir=root, prefix=".params.", delete=False) as tmp:
-            tmp.write(source.read_bytes())
-        os.replace(tmp.name, target)
+        write_atomic(target, source.read_bytes())
         print(f"params: {params_file} is now {ACTIVE_PARAMS}, the profile dvc.yaml tracks (profile {params.profile})")
     return params
 

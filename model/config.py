@@ -62,14 +62,6 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "LlamaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"model.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-        return cls(**values)
-
     def with_overrides(self, **overrides) -> "LlamaConfig":
         known = {f.name for f in fields(self)}
         for key in overrides:

@@ -21,13 +21,9 @@ from safetensors.torch import save_file
 
 from model.atomic import atomic_dir
 from model.config import LlamaConfig
+from model.files import CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from model.llama import Llama
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 BOS_ID, EOS_ID = 1, 2
 _HF_PREFIX = "model."
 _IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)  # buffers some old exports carry; we recompute them

@@ -26,15 +26,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from model.atomic import atomic_dir
+from model.files import SPECIAL_TOKENS_FILE, TOKENIZER_JSON_FILE, TOKENIZER_MODEL_FILE
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 MIN_VOCAB = 3 + 256
 """unk, bos, eos and one piece per byte (byte fallback): a smaller vocab cannot encode every string."""
 
-MODEL_FILE = "tokenizer.model"
-JSON_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 MAX_SENTENCE_BYTES = 1 << 16
 """Longest line handed to the trainer (SentencePiece silently drops longer ones)."""
@@ -192,7 +189,7 @@ def save_tokenizer_dir(model_bytes: bytes, out_dir: str | Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                 **special).save_pretrained(tmp)
-        (tmp / MODEL_FILE).write_bytes(model_bytes)
+        (tmp / TOKENIZER_MODEL_FILE).write_bytes(model_bytes)
         (tmp / SPECIAL_TOKENS_FILE).write_text(json.dumps(special, indent=2) + "\n")
     return Path(out_dir)
 
@@ -208,7 +205,7 @@ class Tokenizer:
     def __init__(self, backend, model_bytes: bytes):
         proto = parse_model(model_bytes)
         if backend.get_vocab_size() != len(proto.pieces):
-            raise ValueError(f"{JSON_FILE} has {backend.get_vocab_size()} tokens but {MODEL_FILE} "
+            raise ValueError(f"{TOKENIZER_JSON_FILE} has {backend.get_vocab_size()} tokens but {TOKENIZER_MODEL_FILE} "
                              f"has {len(proto.pieces)} pieces")
         backend.encode_special_tokens = True
         self._backend = backend
@@ -226,10 +223,10 @@ class Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         directory = Path(directory)
-        for name in (MODEL_FILE, JSON_FILE):
+        for name in (TOKENIZER_MODEL_FILE, TOKENIZER_JSON_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"tokenizer dir {directory}: {name} not found")
-        return cls(Backend.from_file(str(directory / JSON_FILE)), (directory / MODEL_FILE).read_bytes())
+        return cls(Backend.from_file(str(directory / TOKENIZER_JSON_FILE)), (directory / TOKENIZER_MODEL_FILE).read_bytes())
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return self._wrap(self._backend.encode(text, add_special_tokens=False).ids, bos, eos)

@@ -1,7 +1,7 @@
 """`tinyllama`: one CLI whose subcommands are the pipeline's stages (what dvc.yaml calls).
 
 Only the chosen subcommand's module is imported, so `tinyllama plan` does not pay for
-Ray or lm-eval. Each stage module exposes `add_arguments(parser)` and `main(args)`.
+Ray or lm-eval. The module each command names exposes `add_arguments(parser)` and `main(args)`.
 Bad input (`UserError`) becomes one line on stderr and exit code 2.
 """
 
@@ -14,12 +14,12 @@ import sys
 from tasks.errors import UserError
 
 COMMANDS = {
-    "plan": ("tasks.plan", "dry-run a profile: parameters, steps, memory per GPU, days"),
-    "tokenizer": ("tasks.tokenizer", "train or convert the tokenizer into models/tokenizer/"),
-    "prepare": ("tasks.prepare", "tokenize and pack the corpora into Parquet shards"),
-    "pretrain": ("tasks.pretrain", "pretrain on Ray Train, exporting milestone checkpoints"),
-    "evaluate": ("tasks.evaluate", "score every milestone with lm-eval, log to MLflow"),
-    "generate": ("tasks.generate", "sample text from a checkpoint dir"),
+    "plan": ("tasks.pretrain.plan", "dry-run a profile: parameters, steps, memory per GPU, days"),
+    "tokenizer": ("tasks.tokenizer.build", "train or convert the tokenizer into models/tokenizer/"),
+    "prepare": ("tasks.data.prepare", "tokenize and pack the corpora into Parquet shards"),
+    "pretrain": ("tasks.pretrain.run", "pretrain on Ray Train, exporting milestone checkpoints"),
+    "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
+    "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
 }
 
 

@@ -120,7 +120,7 @@ class DataParams(Section):
     val_fraction: float = Field(0.02, gt=0, lt=1)
     rows_per_shard: int = Field(8192, gt=0)
     row_group_rows: int = Field(1024, gt=0)
-    workers: int = Field(2, gt=0)
+    encode_processes: int = Field(2, gt=0)   # tokenizer processes of `prepare` (not training workers)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     builtin: BuiltinCorpusParams = Field(default_factory=BuiltinCorpusParams)
     sources: list[SourceParams]
@@ -140,7 +140,7 @@ class DataParams(Section):
 
 
 class TrainParams(Section):
-    workers: int = Field(2, gt=0)
+    workers: int = Field(2, gt=0)            # Ray Train workers: one per GPU, or one CPU process each
     cpus_per_worker: int = Field(1, gt=0)
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -199,9 +199,12 @@ class TrainParams(Section):
 
 
 class PlanParams(Section):
-    tokens_per_sec_per_gpu: float = Field(24_000, gt=0)
-    gpu_memory_gb: float = Field(40, gt=0)
-    peak_tflops_per_gpu: float = Field(312, gt=0)
+    """What one training worker achieves, for `tinyllama plan`: a GPU on a cluster (TinyLlama's anchor: 24k
+    tok/s on an A100-40G, 312 TFLOP/s bf16), a `train.threads_per_worker`-thread CPU process on the tiny profile."""
+
+    tokens_per_sec_per_worker: float = Field(24_000, gt=0)
+    memory_per_worker_gb: float = Field(40, gt=0)
+    peak_tflops_per_worker: float = Field(312, gt=0)
 
 
 class EvalParams(Section):

@@ -1,4 +1,4 @@
-"""The embedded corpus (tasks/corpus): deterministic, a few MB, facts repeated, eval items held out."""
+"""The embedded corpus (tasks/data/corpus): deterministic, a few MB, facts repeated, eval items held out."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.corpus import Corpus, build_corpus, write_eval_items
-from tasks.corpus.vocab import CHAINS, RELATIONS, render
-from tasks.corpus.world import make_world
+from tasks.data.corpus import Corpus, build_corpus, write_eval_items
+from tasks.data.corpus.vocab import CHAINS, RELATIONS, render
+from tasks.data.corpus.world import make_world
 from tasks.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def test_same_seed_gives_identical_corpus(corpus):
 
 def test_same_seed_gives_identical_corpus_under_other_hash_seeds():
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_corpus import digest, SMALL; "
-              "from tasks.corpus import build_corpus; print(digest(build_corpus(**SMALL)))")
+              "from tasks.data.corpus import build_corpus; print(digest(build_corpus(**SMALL)))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == digest(build_corpus(**SMALL))

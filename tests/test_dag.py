@@ -6,7 +6,6 @@ conftest.py) and make their own copies of it before changing anything.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.util
 import json
@@ -17,69 +16,35 @@ import pytest
 import yaml
 
 from flows.dag import load_stages
+from imports import imported_project_files, is_package_marker
 from pipeline_repo import clone_workspace, dvc, fresh_copy, git, run_repro
 from tasks.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("tasks", "model", "serving", "flows")
 
 # Modules a stage imports that are deliberately not DVC deps, each with the reason. Changing them
 # must not rerun weeks of training: they decide where and how results are reported, not what is computed.
 NOT_DEPS = {
-    "tasks/__init__.py": "package marker",
-    "model/__init__.py": "package marker",
     "tasks/cli.py": "the dispatcher: a new subcommand must not rerun every stage",
     "tasks/errors.py": "the error type only",
     "tasks/params.py": "the schema; the values each stage reads are DVC params",
     "tasks/tracking.py": "where MLflow runs go, not what a stage computes",
+    "tasks/layout.py": "where files go (each stage's outputs are DVC outs themselves): a new stage's path must "
+                       "not rerun every stage",
+    "model/files.py": "file names only, re-exported by tasks/layout.py",
+    "tasks/files.py": "how a file is written (atomically) or hashed, not what it holds",
 }
 # pretrain scores milestones as they land (advisory, into MLflow); the evaluate stage is what
 # guarantees and records every score, so eval code and params rerun evaluate only.
-NOT_DEPS_BY_STAGE = {"pretrain": ("tasks/evaluation/", "tasks/evaluate.py")}
+NOT_DEPS_BY_STAGE = {"pretrain": ("tasks/evaluate/",)}
 
 
 def _dvc_yaml() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
-def _module_file(name: str) -> Path | None:
-    path = ROOT.joinpath(*name.split("."))
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    return None
-
-
-def _imported_project_files(module: str) -> set[str]:
-    """Every project file `module` can import, following imports inside functions too (stages import lazily)."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        file = _module_file(name)
-        if file is None:
-            continue
-        relative = file.relative_to(ROOT).as_posix()
-        if relative in seen:
-            continue
-        seen.add(relative)
-        if relative in NOT_DEPS:
-            continue  # what only the schema or the dispatcher imports is not the stage's code
-        package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Import):
-                todo += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(parent + ([base] if base else []))
-                todo.append(base)
-                todo += [f"{base}.{alias.name}" for alias in node.names]
-        todo = [n for n in todo if n.split(".")[0] in PROJECT_PACKAGES]
-        todo += [".".join(n.split(".")[:i]) for n in list(todo) for i in range(1, n.count(".") + 1)]
-    return seen
+def _counted(file: str) -> bool:
+    return file not in NOT_DEPS and not is_package_marker(ROOT / file)
 
 
 def _covered(file: str, deps: list[str]) -> bool:
@@ -132,10 +97,10 @@ def test_deps_cover_the_code_the_stage_imports(stage):
     spec = _dvc_yaml()["stages"][stage]
     deps = [d for d in spec.get("deps", []) if "${" not in d]
     exempt = NOT_DEPS_BY_STAGE.get(stage, ())
-    imported = _imported_project_files(COMMANDS[stage][0])
+    imported = imported_project_files(COMMANDS[stage][0], skip=lambda relative: relative in NOT_DEPS)
     assert len(imported) > 1, f"found no code behind {COMMANDS[stage][0]}"
     uncovered = sorted(f for f in imported
-                       if f not in NOT_DEPS and not _covered(f, deps) and not any(f.startswith(e) for e in exempt))
+                       if _counted(f) and not _covered(f, deps) and not any(f.startswith(e) for e in exempt))
     assert not uncovered, f"stage {stage} imports files that are not in its deps: {uncovered}"
     unused = [d for d in deps if not any(_covered(f, [d]) for f in imported)]
     assert not unused, f"stage {stage} lists code deps it never imports: {unused}"

@@ -12,11 +12,11 @@ import yaml
 from eval_fixtures import ASSETS, ROOT, random_model, write_checkpoint
 
 from tasks.errors import UserError
-from tasks.evaluation.harness import load_checkpoint, run_lm_eval
-from tasks.evaluation.tasks_offline import (OFFLINE_TASKS, arc_rows, boolq_rows, hellaswag_jsonl_rows,
+from tasks.evaluate.harness import load_checkpoint, run_lm_eval
+from tasks.evaluate.lm_eval_offline import (OFFLINE_TASKS, arc_rows, boolq_rows, hellaswag_jsonl_rows,
                                             hellaswag_text_rows, load_offline_rows, openbookqa_rows, packaged_yaml,
                                             piqa_rows, winogrande_rows)
-from tasks.evaluation.tasksets import build_taskset
+from tasks.evaluate.tasksets import build_taskset
 from tasks.params import parse_params
 
 EVAL_ASSETS = ASSETS / "eval"

@@ -8,8 +8,9 @@ import time
 import pytest
 from eval_fixtures import ROOT, make_project
 
-from tasks.evaluation import evaluate, submit_milestone_eval
-from tasks.evaluation.milestone import eval_resources
+from tasks.evaluate.during_training import submit_milestone_eval
+from tasks.evaluate.stage import evaluate
+from tasks.evaluate.during_training import eval_resources
 from tasks.params import load_params
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,9 +12,9 @@ import torch
 from eval_fixtures import eval_params, write_checkpoint, write_eval_items
 
 from tasks.errors import UserError
-from tasks.evaluation.harness import load_checkpoint, run_lm_eval
-from tasks.evaluation.tasks_tiny import check_items, tiny_task_config
-from tasks.evaluation.tasksets import build_taskset
+from tasks.evaluate.harness import load_checkpoint, run_lm_eval
+from tasks.evaluate.lm_eval_tiny import check_items, tiny_task_config
+from tasks.evaluate.tasksets import build_taskset
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import pretrain_params, write_prepared
 from tasks.errors import UserError
-from tasks.pretrain.data import MixedLoader, ShardCache, open_prepared, val_batches
+from tasks.pretrain.loader import MixedLoader, ShardCache, open_prepared, val_batches
 
 
 def _rows(batches):

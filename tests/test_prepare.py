@@ -19,14 +19,14 @@ import pytest
 from data_fixtures import (GITHUB_MARKER, ROOT, slimpajama_rows, write_jsonl, write_params,
                            write_slimpajama, write_starcoderdata)
 from model.tokenizer import Tokenizer
-from tasks import sources
+from tasks.data import sources
 from tasks.cli import main as cli
-from tasks.packing import Packer, is_val
-from tasks.shards import ShardWriter
-from tasks.sources import iter_documents
+from tasks.data.packing import Packer, is_val
+from tasks.data.shards import ShardWriter
+from tasks.data.sources import iter_documents
 
 ASSETS = ROOT.parent / "shared" / "assets"
-SMALL = dict(seq_len=32, rows_per_shard=50, row_group_rows=16, val_fraction=0.1, workers=2)
+SMALL = dict(seq_len=32, rows_per_shard=50, row_group_rows=16, val_fraction=0.1, encode_processes=2)
 
 
 def _corpus(tmp_path) -> list[dict]:
@@ -185,7 +185,7 @@ def test_same_shards_for_any_worker_count_and_any_mix(tmp_path, small_tokenizer_
     outputs = []
     for workers, weights in ((1, (0.7, 0.3)), (2, (0.7, 0.3)), (2, (0.2, 0.8))):
         mixed = [{**s, "weight": w} for s, w in zip(corpus, weights)]
-        assert _run(_setup(tmp_path, small_tokenizer_dir, mixed, workers=workers)) == 0
+        assert _run(_setup(tmp_path, small_tokenizer_dir, mixed, encode_processes=workers)) == 0
         outputs.append(_files(tmp_path / "data" / "prepared"))
     assert len(outputs[0]) > 4
     assert outputs[0] == outputs[1] == outputs[2]

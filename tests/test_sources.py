@@ -12,9 +12,9 @@ import pytest
 
 from data_fixtures import (GITHUB_MARKER, make_params, slimpajama_rows, write_jsonl, write_slimpajama,
                            write_starcoderdata)
-from tasks import sources
+from tasks.data import sources
 from tasks.errors import UserError
-from tasks.sources import Chunk, SourceReader, iter_documents, parse_chunk
+from tasks.data.sources import Chunk, SourceReader, iter_documents, parse_chunk
 
 
 def _source(tmp_path, **spec):
@@ -182,7 +182,7 @@ def test_s3_source_reads_like_local(tmp_path, s3_env):
 
 
 def test_builtin_source_is_the_embedded_corpus(tmp_path):
-    from tasks.corpus import build_corpus
+    from tasks.data.corpus import build_corpus
 
     params = make_params(tmp_path, [
         {"name": "t", "format": "builtin", "builtin_part": "text", "weight": 0.7},

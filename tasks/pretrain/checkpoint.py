@@ -35,9 +35,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from tasks.files import sha256_file
+from tasks.layout import WEIGHTS_FILE as MODEL_FILE
 
 CHECKPOINT_JSON = "checkpoint.json"
-MODEL_FILE, OPTIMIZER_FILE, RNG_FILE = "model.safetensors", "optimizer.safetensors", "rng.safetensors"
+OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.safetensors"
 SHARD_DIR = "shards"
 PREFIX = "checkpoint_"
 _NAME = re.compile(PREFIX + r"\d{10}")  # not Ray's own checkpoint_manager_snapshot.json beside them

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from model.llama import Llama
+from tasks.layout import Layout
 from tasks.params import Params, format_tokens
 from tasks.pretrain.checkpoint import checkpoint_name, export_milestone, restore, save_local
-from tasks.pretrain.data import MixedLoader, PreparedData, val_batches
+from tasks.pretrain.loader import MixedLoader, PreparedData, val_batches
 from tasks.pretrain.parallel import Parallel, build_optimizer, grad_norm_value
 from tasks.pretrain.schedule import StepPlan, lr_at
 from tasks.pretrain.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
@@ -33,7 +34,7 @@ class LoopConfig:
     params: dict           # the resolved Params, re-validated on the worker
     data: PreparedData
     run_uri: str           # where this run's resume checkpoints live
-    models_dir: str        # absolute {paths.models}
+    layout: Layout         # every path, absolute
     tracking_uri: str
     mlflow_run_id: str
     peak_flops_per_worker: float | None  # configured (GPU) or None: measure (CPU)
@@ -126,15 +127,15 @@ class Trainer:
         name = format_tokens(milestone)
         metadata = {"milestone": name, "milestone_tokens": milestone,
                     "tokens_seen": self.plan.tokens_after(self.step), "step": self.step}
-        out = export_milestone(self.model, Path(self.config.models_dir) / "pretrain" / name,
-                               Path(self.config.models_dir) / "tokenizer", metadata)
+        layout = self.config.layout
+        out = export_milestone(self.model, layout.milestone_dir(name), layout.tokenizer_dir, metadata)
         if out is None:
             return
         print(f"milestone {name}: exported {out} at step {self.step} ({metadata['tokens_seen']} tokens seen)", flush=True)
         if self.mlflow is not None:
             self.mlflow.log_checkpoint(out, name)
         if self.config.eval_milestones:
-            from tasks.evaluation import submit_milestone_eval
+            from tasks.evaluate.during_training import submit_milestone_eval
 
             self.eval_refs.append(submit_milestone_eval(self.params, str(out), self.config.mlflow_run_id,
                                                         metadata["tokens_seen"], self.config.tracking_uri))

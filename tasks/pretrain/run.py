@@ -15,11 +15,11 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
-from tasks.files import write_json_atomic
-from tasks.params import Params
-from tasks.pretrain.data import PreparedData, open_prepared
+from tasks.files import read_json, write_json_atomic
+from tasks.layout import Layout, join, with_absolute_paths
+from tasks.params import Params, add_params_argument, load_params
+from tasks.pretrain.loader import PreparedData, open_prepared
 from tasks.pretrain.schedule import StepPlan
 
 log = logging.getLogger("tinyllama.pretrain")
@@ -27,17 +27,6 @@ log = logging.getLogger("tinyllama.pretrain")
 RUN_FILE = "run.json"
 COMPLETE_FILE = "complete.json"
 METRIC_KEYS = ("final_train_loss", "final_val_loss", "tokens", "steps", "tokens_per_s")
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
-def resolved_params(params: Params) -> Params:
-    """Paths made absolute: Ray workers do not share the driver's working directory."""
-    paths = params.paths.model_copy(update={k: _absolute(v) for k, v in params.paths.model_dump().items()})
-    train = params.train.model_copy(update={"checkpoint_dir": _absolute(params.train.checkpoint_dir)})
-    return params.model_copy(update={"paths": paths, "train": train})
 
 
 def fingerprint(params: Params, data: PreparedData) -> str:
@@ -69,26 +58,10 @@ def _fs(uri: str):
     return fsspec.core.url_to_fs(uri)
 
 
-def _read_json(uri: str) -> dict | None:
-    fs, path = _fs(uri)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
-
-
-def _write_json(uri: str, data: dict) -> None:
-    fs, path = _fs(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "wb") as handle:
-        handle.write(json.dumps(data, indent=1).encode())
-    fs.mv(path + ".tmp", path)
-
-
 def prepare_run_dir(run_uri: str, resume: str) -> dict | None:
     """Returns the previous run's record when resuming it; clears the dir when starting over."""
     fs, path = _fs(run_uri)
-    record = _read_json(f"{run_uri}/{RUN_FILE}")
+    record = read_json(join(run_uri, RUN_FILE)) if fs.exists(f"{path}/{RUN_FILE}") else None
     finished = fs.exists(f"{path}/{COMPLETE_FILE}")
     if record is not None and resume == "auto" and not finished:
         return record
@@ -125,10 +98,6 @@ def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tupl
     return uri, run.info.run_id
 
 
-def _write_metrics(params: Params, metrics: dict) -> Path:
-    return write_json_atomic(Path(params.paths.metrics) / "pretrain.json", metrics)
-
-
 def pretrain(params: Params, resume: str = "auto") -> dict:
     """Run the stage; returns what it wrote to `{paths.metrics}/pretrain.json`."""
     from mlflow.entities import Metric
@@ -141,7 +110,8 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
 
     started = time.perf_counter()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
-    params = resolved_params(params)
+    params = with_absolute_paths(params)  # Ray workers do not share the driver's working directory
+    layout = Layout.from_params(params)
     train = params.train
     data = open_prepared(params)  # every input check happens before anything is written
     plan = StepPlan.from_params(params)
@@ -149,19 +119,19 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
     with ray_session(params, extra_cpus=1 if evals else 0):
         check_train_resources(params)
         run_name = f"run-{fingerprint(params, data)[:16]}"
-        run_uri = f"{train.checkpoint_dir.rstrip('/')}/{run_name}"
+        run_uri = layout.run_dir(run_name)
         previous = prepare_run_dir(run_uri, resume)
-        peak = params.plan.peak_tflops_per_gpu * 1e12 if train.use_gpu else None
+        peak = params.plan.peak_tflops_per_worker * 1e12 if train.use_gpu else None
         extra = {"derived.total_steps": plan.total_steps, "derived.grad_accum": plan.grad_accum,
                  "derived.tokens_per_step": plan.tokens_per_step, "derived.run_dir": run_uri,
                  "derived.parameters": params.llama_config(data.vocab_size).num_params(),
-                 "derived.mfu_peak": "configured plan.peak_tflops_per_gpu" if peak else "measured fp32 matmul per worker"}
+                 "derived.mfu_peak": "configured plan.peak_tflops_per_worker" if peak else "measured fp32 matmul per worker"}
         uri, run_id = start_mlflow_run(params, previous, extra)
-        _write_json(f"{run_uri}/{RUN_FILE}", {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
+        write_json_atomic(join(run_uri, RUN_FILE), {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
         print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
               f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
         loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
-                                 models_dir=params.paths.models, tracking_uri=uri, mlflow_run_id=run_id,
+                                 layout=layout, tracking_uri=uri, mlflow_run_id=run_id,
                                  peak_flops_per_worker=peak, eval_milestones=evals)
         resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
         trainer = TorchTrainer(
@@ -185,9 +155,20 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
         client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), now, metrics["steps"])
                                           for k, v in metrics.items() if isinstance(v, (int, float))])
         client.set_terminated(run_id, status="FINISHED")
-        _write_json(f"{run_uri}/{COMPLETE_FILE}", metrics)
-    out = _write_metrics(params, metrics)
+        write_json_atomic(join(run_uri, COMPLETE_FILE), metrics)
+    out = write_json_atomic(layout.metrics_file("pretrain"), metrics)
     print(f"pretrain: done in {wall:.0f}s; final train loss {metrics['final_train_loss']:.4f}, val loss "
           f"{metrics['final_val_loss']:.4f}; metrics -> {out}", flush=True)
     return metrics
 
+
+def add_arguments(parser) -> None:
+    add_params_argument(parser)
+    parser.add_argument("--resume", choices=("auto", "never"), default="auto",
+                        help="auto (default): continue this recipe's last run from its newest valid checkpoint "
+                             "if it did not finish; never: discard it and start over")
+
+
+def main(args) -> int:
+    pretrain(load_params(args.params), resume=args.resume)
+    return 0

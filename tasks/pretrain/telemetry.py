@@ -1,7 +1,7 @@
 """What a run tells its user: per-step metrics to MLflow, a progress line on the console, honest MFU.
 
 MFU = achieved model FLOPs (6N + 12·L·d·T per token, `LlamaConfig.flops_per_token`) / peak FLOPs.
-The peak is the *configured* `plan.peak_tflops_per_gpu` on GPUs (312 TFLOP/s bf16 for an A100,
+The peak is the *configured* `plan.peak_tflops_per_worker` on GPUs (312 TFLOP/s bf16 for an A100,
 the anchor TinyLlama's 56% refers to) and a *measured* fp32 matmul rate on CPU workers: CPUs
 have no honest datasheet number (clocks, AVX width and neighbours vary), so each run measures
 what its worker threads can do (at start and again at every log interval, keeping the best, so a

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.corpus.code import code_documents, eval_snippets
-from tasks.corpus.items import EvalTask, eval_tasks, write_tasks
-from tasks.corpus.text import text_documents
-from tasks.corpus.world import MAX_ITEMS_PER_TASK, MAX_PEOPLE, make_world
+from tasks.data.corpus.code import code_documents, eval_snippets
+from tasks.data.corpus.items import EvalTask, eval_tasks, write_tasks
+from tasks.data.corpus.text import text_documents
+from tasks.data.corpus.world import MAX_ITEMS_PER_TASK, MAX_PEOPLE, make_world
 from tasks.errors import UserError
 
 MIN_PEOPLE = 4

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.evaluation.tasksets import TaskSet
+from tasks.layout import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from tasks.evaluate.tasksets import TaskSet
 from tasks.params import EvalParams
 
 PREFERRED_METRICS = ("acc_norm", "acc")
@@ -36,10 +37,10 @@ def load_checkpoint(directory: Path, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise UserError(f"checkpoint {directory}: no config.json (not a HF checkpoint dir)")
-    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise UserError(f"checkpoint {directory}: no weights (model.safetensors missing)")
+    if not (directory / CONFIG_FILE).is_file():
+        raise UserError(f"checkpoint {directory}: no {CONFIG_FILE} (not a HF checkpoint dir)")
+    if not any((directory / name).is_file() for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)):
+        raise UserError(f"checkpoint {directory}: no weights ({WEIGHTS_FILE} missing)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.errors import UserError
+from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
 
 
@@ -39,7 +40,7 @@ def build_tokenizer(params: Params) -> Path:
         model_bytes = _pretrained(params)
     else:
         model_bytes = _trained(params)
-    return save_tokenizer_dir(model_bytes, Path(params.paths.models) / "tokenizer")
+    return save_tokenizer_dir(model_bytes, Layout.from_params(params).tokenizer_dir)
 
 
 def _pretrained(params: Params) -> bytes:
@@ -66,7 +67,7 @@ def _pretrained(params: Params) -> bytes:
 
 def _trained(params: Params) -> bytes:
     from model.tokenizer import sentences, train_sentencepiece
-    from tasks.sources import iter_documents
+    from tasks.data.sources import iter_documents
 
     spec = params.tokenizer
     fixed = params.model.overrides.get("vocab_size")

@@ -8,15 +8,15 @@ The query is the text before the answer; the evaluator scores `query + " " + cho
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.corpus.code import OUTPUT, Snippet
-from tasks.corpus.vocab import CHAINS, RELATION_BY_NAME, cloze_query, is_cloze
-from tasks.corpus.world import MAX_ITEMS_PER_TASK, World
+from tasks.data.corpus.code import OUTPUT, Snippet
+from tasks.data.corpus.vocab import CHAINS, RELATION_BY_NAME, cloze_query, is_cloze
+from tasks.data.corpus.world import MAX_ITEMS_PER_TASK, World
+from tasks.files import write_atomic
+from tasks.layout import EVAL_TASKS_FILE
 
 CHOICES = 4
 
@@ -94,17 +94,6 @@ def eval_tasks(world: World, snippets: list[Snippet], seed: int) -> dict[str, Ev
     return {name: EvalTask(TASKS[name], 1 / CHOICES, _arrange(entries[name], rng)) for name in TASKS}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_tasks(tasks: dict[str, EvalTask], out_dir: str | Path) -> dict[str, Path]:
     """`<task>.jsonl` per task, then `tasks.json` last: its presence means the set is complete."""
     out_dir = Path(out_dir)
@@ -113,8 +102,8 @@ def write_tasks(tasks: dict[str, EvalTask], out_dir: str | Path) -> dict[str, Pa
     for name, task in tasks.items():
         lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in task.items)
         written[name] = out_dir / f"{name}.jsonl"
-        _write_atomic(written[name], lines)
+        write_atomic(written[name], lines.encode())
     summary = {name: {"description": task.description, "n": len(task.items), "chance": task.chance}
                for name, task in tasks.items()}
-    _write_atomic(out_dir / "tasks.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_atomic(out_dir / EVAL_TASKS_FILE, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return written

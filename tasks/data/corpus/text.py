@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from tasks.corpus.vocab import CHAINS, RELATIONS, Chain, render
-from tasks.corpus.world import World
+from tasks.data.corpus.vocab import CHAINS, RELATIONS, Chain, render
+from tasks.data.corpus.world import World
 
 ROUNDS = 64
 """Passes over the world; at 60 people this gives ~1.6 MB of text and each fact ~190 statements."""

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from model.tokenizer import BOS_ID, EOS_ID
-from tasks.sources import Chunk, parse_chunk
+from tasks.data.sources import Chunk, parse_chunk
 
 IN_FLIGHT_PER_WORKER = 4
 """Chunks queued per worker: enough that a worker never waits while the parent, which reads
@@ -53,7 +53,7 @@ def _load_tokenizer(tokenizer_dir: str) -> None:
 
 def _init_worker(tokenizer_dir: str, owner: int) -> None:
     """Pool initializer: one tokenizer per process, single-threaded, because the pool already
-    uses every core the user gave it (`data.workers`)."""
+    uses every core the user gave it (`data.encode_processes`)."""
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     threading.Thread(target=_exit_with_owner, args=(owner,), daemon=True).start()
@@ -99,7 +99,7 @@ def _with_separators(documents: list[list[int]], dtype, bos: bool, eos: bool) ->
     return ids, lengths
 
 
-_PRELOAD = ["tasks.encoding", "model.tokenizer", "tokenizers", "sentencepiece.sentencepiece_model_pb2"]
+_PRELOAD = ["tasks.data.encoding", "model.tokenizer", "tokenizers", "sentencepiece.sentencepiece_model_pb2"]
 
 
 def _worker_context():
@@ -109,7 +109,7 @@ def _worker_context():
     loop, a tokenizer thread pool) whose locks a forked child would inherit mid-use. Not `spawn`:
     every worker would start an interpreter and import numpy and the tokenizers itself (measured
     for the whole stage, 2 workers, a 140K-token corpus: spawn ~2.6 s of CPU, forkserver ~1.9 s,
-    in-process ~1.1 s), a cost that grows with `data.workers`.
+    in-process ~1.1 s), a cost that grows with `data.encode_processes`.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)

@@ -329,7 +329,7 @@ def _text_records(lines, unit: str) -> Iterator[bytes]:
 
 @functools.lru_cache(maxsize=2)
 def _build_corpus(seed: int, entities: int, programs: int):
-    from tasks.corpus import build_corpus
+    from tasks.data.corpus import build_corpus
 
     return build_corpus(seed=seed, entities=entities, programs=programs)
 

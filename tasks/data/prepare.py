@@ -10,7 +10,6 @@ nothing a later run (or DVC) would trust, and the next run starts the staging di
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -19,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from model.atomic import replace_dir
+from tasks.data.sources import BAD_REASONS, SKIP_REASONS, SourceReader, builtin_corpus, where
 from tasks.errors import UserError
+from tasks.files import write_json_atomic
+from tasks.layout import EVAL_TASKS_FILE, MANIFEST_FILE, Layout
 from tasks.params import Params, add_params_argument, load_params
-from tasks.sources import BAD_REASONS, SKIP_REASONS, SourceReader, builtin_corpus, where
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
@@ -44,14 +46,14 @@ def main(args) -> int:
         print(f"{name}: train {splits['train']['rows']} rows / {splits['train']['tokens']} tokens, "
               f"val {splits['val']['rows']} rows / {splits['val']['tokens']} tokens; skipped: {skipped}")
     print(f"prepared {total} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s) "
-          f"-> {Path(params.paths.data) / 'prepared'}")
+          f"-> {Layout.from_params(params).prepared_dir}")
     return 0
 
 
 def load_tokenizer(params: Params):
     from model.tokenizer import Tokenizer
 
-    directory = Path(params.paths.models) / "tokenizer"
+    directory = Layout.from_params(params).tokenizer_dir
     try:
         return Tokenizer.load(str(directory))
     except (FileNotFoundError, ValueError) as exc:
@@ -62,29 +64,29 @@ def load_tokenizer(params: Params):
 def prepare(params: Params, progress: bool = True) -> dict:
     """Run the stage; returns the manifest it wrote. Raises `UserError` before publishing
     anything if a source is missing, unreadable or has too many bad rows."""
-    from tasks.encoding import EncoderPool
-    from tasks.shards import token_dtype
+    from tasks.data.encoding import EncoderPool
+    from tasks.data.shards import token_dtype
 
+    layout = Layout.from_params(params)
     tokenizer = load_tokenizer(params)
     readers = [SourceReader(source, params) for source in params.data.sources]
     dtype = token_dtype(tokenizer.vocab_size)
-    data_dir = Path(params.paths.data)
-    staging = data_dir / ".prepare.tmp"
+    staging = layout.staging_dir
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "prepared").mkdir(parents=True)
     try:
         manifest = {"version": MANIFEST_VERSION, "seq_len": params.data.seq_len, "row_len": params.data.seq_len + 1,
                     "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "separator": params.data.separator,
                     "tokenizer_sha256": tokenizer.sha256, "sources": {}}
-        with EncoderPool(str(Path(params.paths.models) / "tokenizer"), params.data.workers,
+        with EncoderPool(str(layout.tokenizer_dir), params.data.encode_processes,
                          params.data.separator, dtype) as pool:
             for reader in readers:
                 manifest["sources"][reader.source.name] = _prepare_source(
                     reader, pool, staging / "prepared", params, dtype, progress)
         _write_eval_items(params, staging / "eval")
-        _write_json(staging / "prepared" / "manifest.json", manifest)
-        for name in ("eval", "prepared"):
-            _publish(staging / name, data_dir / name)
+        write_json_atomic(staging / "prepared" / MANIFEST_FILE, manifest)
+        replace_dir(staging / "eval", layout.eval_items_dir)
+        replace_dir(staging / "prepared", layout.prepared_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -93,8 +95,8 @@ def prepare(params: Params, progress: bool = True) -> dict:
 def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, dtype, progress: bool) -> dict:
     from tqdm import tqdm
 
-    from tasks.packing import Packer, is_val
-    from tasks.shards import ShardWriter
+    from tasks.data.packing import Packer, is_val
+    from tasks.data.shards import ShardWriter
 
     source, data = reader.source, params.data
     row_len = data.seq_len + 1
@@ -155,26 +157,9 @@ def _write_eval_items(params: Params, out_dir: Path) -> None:
     """The embedded corpus's held-out items; without a builtin source an empty task list, so the
     output always exists (a DVC out) and never holds items of a corpus no longer trained on."""
     if any(source.format == "builtin" for source in params.data.sources):
-        from tasks.corpus import write_eval_items
+        from tasks.data.corpus import write_eval_items
 
         write_eval_items(builtin_corpus(params), out_dir)
     else:
         out_dir.mkdir()
-        _write_json(out_dir / "tasks.json", {})
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.rename(path)
-
-
-def _publish(built: Path, target: Path) -> None:
-    """Swap a finished dir into place: the old one is moved aside first and deleted after, so
-    at no moment does `target` hold a mix of two runs."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    built.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+        write_json_atomic(out_dir / EVAL_TASKS_FILE, {})

@@ -14,6 +14,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from tasks.layout import resolve, with_absolute_paths
 from tasks.params import Params
 from tasks.tracking import tracking_uri
 
@@ -24,23 +25,15 @@ def eval_resources(params: Params) -> dict:
     return {"num_cpus": 1, "num_gpus": 0}
 
 
-def absolute_paths(params: Params) -> Params:
-    """Ray workers may run elsewhere than the driver's cwd: ship absolute paths."""
-    paths = params.paths.model_copy(update={key: str(Path(value).resolve())
-                                            for key, value in params.paths.model_dump().items()})
-    data_dir = str(Path(params.eval.data_dir).resolve()) if params.eval.data_dir else None
-    return params.model_copy(update={"paths": paths, "eval": params.eval.model_copy(update={"data_dir": data_dir})})
-
-
 def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_seen: int, uri: str,
                        threads: int) -> dict:
     """The body of the Ray task (a plain function, so it is also callable in-process)."""
     import torch
 
-    from tasks.evaluation.milestones import read_milestone
-    from tasks.evaluation.mlflow_log import client_for, log_result, mark_failed
-    from tasks.evaluation.scoring import score_milestone
-    from tasks.evaluation.tasksets import build_taskset
+    from tasks.evaluate.checkpoints import read_milestone
+    from tasks.evaluate.mlflow_log import client_for, log_result, mark_failed
+    from tasks.evaluate.scoring import score_checkpoint
+    from tasks.evaluate.tasksets import build_taskset
 
     torch.set_num_threads(threads)
     client = client_for(uri)
@@ -49,7 +42,7 @@ def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_s
         milestone = replace(read_milestone(Path(milestone_dir)), tokens_seen=int(tokens_seen))
         name = milestone.name
         with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as include_dir:
-            result = score_milestone(params, build_taskset(params, Path(include_dir)), milestone)
+            result = score_checkpoint(params, build_taskset(params, Path(include_dir)), milestone)
         log_result(client, run_id, result)
         return {"status": "ok", **result}
     except Exception as exc:
@@ -68,7 +61,7 @@ def submit_milestone_eval(params: Params, milestone_dir: str | Path, run_id: str
     # max_calls=1: the worker process, whose priority the task lowers, exits with it.
     task = ray.remote(max_calls=1)(_background_milestone_eval).options(**resources, max_retries=0,
                                                                        name=f"eval-{Path(milestone_dir).name}")
-    return task.remote(params.train.eval_priority, absolute_paths(params), str(Path(milestone_dir).resolve()), run_id,
+    return task.remote(params.train.eval_priority, with_absolute_paths(params), resolve(milestone_dir), run_id,
                        int(tokens_seen), mlflow_uri or tracking_uri(params), max(1, int(resources["num_cpus"])))
 
 

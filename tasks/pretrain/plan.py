@@ -33,7 +33,7 @@ class Plan:
     milestones: dict[str, int]
     flops_per_token: int
     memory_per_gpu_gib: dict[str, float]
-    tokens_per_sec_per_gpu: float
+    tokens_per_sec_per_worker: float
     days: float
     mfu_at_that_speed: float
 
@@ -77,7 +77,7 @@ def make_plan(params: Params) -> Plan:
     tokens_per_step = train.global_batch_tokens
     total_steps = math.ceil(train.total_tokens / tokens_per_step)
     milestones = {format_tokens(m): math.ceil(m / tokens_per_step) for m in train.milestones}
-    tps = params.plan.tokens_per_sec_per_gpu
+    tps = params.plan.tokens_per_sec_per_worker
     flops = config.flops_per_token(params.data.seq_len)
     return Plan(
         profile=params.profile,
@@ -94,9 +94,9 @@ def make_plan(params: Params) -> Plan:
         milestones=milestones,
         flops_per_token=flops,
         memory_per_gpu_gib=memory_per_gpu(params, n_params),
-        tokens_per_sec_per_gpu=tps,
+        tokens_per_sec_per_worker=tps,
         days=train.total_tokens / (tps * train.workers) / 86400,
-        mfu_at_that_speed=tps * flops / (params.plan.peak_tflops_per_gpu * 1e12),
+        mfu_at_that_speed=tps * flops / (params.plan.peak_tflops_per_worker * 1e12),
     )
 
 
@@ -107,7 +107,7 @@ def _duration(days: float) -> str:
     return f"{minutes / 60:.1f} hours" if minutes >= 90 else f"{minutes:.1f} minutes"
 
 
-def render(plan: Plan, gpu_memory_gb: float) -> str:
+def render(plan: Plan, memory_per_worker_gb: float) -> str:
     mem = plan.memory_per_gpu_gib
     lines = [
         f"profile            {plan.profile}",
@@ -118,8 +118,8 @@ def render(plan: Plan, gpu_memory_gb: float) -> str:
         f"total              {format_tokens(plan.total_tokens)} tokens = {plan.total_steps:,} steps",
         "milestones         " + ", ".join(f"{name} @ step {step:,}" for name, step in plan.milestones.items()),
         "memory per device  " + ", ".join(f"{k} {v} GiB" for k, v in mem.items() if k != "total")
-        + f" → {mem['total']} GiB of {gpu_memory_gb:g} GiB" + ("" if mem["total"] <= gpu_memory_gb else "  (DOES NOT FIT)"),
-        f"time               {_duration(plan.days)} at {plan.tokens_per_sec_per_gpu:,.0f} tok/s/device "
+        + f" → {mem['total']} GiB of {memory_per_worker_gb:g} GiB" + ("" if mem["total"] <= memory_per_worker_gb else "  (DOES NOT FIT)"),
+        f"time               {_duration(plan.days)} at {plan.tokens_per_sec_per_worker:,.0f} tok/s/device "
         f"(MFU {plan.mfu_at_that_speed:.1%}, {plan.flops_per_token / 1e9:.2f} GFLOP/token)",
     ]
     return "\n".join(lines)
@@ -129,7 +129,7 @@ def add_arguments(parser) -> None:
     add_params_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--tokens-per-sec", type=float, default=None,
-                        help="override plan.tokens_per_sec_per_gpu for the time estimate")
+                        help="override plan.tokens_per_sec_per_worker for the time estimate")
 
 
 def main(args) -> int:
@@ -137,7 +137,7 @@ def main(args) -> int:
     if args.tokens_per_sec is not None:
         if args.tokens_per_sec <= 0:
             raise UserError(f"--tokens-per-sec: must be > 0, got {args.tokens_per_sec}")
-        params.plan.tokens_per_sec_per_gpu = args.tokens_per_sec
+        params.plan.tokens_per_sec_per_worker = args.tokens_per_sec
     plan = make_plan(params)
-    print(json.dumps(asdict(plan), indent=2) if args.json else render(plan, params.plan.gpu_memory_gb))
+    print(json.dumps(asdict(plan), indent=2) if args.json else render(plan, params.plan.memory_per_worker_gb))
     return 0

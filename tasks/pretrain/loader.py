@@ -14,45 +14,18 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from tasks.errors import UserError
-from tasks.files import sha256_file
+from tasks.files import read_json, sha256_file, sha256_json
+from tasks.layout import Layout, join
 from tasks.params import Params
 
-MANIFEST = "manifest.json"
-TOKENIZER_MODEL = "tokenizer.model"
 _TRAIN_STREAM, _VAL_STREAM = 0, 1
 _CACHED_SHARDS_PER_SOURCE = 2
-
-
-def prepared_root(params: Params) -> str:
-    """`{paths.data}/prepared` as an absolute local path or a remote URI (workers may not share our cwd)."""
-    data = params.paths.data
-    if "://" in data:
-        return data.rstrip("/") + "/prepared"
-    return str((Path(data) / "prepared").resolve())
-
-
-def tokenizer_dir(params: Params) -> Path:
-    return (Path(params.paths.models) / "tokenizer").resolve()
-
-
-def _join(root: str, relative: str) -> str:
-    return f"{root.rstrip('/')}/{relative}"
-
-
-def _read_bytes(uri: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(uri, "rb") as handle:
-        return handle.read()
 
 
 @dataclass(frozen=True)
@@ -98,15 +71,11 @@ def open_prepared(params: Params) -> PreparedData:
     """Read and check `{paths.data}/prepared/manifest.json` against the tokenizer, the model and
     the configured sources. Every mismatch is a `UserError` naming the field: training on data
     built with another tokenizer or vocabulary would run and silently learn garbage."""
-    root = prepared_root(params)
-    try:
-        raw = _read_bytes(_join(root, MANIFEST))
-    except FileNotFoundError:
-        raise UserError(f"paths.data: no prepared data at {_join(root, MANIFEST)} (run `tinyllama prepare` first)") from None
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"paths.data: {_join(root, MANIFEST)} is not valid JSON ({exc})") from None
+    layout = Layout.from_params(params)
+    root = str(layout.prepared_dir)
+    if not layout.manifest.is_file():
+        raise UserError(f"paths.data: no prepared data at {layout.manifest} (run `tinyllama prepare` first)")
+    manifest = read_json(layout.manifest)
 
     vocab = params.llama_config().vocab_size
     if manifest.get("vocab_size") != vocab:
@@ -115,7 +84,7 @@ def open_prepared(params: Params) -> PreparedData:
     if manifest.get("seq_len") != params.data.seq_len or manifest.get("row_len") != params.data.seq_len + 1:
         raise UserError(f"data.seq_len: {params.data.seq_len}, but the prepared rows are seq_len "
                         f"{manifest.get('seq_len')} (re-run `tinyllama prepare`)")
-    tokenizer_model = tokenizer_dir(params) / TOKENIZER_MODEL
+    tokenizer_model = layout.tokenizer_model
     if not tokenizer_model.is_file():
         raise UserError(f"paths.models: no tokenizer at {tokenizer_model} (run `tinyllama tokenizer` first)")
     tokenizer_sha = sha256_file(tokenizer_model)
@@ -132,7 +101,7 @@ def open_prepared(params: Params) -> PreparedData:
                             f"(has: {', '.join(sorted(sources)) or 'none'}; re-run `tinyllama prepare`)")
         splits = sources[source.name]["splits"]
         for split, into in (("train", train), ("val", val)):
-            uris = [_join(root, shard) for shard in splits[split]["shards"]]
+            uris = [join(root, shard) for shard in splits[split]["shards"]]
             into[source.name] = SplitInfo(tuple(uris), _shard_rows(uris))
         if train[source.name].rows == 0:
             raise UserError(f"data.sources[{source.name}]: the prepared train split has no rows")
@@ -140,7 +109,7 @@ def open_prepared(params: Params) -> PreparedData:
         raise UserError("data.val_fraction: the prepared data has no validation rows in any source")
     total_weight = sum(s.weight for s in params.data.sources)
     return PreparedData(root=root, seq_len=manifest["seq_len"], row_len=manifest["row_len"], vocab_size=vocab,
-                        manifest_sha256=hashlib.sha256(raw).hexdigest(), train=train, val=val,
+                        manifest_sha256=sha256_json(manifest), train=train, val=val,
                         weights={s.name: s.weight / total_weight for s in params.data.sources})
 
 

@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 from tasks.files import write_atomic, write_json_atomic
+from tasks.layout import Layout
 from tasks.params import format_tokens
 
 # EVAL.md's column titles for the benchmarks it reports; other tasks keep their own names.
@@ -75,13 +76,13 @@ def plot_png(results: list[dict], tasks: list[str], chance: float | None) -> byt
     return buffer.getvalue()
 
 
-def write_reports(metrics_dir: Path, results: list[dict], tasks: list[str], settings: str,
+def write_reports(layout: Layout, results: list[dict], tasks: list[str], settings: str,
                   chance: float | None) -> list[Path]:
     """Write the four files atomically; returns their paths in REPORT_FILES order."""
-    metrics_dir = Path(metrics_dir)
+    json_file, md_file, csv_file, png_file = (layout.report_file(name) for name in REPORT_FILES)
     return [
-        write_json_atomic(metrics_dir / "eval.json", eval_metrics(results, tasks)),
-        write_atomic(metrics_dir / "eval_table.md", markdown_table(results, tasks, settings).encode()),
-        write_atomic(metrics_dir / "eval_table.csv", csv_table(results, tasks).encode()),
-        write_atomic(metrics_dir / "eval_plot.png", plot_png(results, tasks, chance)),
+        write_json_atomic(json_file, eval_metrics(results, tasks)),
+        write_atomic(md_file, markdown_table(results, tasks, settings).encode()),
+        write_atomic(csv_file, csv_table(results, tasks).encode()),
+        write_atomic(png_file, plot_png(results, tasks, chance)),
     ]

@@ -9,23 +9,18 @@ across milestones and cheap on the tiny profile.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from tasks.errors import UserError
+from tasks.files import read_json
+from tasks.layout import MANIFEST_FILE
 
 
 def read_manifest(prepared_dir: Path) -> dict:
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{path}: missing (run `tinyllama prepare` first; perplexity needs the val split)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(Path(prepared_dir) / MANIFEST_FILE, "run `tinyllama prepare` first; perplexity needs the val split")
 
 
 def _source_rows(prepared_dir: Path, shards: list[str], limit: int) -> list[np.ndarray]:
@@ -48,7 +43,7 @@ def val_rows(prepared_dir: Path, max_rows: int) -> np.ndarray:
     splits = {name: source["splits"].get("val", {}) for name, source in manifest.get("sources", {}).items()}
     total = sum(split.get("rows", 0) for split in splits.values())
     if not total:
-        raise UserError(f"{Path(prepared_dir) / 'manifest.json'}: the val split is empty (data.val_fraction)")
+        raise UserError(f"{Path(prepared_dir) / MANIFEST_FILE}: the val split is empty (data.val_fraction)")
     picked: list[np.ndarray] = []
     for split in splits.values():
         share = max(1, round(max_rows * split.get("rows", 0) / total)) if split.get("rows") else 0

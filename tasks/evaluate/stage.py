@@ -1,4 +1,4 @@
-"""`tinyllama evaluate --params FILE`: every milestone scored, reported, and in the pretrain run.
+"""`tinyllama evaluate`: every milestone scored, reported, and in the pretrain run.
 
 Milestones the Ray evals already scored during training come from the cache (same weights hash,
 same settings), so this stage only fills gaps: a milestone whose eval failed or never ran, or all
@@ -9,29 +9,25 @@ when it is wrong.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.evaluation.milestones import find_milestones
-from tasks.evaluation.mlflow_log import client_for, is_logged, log_report_files, log_result, mark_failed
-from tasks.evaluation.perplexity import read_manifest
-from tasks.evaluation.report import write_reports
-from tasks.evaluation.scoring import score_milestone
-from tasks.evaluation.tasksets import TaskSet, build_taskset
+from tasks.evaluate.checkpoints import find_milestones
+from tasks.evaluate.mlflow_log import client_for, is_logged, log_report_files, log_result, mark_failed
+from tasks.evaluate.perplexity import read_manifest
+from tasks.evaluate.report import write_reports
+from tasks.evaluate.scoring import score_checkpoint
+from tasks.evaluate.tasksets import TaskSet, build_taskset
+from tasks.files import read_json
+from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
 from tasks.tracking import tracking_uri
 
 
 def pretrain_run_id(params: Params) -> str:
-    path = Path(params.paths.metrics) / "pretrain.json"
-    if not path.is_file():
-        raise UserError(f"{path}: missing (run `tinyllama pretrain` first; its MLflow run receives the scores)")
-    try:
-        run_id = json.loads(path.read_text()).get("mlflow_run_id")
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    path = Layout.from_params(params).metrics_file("pretrain")
+    run_id = read_json(path, "run `tinyllama pretrain` first; its MLflow run receives the scores").get("mlflow_run_id")
     if not run_id:
         raise UserError(f"{path}: no mlflow_run_id")
     return run_id
@@ -61,8 +57,9 @@ def average_chance(taskset: TaskSet) -> float | None:
 
 def evaluate(params: Params) -> list[dict]:
     """Score every milestone (cache first), log new scores and the reports to the pretrain run."""
-    milestones = find_milestones(Path(params.paths.models))
-    read_manifest(Path(params.paths.data) / "prepared")
+    layout = Layout.from_params(params)
+    milestones = find_milestones(layout)
+    read_manifest(layout.prepared_dir)
     run_id, uri = pretrain_run_id(params), tracking_uri(params)
     client = client_for(uri)
     _existing_run(client, run_id, uri)
@@ -71,14 +68,14 @@ def evaluate(params: Params) -> list[dict]:
         results = []
         for milestone in milestones:
             try:
-                results.append(score_milestone(params, taskset, milestone))
+                results.append(score_checkpoint(params, taskset, milestone))
             except Exception as exc:
                 mark_failed(client, run_id, milestone.name, f"{type(exc).__name__}: {exc}")
                 raise
     for result in results:
         if not is_logged(client, run_id, result):
             log_result(client, run_id, result)
-    files = write_reports(Path(params.paths.metrics), results, taskset.names, settings_note(params),
+    files = write_reports(layout, results, taskset.names, settings_note(params),
                           average_chance(taskset))
     log_report_files(client, run_id, files)
     return results
@@ -95,5 +92,5 @@ def main(args) -> int:
         how = "cached" if r["cached"] else f"{r['wall_s']:.1f} s"
         print(f"{r['milestone']:>8}  tokens={r['tokens']:<12} avg={100 * r['avg']:.2f}  "
               f"val_ppl={r['val_ppl']:.2f}  ({how})")
-    print(f"wrote {Path(params.paths.metrics) / 'eval.json'}, eval_table.md, eval_table.csv, eval_plot.png")
+    print(f"wrote {Layout.from_params(params).metrics_file('eval')}, eval_table.md, eval_table.csv, eval_plot.png")
     return 0

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.errors import UserError
+from tasks.evaluate.lm_eval_offline import OFFLINE_TASKS, load_offline_rows, offline_task_config, write_offline_task
+from tasks.evaluate.lm_eval_tiny import check_items, read_tiny_tasks, tiny_task_config, write_tiny_task
 from tasks.files import sha256_file, sha256_json
-from tasks.evaluation.tasks_offline import OFFLINE_TASKS, load_offline_rows, write_offline_task
-from tasks.evaluation.tasks_tiny import check_items, read_tiny_tasks, write_tiny_task
+from tasks.layout import EVAL_TASKS_FILE, Layout
 from tasks.params import Params
+
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class TaskSet:
     include_dir: Path | None       # generated YAMLs (None: lm-eval's packaged tasks only)
     include_defaults: bool         # whether lm-eval's packaged tasks are indexed too
     chance: dict[str, float] = field(default_factory=dict)
-    fingerprint: str = ""          # changes when any task's data or eval setting changes
+    fingerprint: str = ""          # changes when any task's data, generated config or eval setting changes
 
     def task_manager(self):
         return _task_manager(str(self.include_dir) if self.include_dir else None, self.include_defaults)
@@ -41,7 +43,7 @@ def _task_manager(include_dir: str | None, include_defaults: bool):
 
 
 def tiny_eval_dir(params: Params) -> Path:
-    return Path(params.eval.data_dir) if params.eval.data_dir else Path(params.paths.data) / "eval"
+    return Path(params.eval.data_dir) if params.eval.data_dir else Layout.from_params(params).eval_items_dir
 
 
 def _unknown_to_lm_eval(names: list[str]) -> list[str]:
@@ -77,13 +79,13 @@ def build_taskset(params: Params, include_dir: Path) -> TaskSet:
     if online:
         if data_dir is not None:
             raise UserError(f"eval.tasks: {online[0]!r} has no offline copy: with eval.data_dir set, tasks must be "
-                            f"listed in {eval_dir / 'tasks.json'} or be one of {', '.join(OFFLINE_TASKS)}")
+                            f"listed in {eval_dir / EVAL_TASKS_FILE} or be one of {', '.join(OFFLINE_TASKS)}")
         unknown = _unknown_to_lm_eval(online)
         if unknown:
-            raise UserError(f"eval.tasks: unknown task {unknown[0]!r} (not in {eval_dir / 'tasks.json'} "
+            raise UserError(f"eval.tasks: unknown task {unknown[0]!r} (not in {eval_dir / EVAL_TASKS_FILE} "
                             f"and not an lm-eval task)")
 
-    generated, chance, data_hashes = False, {}, {}
+    generated, chance, data_hashes, configs = False, {}, {}, {}
     for name in names:
         if name in tiny:
             items = eval_dir / f"{name}.jsonl"
@@ -91,21 +93,36 @@ def build_taskset(params: Params, include_dir: Path) -> TaskSet:
             write_tiny_task(name, items, include_dir)
             chance[name] = float(tiny[name].get("chance", 0.0))
             data_hashes[name] = sha256_file(items)
+            configs[name] = _portable(tiny_task_config(name, items))
             generated = True
         elif name in OFFLINE_TASKS and data_dir is not None:
             _, rows = load_offline_rows(OFFLINE_TASKS[name], data_dir)
             write_offline_task(OFFLINE_TASKS[name], rows, include_dir)
             chance[name] = _offline_chance(name, rows)
             data_hashes[name] = sha256_json(rows)
+            configs[name] = _portable(offline_task_config(OFFLINE_TASKS[name], data_dir))
             generated = True
         else:
             data_hashes[name] = "lm-eval packaged"
     import lm_eval
 
-    fingerprint = sha256_json({"tasks": names, "data": data_hashes, "num_fewshot": params.eval.num_fewshot,
-                               "limit": params.eval.limit, "lm_eval": lm_eval.__version__})
+    fingerprint = sha256_json({"tasks": names, "data": data_hashes, "configs": configs,
+                               "num_fewshot": params.eval.num_fewshot, "limit": params.eval.limit,
+                               "lm_eval": lm_eval.__version__})
     return TaskSet(names=names, include_dir=include_dir if generated else None,
                    include_defaults=bool(online), chance=chance, fingerprint=fingerprint)
+
+
+def _portable(config: dict) -> dict:
+    """A generated task config as it enters the fingerprint: without the data file's location (the data
+    is hashed on its own; its temp path differs per run) and with lm-eval's packaged YAML by name (its
+    content is lm-eval's version)."""
+    import lm_eval.tasks
+
+    portable = {key: value for key, value in config.items() if key != "dataset_kwargs"}
+    if "include" in portable:
+        portable["include"] = Path(portable["include"]).relative_to(Path(lm_eval.tasks.__file__).parent).as_posix()
+    return portable
 
 
 def _offline_chance(name: str, rows: list[dict]) -> float:
