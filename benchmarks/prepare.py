@@ -133,8 +133,8 @@ def run_stage(params_file: Path, work: Path) -> dict:
 
     shutil.rmtree(work / "data", ignore_errors=True)
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file),
-                                "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parent = psutil.Process(process.pid)
     peak_tree = peak_parent = 0
     cpu_by_pid: dict[int, float] = {}

@@ -1,15 +1,18 @@
-"""Ray Train overhead of the pretrain stage: the stage's own loop under Ray Train (2 workers × 1
-thread, DDP over gloo) against the same model, batch and optimizer in a bare single-process loop
-(2 threads), in the same run. Target: ratio ≥ 0.85 once workers are up. Also peak RSS.
+"""Ray Train's overhead on the pretrain stage: the stage's own training loop under Ray Train against the
+same loop in the same processes layout without Ray, interleaved in one invocation.
 
-  .venv/bin/python benchmarks/pretrain.py                 # tiny profile model, 30 steps each
-  .venv/bin/python benchmarks/pretrain.py --steps 8       # smoke run
-  .venv/bin/python benchmarks/pretrain.py --gpu-1b        # 1.1B, one GPU, bf16, seq 2048 (bare loop only)
+  .venv/bin/python benchmarks/pretrain.py                 # 2 rounds per side (A B A B), tiny preset, 30 steps each
+  .venv/bin/python benchmarks/pretrain.py --steps 8 --rounds 1   # smoke run
+  .venv/bin/python benchmarks/pretrain.py --gpu-1b        # 1.1B, one GPU, FSDP2 + bf16, seq 2048 (no Ray)
 
-"Once workers are up" = the median step time of steady-state steps (the first `--skip` steps,
-validation, checkpoint and milestone steps excluded on both sides), from the per-step
-`tokens_per_s` the stage logs to MLflow. The stage's session rate (startup excluded, but
-validation / checkpoints / exports included) is reported beside it.
+Both sides run `tasks.pretrain.loop.Trainer` (model, DDP, loader over the same prepared shards, AdamW,
+schedule, the loss all-reduce) on 2 processes × 1 thread with torch.distributed over gloo:
+- **ray**: the whole stage (`tasks.pretrain.run.pretrain`), Ray Train starting the workers; a step's time
+  is the `tokens_per_s` the stage logs to MLflow for it;
+- **bare**: the same `Trainer`, its two processes started by `torch.multiprocessing` and joined in a gloo
+  process group by hand; each step timed the same way (`Trainer.train_step`).
+"Steady" = the median over steps after `--skip` warm-up steps, leaving out steps that validate or checkpoint.
+`ratio` = Ray steady tokens/s ÷ bare steady tokens/s, the median of the per-round-pair ratios. Target ≥ 0.9.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def bench_params(root: Path, steps: int, preset: str):
+def bench_params(root: Path, steps: int, preset: str, **train):
     """The tiny profile (params.yaml) with its training shortened to `steps` and paths under `root`."""
     import yaml
 
@@ -41,45 +44,59 @@ def bench_params(root: Path, steps: int, preset: str):
     tokens = steps * raw["train"]["global_batch_tokens"]
     raw["train"].update(total_tokens=tokens, milestones=[tokens], eval_milestones_during_training=False,
                         checkpoint_every_steps=steps, val_every_steps=steps, log_every_steps=max(1, steps // 4),
-                        checkpoint_dir=str(root / "checkpoints"))
+                        checkpoint_dir=str(root / "checkpoints"), **train)
     return parse_params(raw, "benchmark params")
 
 
-def bare_loop(params, steps: int, threads: int, device: str = "cpu") -> list[float]:
-    """Seconds per optimizer step of the same model / global batch / AdamW, one process."""
-    import torch
+def write_data(params, root: Path) -> None:
+    from conftest import write_prepared
 
-    from model.llama import Llama
-    from tasks.pretrain.parallel import build_optimizer
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(params.seed)
-    train = params.train
     config = params.llama_config()
-    model = Llama(config).to(device)
-    if train.compile:
-        model.compile_blocks()
-    optimizer = build_optimizer(model, train.lr, train.betas, train.eps, train.weight_decay)
-    rows_per_step = train.global_batch_tokens // params.data.seq_len
-    micro = train.micro_batch
-    generator = torch.Generator().manual_seed(0)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=train.precision == "bf16")
-    times = []
-    for _ in range(steps):
-        rows = torch.randint(0, config.vocab_size, (rows_per_step, params.data.seq_len + 1), generator=generator)
-        start = time.perf_counter()
-        for chunk in rows.to(device).split(micro):
-            with autocast:
-                loss = model.loss(chunk)
-            (loss / (rows_per_step // micro)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+    rows = 4 * params.train.total_tokens // params.data.seq_len  # enough for a few epochs' worth of variety
+    write_prepared(root / "data", root / "models" / "tokenizer", {s.name: 1 + 2 * i for i, s in enumerate(params.data.sources)},
+                   seq_len=params.data.seq_len, vocab_size=config.vocab_size, train_rows=rows,
+                   val_rows=256, rows_per_shard=params.data.rows_per_shard)
+
+
+def _loop_config(params, root: Path):
+    from tasks.layout import Layout, with_absolute_paths
+    from tasks.pretrain.loader import open_prepared
+    from tasks.pretrain.loop import LoopConfig
+
+    params = with_absolute_paths(params)
+    return LoopConfig(params=params.model_dump(mode="json"), data=open_prepared(params), run_uri=str(root / "bare-run"),
+                      layout=Layout.from_params(params), tracking_uri=None, mlflow_run_id="",
+                      peak_flops_per_worker=None, eval_milestones=False, console=None)
+
+
+def _bare_worker(rank: int, world: int, port: int, config, steps: int, device: str, out: str) -> None:
+    """One process of the bare side: a gloo (or NCCL) process group by hand, then the stage's Trainer."""
+    import torch
+    import torch.distributed as dist
+
+    from tasks.pretrain.loop import Placement, Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(config, Placement.from_process_group(torch.device(device)))
+        times = [trainer.train_step()["step_time_s"] for _ in range(steps)]
+        if rank == 0:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+            Path(out).write_text(json.dumps({"step_s": times, "peak_rss_mib": peak}))
+    finally:
+        dist.destroy_process_group()
+
+
+def bare_round(params, root: Path, steps: int) -> dict:
+    import torch.multiprocessing as mp
+
+    from servers import free_port
+
+    out = root / "bare.json"
+    mp.spawn(_bare_worker, args=(params.train.workers, free_port(), _loop_config(params, root), steps, "cpu", str(out)),
+             nprocs=params.train.workers, join=True)
+    return json.loads(out.read_text())
 
 
 class TreeRss:
@@ -116,44 +133,61 @@ class TreeRss:
         self._thread.join()
 
 
-def ray_loop(params, root: Path, skip: int) -> dict:
+def ray_round(params, root: Path) -> dict:
+    """The whole stage under Ray Train; per-step times from the tokens/s it logs to MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from conftest import write_prepared
     from tasks.pretrain.run import pretrain
-    from tasks.ray_cluster import ray_session
 
-    config = params.llama_config()
-    rows = 4 * params.train.total_tokens // params.data.seq_len  # enough for a few epochs' worth of variety
-    write_prepared(root / "data", root / "models" / "tokenizer", {s.name: 1 + 2 * i for i, s in enumerate(params.data.sources)},
-                   seq_len=params.data.seq_len, vocab_size=config.vocab_size, train_rows=rows,
-                   val_rows=256, rows_per_shard=params.data.rows_per_shard)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     started = time.perf_counter()
-    with ray_session(params), TreeRss() as rss:
-        up = time.perf_counter() - started
-        metrics = pretrain(params)
-    history = MlflowClient().get_metric_history(metrics["mlflow_run_id"], "tokens_per_s")
-    steady = [m.value for m in sorted(history, key=lambda m: m.step)
-              if skip < m.step < metrics["steps"]]  # the last step validates, checkpoints and exports
-    return {"steady_tokens_per_s": statistics.median(steady), "session_tokens_per_s": metrics["tokens_per_s"],
-            "wall_s": round(time.perf_counter() - started, 1), "ray_init_s": round(up, 1),
-            "peak_rss_tree_mib": rss.peak // 2**20, "peak_rss_worker_mib": rss.peak_worker // 2**20}
+    with TreeRss() as rss:
+        metrics = pretrain(params, resume="never")
+    history = sorted(MlflowClient().get_metric_history(metrics["mlflow_run_id"], "tokens_per_s"), key=lambda m: m.step)
+    return {"step_s": [params.train.global_batch_tokens / m.value for m in history],
+            "wall_s": round(time.perf_counter() - started, 1), "peak_rss_tree_mib": rss.peak // 2**20,
+            "peak_rss_mib": rss.peak_worker // 2**20}
+
+
+def steady_tokens_per_s(step_s: list[float], params, skip: int) -> float:
+    """Median over steps after the warm-up, leaving out validation/checkpoint steps (a step n is 1-based)."""
+    train = params.train
+    steady = [t for n, t in enumerate(step_s, 1)
+              if n > skip and n % train.val_every_steps and n % train.checkpoint_every_steps and n < len(step_s)]
+    return params.train.global_batch_tokens / statistics.median(steady)
 
 
 def gpu_1b(steps: int) -> dict:
-    """The 1.1B recipe on one GPU: bare loop, bf16 autocast, seq 2048; tokens/s/GPU and MFU vs the anchor."""
+    """The 1.1B recipe on one GPU: the stage's Trainer with FSDP2 over NCCL (world 1) and bf16 mixed
+    precision, seq 2048, micro-batch 4, 2 micro-steps per step, on random token rows; tokens/s/GPU and
+    MFU against the configured peak."""
     import torch
+    import yaml
 
-    from tasks.params import load_params
+    from tasks.params import parse_params
 
-    params = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml")
-    params = params.model_copy(update={"train": params.train.model_copy(update={"micro_batch": 4})})
-    times = bare_loop(params, steps, threads=8, device="cuda")
+    with tempfile.TemporaryDirectory(prefix="bench-1b-") as tmp:
+        root = Path(tmp)
+        raw = yaml.safe_load((ROOT / "configs" / "tinyllama-1.1b.yaml").read_text())
+        raw["paths"] = {"data": str(root / "data"), "models": str(root / "models"), "metrics": str(root / "metrics")}
+        raw["data"]["rows_per_shard"] = 512
+        tokens_per_step = 2 * 4 * raw["data"]["seq_len"]
+        raw["train"].update(workers=1, micro_batch=4, global_batch_tokens=tokens_per_step,
+                            total_tokens=64 * tokens_per_step, milestones=[64 * tokens_per_step],
+                            checkpoint_every_steps=10**6, val_every_steps=10**6,
+                            eval_milestones_during_training=False, checkpoint_dir=str(root / "checkpoints"))
+        params = parse_params(raw, "1.1B benchmark params")
+        write_data(params, root)
+        out = root / "gpu.json"
+        from servers import free_port
+
+        _bare_worker(0, 1, free_port(), _loop_config(params, root), steps, "cuda", str(out))
+        times = json.loads(out.read_text())["step_s"]
     steady = statistics.median(times[3:])
     tokens_per_s = params.train.global_batch_tokens / steady
     flops = params.llama_config().flops_per_token(params.data.seq_len) * tokens_per_s
-    return {"device": torch.cuda.get_device_name(), "tokens_per_s_per_gpu": round(tokens_per_s),
+    return {"device": torch.cuda.get_device_name(), "steps": steps, "tokens_per_step": tokens_per_step,
+            "tokens_per_s_per_gpu": round(tokens_per_s),
             "mfu_vs_configured_peak": flops / (params.plan.peak_tflops_per_worker * 1e12),
             "achieved_tflops": flops / 1e12, "anchor": "24k tok/s/GPU, 56% MFU on A100-40G",
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -162,6 +196,7 @@ def gpu_1b(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2, help="round pairs (bare, Ray), interleaved")
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the medians")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--gpu-1b", action="store_true")
@@ -170,18 +205,30 @@ def main() -> None:
     if args.gpu_1b:
         result = gpu_1b(args.steps)
     else:
+        from tasks.ray_cluster import ray_session
+
         with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
-            params = bench_params(Path(tmp), args.steps, args.preset)
-            bare_times = bare_loop(params, args.steps, threads=params.train.workers)
-            bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-            bare = params.train.global_batch_tokens / statistics.median(bare_times[args.skip:])
-            ray = ray_loop(params, Path(tmp), args.skip)
+            root = Path(tmp)
+            params = bench_params(root, args.steps, args.preset)
+            write_data(params, root)
+            rounds = []
+            with ray_session(params, "benchmark"):
+                for index in range(args.rounds):
+                    order = ("bare", "ray") if index % 2 == 0 else ("ray", "bare")
+                    measured = {side: bare_round(params, root, args.steps) if side == "bare" else ray_round(params, root)
+                                for side in order}
+                    rate = {side: steady_tokens_per_s(m["step_s"], params, args.skip) for side, m in measured.items()}
+                    rounds.append({"order": order, "bare_tokens_per_s": round(rate["bare"]),
+                                   "ray_tokens_per_s": round(rate["ray"]), "ratio": round(rate["ray"] / rate["bare"], 3),
+                                   "bare_peak_rss_mib": measured["bare"]["peak_rss_mib"],
+                                   "ray_worker_peak_rss_mib": measured["ray"]["peak_rss_mib"],
+                                   "ray_tree_peak_rss_mib": measured["ray"]["peak_rss_tree_mib"],
+                                   "ray_stage_wall_s": measured["ray"]["wall_s"]})
+                    print(json.dumps(rounds[-1]), flush=True)
+        ratio = statistics.median(r["ratio"] for r in rounds)
         result = {"model": args.preset, "steps": args.steps, "tokens_per_step": params.train.global_batch_tokens,
-                  "bare_tokens_per_s": round(bare), "bare_peak_rss_mib": bare_rss,
-                  **{k: round(v) if isinstance(v, float) and v > 100 else v for k, v in ray.items()},
-                  "ratio_steady": round(ray["steady_tokens_per_s"] / bare, 3),
-                  "ratio_session": round(ray["session_tokens_per_s"] / bare, 3)}
-        result["target_met"] = result["ratio_steady"] >= 0.85
+                  "workers": params.train.workers, "threads_per_worker": params.train.threads_per_worker,
+                  "rounds": rounds, "ratio": ratio, "target": 0.9, "target_met": ratio >= 0.9}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,18 +1,19 @@
 """The pipeline flow: every dvc.yaml stage, in order, each a Prefect task run through DVC.
 
-Running a stage as `dvc repro --single-item <stage>` (not by calling the stage function) keeps
-DVC the judge of what is up to date: the flow, `dvc repro` and `dvc exp run` share dvc.lock and
-the cache, so a flow run after a `dvc repro` reruns nothing, and a stage that failed midway is
-the first one the next run redoes. `python -m flows.pipeline --params FILE` is what `make run` calls.
+Running a stage as `dvc repro --single-item <stage>` (flows/repro.py: DVC's own reproduce, without
+the CLI's per-stage hints; not by calling the stage function) keeps DVC the judge of what is up to
+date: the flow, `dvc repro` and `dvc exp run` share dvc.lock and the cache, so a flow run after a
+`dvc repro` reruns nothing, and a stage that failed midway is the first one the next run redoes.
+`python -m flows.pipeline --params FILE` is what `make run` calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.dag import Stage, load_stages
+from flows.repro import RAN, UP_TO_DATE
 from flows.report import artifact_key, read_metrics, run_ids, run_link, stage_markdown, summary
 from tasks.errors import UserError
 from tasks.files import write_atomic
@@ -30,7 +32,6 @@ from tasks.tracking import tracking_uri
 ACTIVE_PARAMS = "params.yaml"  # what every dvc.yaml cmd reads and DVC tracks
 EPHEMERAL_STARTUP_S = 180      # Prefect's 20 s default is too short for 2 busy cores
 BAD_INPUT_EXIT = 2             # a stage's exit code for bad input (UserError): retrying cannot help
-_DVC_CMD_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # how `dvc repro` reports the cmd's code
 
 
 class StageFailed(RuntimeError):
@@ -48,6 +49,7 @@ class StageFailed(RuntimeError):
 class StageResult:
     name: str
     ran: bool
+    seconds: float = 0.0
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -90,26 +92,26 @@ def run_stage(stage: Stage, root: str, ray_address: str | None, params: Params) 
     No Prefect result cache: DVC decides what is up to date.
     """
     logger = get_run_logger()
-    env = stage_env(ray_address)
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage.name]
-    logger.info("$ %s", " ".join(command[1:]))
-    ran, returncode = False, None
-    with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1, errors="replace") as proc:
+    logger.info("$ dvc repro --single-item %s", stage.name)
+    started, ran = time.monotonic(), False
+    with subprocess.Popen([sys.executable, "-m", "flows.repro", stage.name], cwd=root, env=stage_env(ray_address),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          errors="replace") as proc:
         for line in proc.stdout:
             line = line.rstrip()
-            ran = ran or line.startswith(f"Running stage '{stage.name}'")
-            if match := _DVC_CMD_EXIT.search(line):
-                returncode = int(match.group(1))
-            if line:
+            if line in (RAN, UP_TO_DATE):
+                ran = line == RAN
+            elif line:
                 logger.info(line)
     if proc.returncode:
-        raise StageFailed(stage.name, returncode if returncode is not None else proc.returncode)
+        raise StageFailed(stage.name, proc.returncode)
+    seconds = round(time.monotonic() - started, 1)
+    logger.info("%s: %s", stage.name, f"done in {seconds:.0f} s" if ran else "up to date (DVC cache), nothing to rerun")
     root_path = Path(root)
     links = _mlflow_links(params, run_ids(read_metrics(root_path, stage)))
     create_markdown_artifact(markdown=stage_markdown(root_path, stage, ran, links), key=artifact_key(stage),
                              description=f"{stage.name}: metrics, tables and MLflow runs")
-    return StageResult(stage.name, ran)
+    return StageResult(stage.name, ran, seconds)
 
 
 def activate_params(params_file: str | Path, root: Path) -> Params:
@@ -136,19 +138,23 @@ def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retrie
     results = []
     for stage in stages:
         results.append(run_stage.with_options(retries=retries)(stage, str(root), ray_address, profile))
-    print(summary(root, stages, tracking_uri(profile)))
+    print(summary(root, stages, results, tracking_uri(profile)))
     return results
 
 
 def _patient_ephemeral_server():
-    """Without PREFECT_API_URL, Prefect starts a throwaway server; give it time unless the user chose."""
-    from contextlib import nullcontext
+    """Without PREFECT_API_URL, Prefect starts a throwaway server: give it time (unless the user chose),
+    and no telemetry (its heartbeat competes for the throwaway sqlite database with the first flow run's
+    writes and prints a "database is locked" traceback when it loses)."""
+    from prefect.settings import (PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  temporary_settings)
 
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
-        return nullcontext()
-    return temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_S})
+    settings = {}
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
+        settings[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = EPHEMERAL_STARTUP_S
+    if "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ:
+        settings[PREFECT_SERVER_ANALYTICS_ENABLED] = False
+    return temporary_settings(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

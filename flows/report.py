@@ -13,8 +13,12 @@ import re
 from pathlib import Path
 
 from flows.dag import Stage
+from tasks.layout import LOGS_DIR
 
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
+# MLflow 3's UI has a GenAI view and a model-training view (runs, metric charts, models); this query
+# parameter opens the latter, which is what a pretraining pipeline's runs are.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, object]:
@@ -52,8 +56,8 @@ def mlflow_ui_url() -> str:
 
 def run_link(run_id: str, experiment_id: str | None) -> str:
     if experiment_id is None:
-        return f"{mlflow_ui_url()}/#/runs/{run_id}"
-    return f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{mlflow_ui_url()}/#/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+    return f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def stage_markdown(root: Path, stage: Stage, ran: bool, links: dict[str, str]) -> str:
@@ -78,17 +82,23 @@ def artifact_key(stage: Stage) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", stage.name.lower()).strip("-") + "-stage"
 
 
-def summary(root: Path, stages: list[Stage], tracking_uri: str) -> str:
-    """Where everything is, printed when the pipeline ends."""
-    lines = ["", "Pipeline finished. Where everything is:", ""]
+def summary(root: Path, stages: list[Stage], results: list, tracking_uri: str) -> str:
+    """What ran and where everything is, printed when the pipeline ends."""
+    ran = {r.name: r for r in results}
+    timing = ", ".join(f"{name} {r.seconds:.0f} s" if r.ran else f"{name} cached" for name, r in ran.items())
+    lines = ["", f"Pipeline finished: {timing}.", "Where everything is:", ""]
     if tracking_uri.startswith("sqlite:"):
         artifacts = root / "mlflow" / "artifacts"
         lines += [f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
-                  f"--default-artifact-root {artifacts} --port 5000   (then open {DEFAULT_MLFLOW_UI})",
+                  f"--default-artifact-root {artifacts} --port 5000",
+                  f"              then open {DEFAULT_MLFLOW_UI}/#/experiments?{MODEL_TRAINING_VIEW}",
                   "              or `make services` (Prefect + MLflow servers in the background)"]
     else:
         lines.append(f"  MLflow:     {tracking_uri}")
-    lines += ["  Metrics:    .venv/bin/dvc metrics show", "  Outputs:"]
+    lines += ["  Metrics:    .venv/bin/dvc metrics show",
+              f"  Logs:       {root / LOGS_DIR}/<stage>.log (everything each stage printed and logged; Ray workers' "
+              f"output in <stage>-ray/)",
+              "  Outputs:"]
     for stage in stages:
         for path in stage.outs:
             lines.append(f"    {stage.name:<10} {root / path}" + ("" if (root / path).exists() else "  (missing)"))

@@ -1,23 +1,42 @@
 """Where Ray work runs: an existing cluster (`RAY_ADDRESS`) or a local one sized explicitly.
 
-Shared by the stages that use Ray (pretrain, evaluation). Locally Ray is started with an
-explicit CPU count (the machine's cores plus `extra_cpus` logical slots, e.g. for milestone
-evals that deliberately share cores with training) and a private temp dir, so concurrent runs
-and test sessions never share Ray state. Requests are checked against what the cluster has
-*before* anything is scheduled: Ray would otherwise wait forever for resources that never come.
+Shared by the stages that use Ray (pretrain and its milestone evals, alignment, deploy). Locally Ray
+is started with an explicit CPU count (the machine's cores plus `extra_cpus` logical slots, e.g. for
+milestone evals that deliberately share cores with training), a private temp dir (concurrent runs and
+test sessions never share Ray state) and its dashboard on a free local port: Ray's State API lives
+there, and Ray Train's placement-group cleaner polls it every second (it warns each time it cannot).
+
+Workers' output stays out of the stage's console (`log_to_driver=False`): it is kept, with Ray's own
+logs, in `logs/<stage>-ray/`. What a person should see from a worker goes through a `Console`.
+Requests are checked against what the cluster has *before* anything is scheduled: Ray would
+otherwise wait forever for resources that never come.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import socket
 import tempfile
+import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tasks.errors import UserError
+from tasks.layout import Layout
 from tasks.params import Params
 
 _started_temp_dirs: list[str] = []
+# Environment every Ray worker process gets: no progress bars (no terminal there).
+WORKER_ENV = {"TQDM_DISABLE": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
@@ -25,38 +44,98 @@ def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
     process. Returns True when this call started (or connected) Ray, so the caller owns shutdown."""
     import ray
 
+    from tasks.logs import adopt_library_logging
+
+    adopt_library_logging("ray")  # Ray installs its console handler when imported
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a pipeline stage must never prompt
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
         return True
     # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     _started_temp_dirs.append(temp_dir)
-    ray.init(num_cpus=(os.cpu_count() or 1) + extra_cpus, include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    ray.init(num_cpus=(os.cpu_count() or 1) + extra_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=False, configure_logging=False,
+             runtime_env=runtime_env)
     return True
 
 
-def shutdown_ray() -> None:
+def shutdown_ray(keep_logs_in: Path | None = None) -> None:
+    """Stop Ray; the local session's logs (workers' stdout/stderr, Ray's own) are copied to `keep_logs_in`."""
     import ray
 
     ray.shutdown()
     while _started_temp_dirs:
-        shutil.rmtree(_started_temp_dirs.pop(), ignore_errors=True)
+        temp_dir = Path(_started_temp_dirs.pop())
+        logs = temp_dir / "session_latest" / "logs"
+        if keep_logs_in is not None and logs.is_dir():
+            shutil.rmtree(keep_logs_in, ignore_errors=True)
+            shutil.copytree(logs, keep_logs_in, ignore_dangling_symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_logs_dir(params: Params, stage: str) -> Path:
+    return Layout.from_params(params).logs_dir / f"{stage}-ray"
 
 
 @contextmanager
-def ray_session(params: Params, extra_cpus: int = 0):
-    """`ensure_ray` for the duration of a block; shuts Ray down only if this block started it."""
+def ray_session(params: Params, stage: str, extra_cpus: int = 0) -> Iterator[None]:
+    """`ensure_ray` for the duration of a block; shuts Ray down only if this block started it, keeping
+    its logs in `logs/<stage>-ray/`."""
     started = ensure_ray(params, extra_cpus)
     try:
         yield
     finally:
         if started:
-            shutdown_ray()
+            shutdown_ray(ray_logs_dir(params, stage))
+
+
+class Console:
+    """Lines for the person watching the stage, from any Ray worker or task: each line goes to the
+    caller's own output (its log file) and to the driver, which prints it (`console_relay`)."""
+
+    def __init__(self, lines):
+        self._lines = lines  # a ray.util.queue.Queue: an actor every node reaches
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        try:
+            self._lines.put(line, timeout=10)
+        except Exception:  # the stage's console is a courtesy: never fail training over it
+            pass
+
+
+@contextmanager
+def console_relay() -> Iterator[Console]:
+    """A `Console` for workers, and a driver thread that prints what they say until the block ends."""
+    from ray.util.queue import Empty, Queue
+
+    lines = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def relay() -> None:
+        while not stop.is_set():
+            try:
+                print(lines.get(timeout=0.5), flush=True)
+            except (Empty, queue.Empty):
+                continue
+            except Exception:  # Ray going down underneath: nothing left to relay
+                return
+
+    thread = threading.Thread(target=relay, name="console-relay", daemon=True)
+    thread.start()
+    try:
+        yield Console(lines)
+    finally:
+        stop.set()
+        thread.join()
+        while not lines.empty():
+            print(lines.get_nowait(), flush=True)
+        lines.shutdown()
 
 
 def check_train_resources(params: Params) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 from tasks.params import Params
 
 LOCAL_STORE_DIR = Path("mlflow")
+# MLflow 3 opens an experiment in its GenAI view (traces, judges) unless told what kind it is; this tag
+# (the one its UI reads) makes it open the model-training view: runs, metric charts, artifacts, models.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def local_tracking_uri(root: Path | None = None) -> str:
@@ -23,9 +26,24 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri or local_tracking_uri()
 
 
+def _import_mlflow():
+    """mlflow, its console handlers (installed on import) routed to the running stage's log file."""
+    import mlflow
+
+    from tasks.logs import adopt_library_logging
+
+    adopt_library_logging("mlflow", "alembic", "huey", "sqlalchemy.engine")
+    return mlflow
+
+
+def client(uri: str):
+    """An MlflowClient for `uri`: the one way stages talk to MLflow."""
+    return _import_mlflow().MlflowClient(tracking_uri=uri)
+
+
 def configure_mlflow(params: Params) -> str:
     """Point mlflow at the profile's store and experiment; returns the experiment id."""
-    import mlflow
+    mlflow = _import_mlflow()
 
     uri = tracking_uri(params)
     local = uri == local_tracking_uri()
@@ -34,9 +52,13 @@ def configure_mlflow(params: Params) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, key, value)
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
         return experiment.experiment_id
     artifact_location = (Path.cwd() / LOCAL_STORE_DIR / "artifacts").resolve().as_uri() if local else None
-    experiment_id = mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifact_location)
+    experiment_id = mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifact_location,
+                                             tags=EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id

@@ -209,19 +209,23 @@ def eval_models(small_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def pipeline_repo(tmp_path_factory):
-    """A clean copy of this repo (tests/pipeline_repo.py) after one full `dvc repro` of the tiny
-    profile, its results committed like a user would. Shared by the slow end-to-end tests: copy it
-    (`pipeline_repo.clone_workspace`) before changing anything. `.stage_seconds` has the timings.
+    """A clean copy of this repo (tests/pipeline_repo.py) after one full run of the tiny profile the
+    way `make run` does it (the Prefect flow over dvc.yaml), its results committed like a user would.
+    Shared by the slow end-to-end tests: copy it (`pipeline_repo.clone_workspace`) before changing
+    anything. `.stage_seconds` has the timings, `.output` what the run printed.
     TINYLLAMA_PIPELINE_REPO=<dir> reuses such a copy instead of running the pipeline again."""
     import os
     from pathlib import Path
 
-    from pipeline_repo import PipelineRun, fresh_copy, git, repro_with_timings
+    from pipeline_repo import FLOW_OUTPUT, PipelineRun, fresh_copy, git, run_flow
 
     if os.environ.get("TINYLLAMA_PIPELINE_REPO"):  # reuse a finished, committed run while iterating on these tests
-        return PipelineRun(Path(os.environ["TINYLLAMA_PIPELINE_REPO"]).resolve())
+        root = Path(os.environ["TINYLLAMA_PIPELINE_REPO"]).resolve()
+        return PipelineRun(root, output=(root / FLOW_OUTPUT).read_text())
     root = fresh_copy(tmp_path_factory.mktemp("pipeline") / "repo")
-    run = repro_with_timings(root)
+    run = run_flow(root)
+    (root / FLOW_OUTPUT).parent.mkdir(exist_ok=True)
+    (root / FLOW_OUTPUT).write_text(run.output)
     print(f"\ntiny pipeline: {run.total_seconds} s, per stage {run.stage_seconds}")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "tiny pipeline run")

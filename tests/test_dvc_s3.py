@@ -49,7 +49,7 @@ def test_prepare_reads_sources_from_s3(tmp_path, s3_env, small_tokenizer_dir):
                    {"name": "starcoderdata", "format": "starcoderdata", "uri": f"{location}/starcoderdata",
                     "languages": ["python"], "weight": 0.3}]
         params_file = write_params(tmp_path, sources, seq_len=32, val_fraction=0.1)
-        assert cli(["prepare", "--params", str(params_file), "--no-progress"]) == 0
+        assert cli(["prepare", "--params", str(params_file)]) == 0
         return _files(tmp_path / "data" / "prepared")
 
     from_s3 = run(f"s3://{bucket}")
@@ -82,7 +82,7 @@ def test_dvc_repro_push_and_clean_pull_through_an_s3_remote(tmp_path, s3_env, sm
     params["paths"] = {"data": "data", "models": "models", "metrics": "metrics"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": {
-        "cmd": f"{sys.executable} -m tasks.cli prepare --params params.yaml --no-progress",
+        "cmd": f"{sys.executable} -m tasks.cli prepare --params params.yaml",
         "deps": ["raw/SlimPajama-627B", "models/tokenizer"],
         "params": ["data"],
         "outs": ["data/prepared"],

@@ -190,3 +190,16 @@ def test_all_seven_run_offline_on_the_real_files(tmp_path, llama2_checkpoint):
     chance = taskset.chance
     assert chance["boolq"] == chance["piqa"] == chance["winogrande"] == 0.5
     assert 0.25 <= chance["arc_challenge"] < 0.27 and chance["hellaswag"] == 0.25
+
+
+def test_the_table_says_which_local_subset_stood_in_for_each_benchmark(tmp_path):
+    """A 2-row (or 500-row) local file must never read like TinyLlama's full-split EVAL.md numbers."""
+    from tasks.evaluate.stage import settings_note
+
+    _jsonl(tmp_path / "eval" / "arc_easy" / "ARC-Easy-Test_first2.jsonl",
+           [_ai2("Why?", ["A", "B"], "A"), _ai2("How?", ["A", "B"], "B")])
+    params = _params(tmp_path, tasks=["arc_easy"], data_dir=str(tmp_path / "eval"))
+    taskset = build_taskset(params, tmp_path / "include")
+    note = settings_note(params, taskset)
+    assert "arc_easy: ARC-Easy-Test_first2.jsonl, 2 rows of the test split" in note
+    assert "not comparable" in note and "EVAL.md" in note

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from eval_fixtures import make_project, random_model, write_checkpoint, write_eval_params
+from eval_fixtures import ROOT, make_project, random_model, write_checkpoint, write_eval_params
 
 from tasks.cli import main as cli
 
@@ -138,3 +138,43 @@ def test_missing_pretrain_run_and_milestones(project, capsys):
         checkpoint.rmdir()
     assert cli(["evaluate", "--params", str(project["params"])]) == 2
     assert "no milestone checkpoints" in capsys.readouterr().err
+
+
+def test_changed_task_rendering_rescores_instead_of_reusing_the_cache(project, monkeypatch):
+    """The cache key covers the generated task configs: a fix to how items are rendered must re-score."""
+    import tasks.evaluate.lm_eval_tiny as lm_eval_tiny
+
+    root = project["root"]
+    assert cli(["evaluate", "--params", str(project["params"])]) == 0
+    before = json.loads((root / "metrics" / "eval.json").read_text())
+    original = lm_eval_tiny.tiny_task_config
+
+    def without_query(name, items):  # a (bad) new rendering: the choices alone, no question
+        return {**original(name, items), "doc_to_text": ""}
+
+    monkeypatch.setattr(lm_eval_tiny, "tiny_task_config", without_query)
+    monkeypatch.setattr("tasks.evaluate.tasksets.tiny_task_config", without_query)
+    assert cli(["evaluate", "--params", str(project["params"])]) == 0
+    after = json.loads((root / "metrics" / "eval.json").read_text())
+    assert len(list((root / "metrics" / "eval_cache").glob("*.json"))) == 4, "both milestones scored again"
+    assert after["4K"]["avg"] < before["4K"]["avg"], "without the questions the trained model can't answer as well"
+
+
+def test_scoring_code_is_part_of_the_cache_key(tmp_path):
+    """An edit to a scoring module (say, a fix in how requests are built) changes the key, so old scores
+    are never reused for new code. Checked on a copy of the package with one edited line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tasks.evaluate.scoring import SCORING_MODULES, code_fingerprint
+
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "tasks", copy / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "model", copy / "model", ignore=shutil.ignore_patterns("__pycache__"))
+    harness = copy / "tasks" / "evaluate" / SCORING_MODULES[0]
+    harness.write_text(harness.read_text() + "\n# a fix\n")
+    probe = "from tasks.evaluate.scoring import code_fingerprint; print(code_fingerprint())"
+    edited = subprocess.run([sys.executable, "-c", probe], cwd=copy, env={"PYTHONPATH": str(copy)},
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert edited and edited != code_fingerprint()

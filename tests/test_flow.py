@@ -173,7 +173,7 @@ def test_flow_runs_each_dvc_stage_as_a_task_with_logs_retries_and_artifacts(tmp_
     logs = _logs(flow_run_id)
     assert "hello from first" in logs and "hello from third" in logs
     assert "transient crash" in logs
-    assert any(line.startswith("$ -m dvc repro --single-item second") for line in logs)
+    assert "$ dvc repro --single-item second" in logs
 
     artifacts = _artifacts(flow_run_id)
     assert set(artifacts) == {"first-stage", "second-stage", "third-stage"}
@@ -243,3 +243,22 @@ def test_bad_input_is_not_retried_and_the_next_run_resumes_from_the_failed_stage
     resumed, _ = _run()
     assert resumed.is_completed()
     assert [(r.name, r.ran) for r in resumed.result()] == [("first", False), ("second", True), ("third", True)]
+
+
+def test_make_run_on_the_toy_stages_prints_no_traceback_and_no_repeated_lines(tmp_path):
+    """The real entry point (`python -m flows.pipeline`, a throwaway Prefect server in a fresh PREFECT_HOME),
+    as `make run` starts it: its console is for people."""
+    from console import problems
+
+    root = _toy_repo(tmp_path / "toy")
+    _mlflow_run(root)
+    (root / ".second-tried").touch()  # a clean run: no transient crash to retry
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONUNBUFFERED": "1"}
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout
+    found = problems(proc.stdout, max_lines=60)
+    assert not found, "\n\n".join(found) + f"\n\n--- output\n{proc.stdout}"
+    assert "hello from first" in proc.stdout and "Pipeline finished: first" in proc.stdout

@@ -66,7 +66,10 @@ def test_experiment_and_pretrain_run_are_served(mlflow_ui):
     root, base = mlflow_ui
     experiment, run = _pretrain_run(root, base)
     assert experiment["lifecycle_stage"] == "active"
+    tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+    assert tags.get("mlflow.experimentKind") == "custom_model_development", "the UI would open its GenAI view"
     assert run["info"]["status"] == "FINISHED"
+    assert run["info"]["run_name"].startswith("pretrain-tiny-"), "a name a person recognises: stage, profile, recipe"
     metric_keys = {m["key"] for m in run["data"]["metrics"]}
     assert "eval/avg" in metric_keys
 

@@ -44,7 +44,7 @@ def _setup(tmp_path, tokenizer_dir, sources_, **data) -> Path:
 
 
 def _run(params_file: Path) -> int:
-    return cli(["prepare", "--params", str(params_file), "--no-progress"])
+    return cli(["prepare", "--params", str(params_file)])
 
 
 def _manifest(tmp_path) -> dict:
@@ -206,7 +206,8 @@ def test_builtin_corpus_writes_eval_items_never_seen_in_training(tmp_path, small
     for task, info in tasks.items():
         items = [json.loads(line) for line in (tmp_path / "data" / "eval" / f"{task}.jsonl").read_text().splitlines()]
         assert len(items) == info["n"] > 0
-        assert not any(item["query"] + item["choices"][item["gold"]] in training for item in items)
+        # the scorer reads `query + " " + choice` (lm-eval's target delimiter): that exact text must be unseen
+        assert not any(item["query"] + " " + item["choices"][item["gold"]] in training for item in items)
 
 
 @pytest.mark.slow
@@ -326,8 +327,8 @@ def test_killed_run_leaves_nothing_trusted_and_a_rerun_finishes(tmp_path, small_
 
     params_file = _setup(tmp_path, small_tokenizer_dir, big, rows_per_shard=64, row_group_rows=16)
     staging = tmp_path / "data" / ".prepare.tmp"
-    process = subprocess.Popen([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file),
-                                "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not list(staging.glob("prepared/sp/train/shard-*.parquet")) and time.monotonic() < deadline:

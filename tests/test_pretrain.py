@@ -90,4 +90,4 @@ def test_cli_missing_prepared_data_exits_2_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("tinyllama pretrain: error: paths.data: no prepared data at")
     assert len(result.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "params.yaml"]  # only its own log file

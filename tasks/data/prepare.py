@@ -11,7 +11,6 @@ nothing a later run (or DVC) would trust, and the next run starts the staging di
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from tasks.data.sources import BAD_REASONS, SKIP_REASONS, SourceReader, builtin_
 from tasks.errors import UserError
 from tasks.files import write_json_atomic
 from tasks.layout import EVAL_TASKS_FILE, MANIFEST_FILE, Layout
+from tasks.logs import progress
 from tasks.params import Params, add_params_argument, load_params
 
 MANIFEST_VERSION = 1
@@ -31,13 +31,20 @@ SPLITS = ("train", "val")
 
 def add_arguments(parser) -> None:
     add_params_argument(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def main(args) -> int:
+    from tasks.logs import stage_log
+
     params = load_params(args.params)
+    with stage_log("prepare", params):
+        _prepare_and_report(params)
+    return 0
+
+
+def _prepare_and_report(params: Params) -> None:
     started = time.perf_counter()
-    manifest = prepare(params, progress=not args.no_progress)
+    manifest = prepare(params)
     elapsed = time.perf_counter() - started
     total = sum(split["tokens"] for s in manifest["sources"].values() for split in s["splits"].values())
     for name, source in manifest["sources"].items():
@@ -47,7 +54,6 @@ def main(args) -> int:
               f"val {splits['val']['rows']} rows / {splits['val']['tokens']} tokens; skipped: {skipped}")
     print(f"prepared {total} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s) "
           f"-> {Layout.from_params(params).prepared_dir}")
-    return 0
 
 
 def load_tokenizer(params: Params):
@@ -61,7 +67,7 @@ def load_tokenizer(params: Params):
                         f"run `tinyllama tokenizer` first") from None
 
 
-def prepare(params: Params, progress: bool = True) -> dict:
+def prepare(params: Params) -> dict:
     """Run the stage; returns the manifest it wrote. Raises `UserError` before publishing
     anything if a source is missing, unreadable or has too many bad rows."""
     from tasks.data.encoding import EncoderPool
@@ -82,7 +88,7 @@ def prepare(params: Params, progress: bool = True) -> dict:
                          params.data.separator, dtype) as pool:
             for reader in readers:
                 manifest["sources"][reader.source.name] = _prepare_source(
-                    reader, pool, staging / "prepared", params, dtype, progress)
+                    reader, pool, staging / "prepared", params, dtype)
         _write_eval_items(params, staging / "eval")
         write_json_atomic(staging / "prepared" / MANIFEST_FILE, manifest)
         replace_dir(staging / "eval", layout.eval_items_dir)
@@ -92,9 +98,7 @@ def prepare(params: Params, progress: bool = True) -> dict:
     return manifest
 
 
-def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, dtype, progress: bool) -> dict:
-    from tqdm import tqdm
-
+def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, dtype) -> dict:
     from tasks.data.packing import Packer, is_val
     from tasks.data.shards import ShardWriter
 
@@ -104,9 +108,8 @@ def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, 
                                   data.rows_per_shard, data.row_group_rows) for split in SPLITS}
     packers = {split: Packer(row_len, dtype) for split in SPLITS}
     documents, skipped, rows_read, ids_seen = Counter(), Counter(), 0, 0
-    bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc=f"prepare {source.name}",
-               disable=not progress, file=sys.stderr, mininterval=1.0)
-    with bar:
+    started = time.perf_counter()
+    with progress(reader.total_bytes, f"prepare {source.name}", unit="B") as bar:
         for encoded in pool.encode(source, reader.chunks()):
             start = documents["train"] + documents["val"]
             val_docs = is_val(np.arange(start, start + len(encoded.lengths), dtype=np.uint64), data.val_fraction)
@@ -118,7 +121,7 @@ def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, 
             ids_seen += len(encoded.ids)
             skipped.update(encoded.skipped)
             bar.update(encoded.nbytes)
-            bar.set_postfix(docs=documents.total(), tok_s=f"{ids_seen / max(bar.format_dict['elapsed'], 1e-9):,.0f}",
+            bar.set_postfix(docs=documents.total(), tok_s=f"{ids_seen / max(time.perf_counter() - started, 1e-9):,.0f}",
                             refresh=False)
     for writer in writers.values():
         writer.close()
@@ -128,7 +131,7 @@ def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, 
                         f"(data.seq_len + 1 = {row_len})")
     if writers["val"].rows == 0:
         print(f"warning: {where(source)}: no validation row (data.val_fraction {data.val_fraction} "
-              f"gave {documents['val']} documents)", file=sys.stderr)
+              f"gave {documents['val']} documents)")
     return {
         "format": source.format,
         "inputs": {uri: reader.input_sha256[uri] for uri in reader.inputs},

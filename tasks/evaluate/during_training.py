@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from tasks.layout import resolve, with_absolute_paths
 from tasks.params import Params
+from tasks.ray_cluster import Console
 from tasks.tracking import tracking_uri
 
 
@@ -26,12 +28,14 @@ def eval_resources(params: Params) -> dict:
 
 
 def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_seen: int, uri: str,
-                       threads: int) -> dict:
-    """The body of the Ray task (a plain function, so it is also callable in-process)."""
+                       threads: int, say: Callable[[str], None] = print) -> dict:
+    """The body of the Ray task (a plain function, so it is also callable in-process); `say` gets one
+    line with the scores (or the failure)."""
     import torch
 
     from tasks.evaluate.checkpoints import read_milestone
     from tasks.evaluate.mlflow_log import client_for, log_result, mark_failed
+    from tasks.evaluate.report import result_line
     from tasks.evaluate.scoring import score_checkpoint
     from tasks.evaluate.tasksets import build_taskset
 
@@ -44,17 +48,20 @@ def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_s
         with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as include_dir:
             result = score_checkpoint(params, build_taskset(params, Path(include_dir)), milestone)
         log_result(client, run_id, result)
+        say(f"eval {result_line(result)}")
         return {"status": "ok", **result}
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         mark_failed(client, run_id, name, error + "\n" + traceback.format_exc(limit=5))
+        say(f"eval {name}: failed ({error}); the evaluate stage will retry it")
         return {"status": "failed", "milestone": name, "tokens": int(tokens_seen), "error": error}
 
 
 def submit_milestone_eval(params: Params, milestone_dir: str | Path, run_id: str, tokens_seen: int,
-                          mlflow_uri: str | None = None):
+                          mlflow_uri: str | None = None, console: Console | None = None):
     """Start the eval as a Ray task; returns its ObjectRef (a dict with "status" once done).
-    `mlflow_uri` defaults to the profile's store as seen from this process's working directory."""
+    `mlflow_uri` defaults to the profile's store as seen from this process's working directory; the
+    line with the scores goes to `console` (the stage's), else to the task's own output."""
     import ray
 
     resources = eval_resources(params)
@@ -62,7 +69,8 @@ def submit_milestone_eval(params: Params, milestone_dir: str | Path, run_id: str
     task = ray.remote(max_calls=1)(_background_milestone_eval).options(**resources, max_retries=0,
                                                                        name=f"eval-{Path(milestone_dir).name}")
     return task.remote(params.train.eval_priority, with_absolute_paths(params), resolve(milestone_dir), run_id,
-                       int(tokens_seen), mlflow_uri or tracking_uri(params), max(1, int(resources["num_cpus"])))
+                       int(tokens_seen), mlflow_uri or tracking_uri(params), max(1, int(resources["num_cpus"])),
+                       console.say if console is not None else print)
 
 
 def _background_milestone_eval(priority: str, *args) -> dict:

@@ -16,9 +16,9 @@ WEIGHTS_TAG = "eval_sha256/{milestone}"  # which checkpoint the logged scores be
 
 
 def client_for(tracking_uri: str):
-    from mlflow import MlflowClient
+    from tasks.tracking import client
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return client(tracking_uri)
 
 
 def result_metrics(result: dict) -> dict[str, float]:

@@ -27,6 +27,14 @@ def eval_metrics(results: list[dict], tasks: list[str]) -> dict:
                              "avg": r["avg"], "val_ppl": r["val_ppl"]} for r in results}
 
 
+def result_line(result: dict) -> str:
+    """One checkpoint's scores on one line, for the console: name, tokens, avg, each task, val ppl, time."""
+    tasks = " ".join(f"{name} {100 * score['value']:.1f}" for name, score in result["scores"].items())
+    how = "cached" if result.get("cached") else f"{result['wall_s']:.0f} s"
+    return (f"{result['milestone']} ({format_tokens(result['tokens'])} tokens): avg {100 * result['avg']:.2f} | {tasks} "
+            f"| val ppl {result['val_ppl']:.2f} ({how})")
+
+
 def markdown_table(results: list[dict], tasks: list[str], settings: str) -> str:
     header = ["Milestone", "Pretrain Tokens", *(DISPLAY_NAMES.get(t, t) for t in tasks), "avg", "val ppl"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]

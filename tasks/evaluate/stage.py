@@ -42,11 +42,18 @@ def _existing_run(client, run_id: str, uri: str) -> None:
         raise UserError(f"metrics/pretrain.json: mlflow_run_id {run_id} is not a run in {uri}") from None
 
 
-def settings_note(params: Params) -> str:
+def settings_note(params: Params, taskset: TaskSet) -> str:
+    """How the table was scored, including which local subsets stood in for a benchmark, so nobody
+    compares a 500-row subset with TinyLlama's full-set EVAL.md by mistake."""
     import lm_eval
 
     limit = f", first {params.eval.limit} items per task" if params.eval.limit else ""
-    return f"{params.eval.num_fewshot}-shot, lm-eval {lm_eval.__version__}{limit}"
+    note = f"{params.eval.num_fewshot}-shot, lm-eval {lm_eval.__version__}{limit}"
+    if taskset.data_notes:
+        subsets = "; ".join(f"{task}: {where}" for task, where in taskset.data_notes.items())
+        note += (f". Local data: {subsets}. Subsets of a split are not comparable with full-split results "
+                 f"such as TinyLlama's EVAL.md")
+    return note
 
 
 def average_chance(taskset: TaskSet) -> float | None:
@@ -75,7 +82,7 @@ def evaluate(params: Params) -> list[dict]:
     for result in results:
         if not is_logged(client, run_id, result):
             log_result(client, run_id, result)
-    files = write_reports(layout, results, taskset.names, settings_note(params),
+    files = write_reports(layout, results, taskset.names, settings_note(params, taskset),
                           average_chance(taskset))
     log_report_files(client, run_id, files)
     return results
@@ -86,11 +93,13 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from tasks.evaluate.report import result_line
+    from tasks.logs import stage_log
+
     params = load_params(args.params)
-    results = evaluate(params)
-    for r in results:
-        how = "cached" if r["cached"] else f"{r['wall_s']:.1f} s"
-        print(f"{r['milestone']:>8}  tokens={r['tokens']:<12} avg={100 * r['avg']:.2f}  "
-              f"val_ppl={r['val_ppl']:.2f}  ({how})")
-    print(f"wrote {Layout.from_params(params).metrics_file('eval')}, eval_table.md, eval_table.csv, eval_plot.png")
+    with stage_log("evaluate", params):
+        results = evaluate(params)
+        for result in results:
+            print(result_line(result))
+        print(f"wrote {Layout.from_params(params).metrics_file('eval')}, eval_table.md, eval_table.csv, eval_plot.png")
     return 0

@@ -29,6 +29,7 @@ class TaskSet:
     include_defaults: bool         # whether lm-eval's packaged tasks are indexed too
     chance: dict[str, float] = field(default_factory=dict)
     fingerprint: str = ""          # changes when any task's data, generated config or eval setting changes
+    data_notes: dict[str, str] = field(default_factory=dict)  # which file and how many rows scored each offline task
 
     def task_manager(self):
         return _task_manager(str(self.include_dir) if self.include_dir else None, self.include_defaults)
@@ -85,7 +86,7 @@ def build_taskset(params: Params, include_dir: Path) -> TaskSet:
             raise UserError(f"eval.tasks: unknown task {unknown[0]!r} (not in {eval_dir / EVAL_TASKS_FILE} "
                             f"and not an lm-eval task)")
 
-    generated, chance, data_hashes, configs = False, {}, {}, {}
+    generated, chance, data_hashes, configs, notes = False, {}, {}, {}, {}
     for name in names:
         if name in tiny:
             items = eval_dir / f"{name}.jsonl"
@@ -96,7 +97,8 @@ def build_taskset(params: Params, include_dir: Path) -> TaskSet:
             configs[name] = _portable(tiny_task_config(name, items))
             generated = True
         elif name in OFFLINE_TASKS and data_dir is not None:
-            _, rows = load_offline_rows(OFFLINE_TASKS[name], data_dir)
+            path, rows = load_offline_rows(OFFLINE_TASKS[name], data_dir)
+            notes[name] = f"{path.name}, {len(rows)} rows of the {OFFLINE_TASKS[name].split} split"
             write_offline_task(OFFLINE_TASKS[name], rows, include_dir)
             chance[name] = _offline_chance(name, rows)
             data_hashes[name] = sha256_json(rows)
@@ -110,7 +112,7 @@ def build_taskset(params: Params, include_dir: Path) -> TaskSet:
                                "num_fewshot": params.eval.num_fewshot, "limit": params.eval.limit,
                                "lm_eval": lm_eval.__version__})
     return TaskSet(names=names, include_dir=include_dir if generated else None,
-                   include_defaults=bool(online), chance=chance, fingerprint=fingerprint)
+                   include_defaults=bool(online), chance=chance, fingerprint=fingerprint, data_notes=notes)
 
 
 def _portable(config: dict) -> dict:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,11 +49,6 @@ _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 class CorruptCheckpoint(Exception):
     pass
-
-
-def _say(message: str) -> None:
-    """On the worker's stderr, which Ray forwards to the driver's console (worker loggers may not be)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -194,17 +189,17 @@ def _quarantine(run_uri: str, name: str) -> None:
     fs.mv(f"{path}/{name}", f"{path}/{CORRUPT_PREFIX}{name}", recursive=True)
 
 
-def _newest_valid(run_uri: str, scratch: Path) -> tuple[str, dict] | None:
-    """Rank 0: (name, record) of the newest checkpoint that verifies; every unusable one is logged
+def _newest_valid(run_uri: str, scratch: Path, say: Callable[[str], None]) -> tuple[str, dict] | None:
+    """Rank 0: (name, record) of the newest checkpoint that verifies; every unusable one is reported
     and set aside."""
     for name in list_checkpoints(run_uri):
         try:
             record = _verified_record(_fetch(run_uri, name, scratch))
         except CorruptCheckpoint as exc:
-            _say(f"warning: resume checkpoint {name} is corrupt ({exc}); falling back to the previous one")
+            say(f"warning: resume checkpoint {name} is corrupt ({exc}); falling back to the previous one")
             _quarantine(run_uri, name)
             continue
-        _say(f"resuming from {name} (step {record['step']}, {record['tokens_seen']} tokens seen)")
+        say(f"resuming from {name} (step {record['step']}, {record['tokens_seen']} tokens seen)")
         return name, record
     return None
 
@@ -215,13 +210,14 @@ def _broadcast(value):
     return box[0]
 
 
-def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            say: Callable[[str], None] = print) -> dict | None:
     """Collective. Loads the newest valid checkpoint of the run into model, optimizer and RNG on
     every rank; returns its checkpoint.json record, or None when there is nothing to resume from.
     Rank 0 picks and verifies the checkpoint; a full one it reads and broadcasts, a sharded one
     every rank reads its own slices of."""
     with tempfile.TemporaryDirectory(prefix="resume-") as scratch:
-        found = _newest_valid(run_uri, Path(scratch)) if dist.get_rank() == 0 else None
+        found = _newest_valid(run_uri, Path(scratch), say) if dist.get_rank() == 0 else None
         found = _broadcast(found)
         if found is None:
             return None

@@ -25,6 +25,7 @@ from tasks.pretrain.loader import MixedLoader, PreparedData, val_batches
 from tasks.pretrain.parallel import Parallel, build_optimizer, grad_norm_value
 from tasks.pretrain.schedule import StepPlan, lr_at
 from tasks.pretrain.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
+from tasks.ray_cluster import Console
 
 
 @dataclass(frozen=True)
@@ -35,32 +36,54 @@ class LoopConfig:
     data: PreparedData
     run_uri: str           # where this run's resume checkpoints live
     layout: Layout         # every path, absolute
-    tracking_uri: str
+    tracking_uri: str | None  # None: no MLflow (a bare benchmark run)
     mlflow_run_id: str
     peak_flops_per_worker: float | None  # configured (GPU) or None: measure (CPU)
     eval_milestones: bool
+    console: Console | None  # lines for the person watching the stage (progress, milestones, evals); None: print
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this worker sits: its rank, the world size, its device. Under Ray Train (the stage) or a bare
+    torch.distributed process group (benchmarks/pretrain.py's baseline, a GPU machine without Ray)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def from_ray(cls) -> "Placement":
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+
+    @classmethod
+    def from_process_group(cls, device: torch.device) -> "Placement":
+        return cls(dist.get_rank(), dist.get_world_size(), device)
 
 
 def _mean_across_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().cpu().clone()
+    """All-reduced on the training device: an NCCL process group has no CPU backend."""
+    value = value.detach().float().clone()
     dist.all_reduce(value)  # SUM: gloo has no AVG
     return value.item() / dist.get_world_size()
 
 
 class Trainer:
-    def __init__(self, config: LoopConfig):
-        import ray.train
-        import ray.train.torch
-
+    def __init__(self, config: LoopConfig, placement: Placement):
         self.config = config
         self.params = params = Params.model_validate(config.params)
         self.train = train = params.train
+        self.say = config.console.say if config.console is not None else print
         torch.set_num_threads(train.threads_per_worker)
-        self.device = ray.train.torch.get_device()
-        if self.device.type == "cpu":
+        self.rank, self.world, self.device = placement.rank, placement.world, placement.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # object collectives (checkpoint hashes, RNG) use the current device
+        else:
             torch.use_deterministic_algorithms(True)
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.plan = StepPlan.from_params(params)
 
         torch.manual_seed(params.seed)
@@ -78,11 +101,12 @@ class Trainer:
         self.flops_per_token = model_config.flops_per_token(params.data.seq_len)
         self.measure_peak = config.peak_flops_per_worker is None
         self.peak_flops = (config.peak_flops_per_worker or measure_cpu_peak_flops()) * self.world
-        self.mlflow = MlflowMetrics(config.tracking_uri, config.mlflow_run_id) if self.rank == 0 else None
+        self.mlflow = (MlflowMetrics(config.tracking_uri, config.mlflow_run_id)
+                       if self.rank == 0 and config.tracking_uri else None)
         self.eval_refs: list = []
 
         self.step, self.metrics = 0, {}
-        record = restore(config.run_uri, self.model, self.optimizer)
+        record = restore(config.run_uri, self.model, self.optimizer, say=self.say)
         if record is not None:
             self.step, self.metrics = record["step"], record["metrics"]
             self.loader.load_state(record["loader"])
@@ -131,14 +155,16 @@ class Trainer:
         out = export_milestone(self.model, layout.milestone_dir(name), layout.tokenizer_dir, metadata)
         if out is None:
             return
-        print(f"milestone {name}: exported {out} at step {self.step} ({metadata['tokens_seen']} tokens seen)", flush=True)
+        self.say(f"milestone {name}: exported {out} at step {self.step} "
+                                f"({metadata['tokens_seen']} tokens seen)")
         if self.mlflow is not None:
             self.mlflow.log_checkpoint(out, name)
         if self.config.eval_milestones:
             from tasks.evaluate.during_training import submit_milestone_eval
 
             self.eval_refs.append(submit_milestone_eval(self.params, str(out), self.config.mlflow_run_id,
-                                                        metadata["tokens_seen"], self.config.tracking_uri))
+                                                        metadata["tokens_seen"], self.config.tracking_uri,
+                                                        self.config.console))
 
     def report(self, checkpoint: bool) -> None:
         """Every rank calls this (ray.train.report is a barrier) and hands over the files it wrote:
@@ -190,14 +216,16 @@ class Trainer:
     def _log_progress(self, tokens: int, seconds: float, loss: float, lr: float, first_step: int, loop_started: float) -> None:
         if self.rank != 0:
             return
-        self.mlflow.flush()
+        if self.mlflow is not None:
+            self.mlflow.flush()
         if self.measure_peak:  # a CPU peak read while neighbours were busy would overstate MFU: keep the best seen
             self.peak_flops = max(self.peak_flops, measure_cpu_peak_flops(0.05) * self.world)
         tokens_per_s = tokens / max(seconds, 1e-9)
         done = self.step - first_step
         eta = (time.perf_counter() - loop_started) / done * (self.plan.total_steps - self.step)
-        print(progress_line(self.step, self.plan.total_steps, self.plan.tokens_after(self.step), self.train.total_tokens,
-                            loss, lr, tokens_per_s, tokens_per_s * self.flops_per_token / self.peak_flops, eta), flush=True)
+        self.say(progress_line(
+            self.step, self.plan.total_steps, self.plan.tokens_after(self.step), self.train.total_tokens, loss, lr,
+            tokens_per_s, tokens_per_s * self.flops_per_token / self.peak_flops, eta))
 
     def _wait_for_evals(self) -> None:
         """Milestone evals are Ray tasks owned by this worker: they die with it, so the worker lingers
@@ -209,9 +237,9 @@ class Trainer:
             try:
                 ray.get(ref)
             except Exception as exc:  # an eval failure must not fail a finished pretraining run
-                print(f"warning: a milestone evaluation failed: {exc}", flush=True)
+                self.say(f"warning: a milestone evaluation failed: {exc}")
 
 
 def train_loop(config: LoopConfig) -> None:
-    trainer = Trainer(config)
-    trainer.run()
+    """What Ray Train runs on every worker."""
+    Trainer(config, Placement.from_ray()).run()

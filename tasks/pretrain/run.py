@@ -72,17 +72,17 @@ def prepare_run_dir(run_uri: str, resume: str) -> dict | None:
     return None
 
 
-def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tuple[str, str]:
-    """The pretrain run: resumed when the previous attempt's run still exists. Returns (uri, run id)."""
+def start_mlflow_run(params: Params, run_name: str, previous: dict | None, extra: dict) -> tuple[str, str]:
+    """The pretrain run (named `run_name`): resumed when the previous attempt's run still exists.
+    Returns (uri, run id)."""
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
+    from tasks.tracking import client as mlflow_client
     from tasks.tracking import configure_mlflow, tracking_uri
 
     experiment_id = configure_mlflow(params)
     uri = tracking_uri(params)
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     if previous is not None:
         try:
             client.get_run(previous["mlflow_run_id"])
@@ -90,7 +90,7 @@ def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tupl
             return uri, previous["mlflow_run_id"]
         except MlflowException:
             log.warning("MLflow run %s of the resumed run is gone; logging to a new run", previous["mlflow_run_id"])
-    run = client.create_run(experiment_id, run_name=f"pretrain-{params.profile}", tags={"stage": "pretrain"})
+    run = client.create_run(experiment_id, run_name=run_name, tags={"stage": "pretrain"})
     flat = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra.items()}}
     entries = [Param(k, v) for k, v in sorted(flat.items())]
     for start in range(0, len(entries), 100):  # MLflow's per-request param limit
@@ -101,12 +101,12 @@ def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tupl
 def pretrain(params: Params, resume: str = "auto") -> dict:
     """Run the stage; returns what it wrote to `{paths.metrics}/pretrain.json`."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.pretrain.loop import LoopConfig, train_loop
-    from tasks.ray_cluster import check_train_resources, ray_session
+    from tasks.ray_cluster import check_train_resources, console_relay, ray_session
+    from tasks.tracking import client as mlflow_client
 
     started = time.perf_counter()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
@@ -116,9 +116,10 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
     data = open_prepared(params)  # every input check happens before anything is written
     plan = StepPlan.from_params(params)
     evals = train.eval_milestones_during_training
-    with ray_session(params, extra_cpus=1 if evals else 0):
+    with ray_session(params, "pretrain", extra_cpus=1 if evals else 0), console_relay() as console:
         check_train_resources(params)
-        run_name = f"run-{fingerprint(params, data)[:16]}"
+        recipe = fingerprint(params, data)
+        run_name = f"run-{recipe[:16]}"
         run_uri = layout.run_dir(run_name)
         previous = prepare_run_dir(run_uri, resume)
         peak = params.plan.peak_tflops_per_worker * 1e12 if train.use_gpu else None
@@ -126,13 +127,13 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
                  "derived.tokens_per_step": plan.tokens_per_step, "derived.run_dir": run_uri,
                  "derived.parameters": params.llama_config(data.vocab_size).num_params(),
                  "derived.mfu_peak": "configured plan.peak_tflops_per_worker" if peak else "measured fp32 matmul per worker"}
-        uri, run_id = start_mlflow_run(params, previous, extra)
+        uri, run_id = start_mlflow_run(params, f"pretrain-{params.profile}-{recipe[:8]}", previous, extra)
         write_json_atomic(join(run_uri, RUN_FILE), {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
         print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
               f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
         loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
                                  layout=layout, tracking_uri=uri, mlflow_run_id=run_id,
-                                 peak_flops_per_worker=peak, eval_milestones=evals)
+                                 peak_flops_per_worker=peak, eval_milestones=evals, console=console)
         resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
         trainer = TorchTrainer(
             lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
@@ -142,7 +143,7 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
             run_config=RunConfig(name=run_name, storage_path=train.checkpoint_dir,
                                  failure_config=FailureConfig(max_failures=train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)))
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         try:
             result = trainer.fit()
         except BaseException:
@@ -170,5 +171,9 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    pretrain(load_params(args.params), resume=args.resume)
+    from tasks.logs import stage_log
+
+    params = load_params(args.params)
+    with stage_log("pretrain", params):
+        pretrain(params, resume=args.resume)
     return 0

@@ -50,9 +50,9 @@ class MlflowMetrics:
     per interval instead of one per metric per step, which matters against a remote tracking server."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
+        from tasks.tracking import client
 
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.client, self.run_id = client(tracking_uri), run_id
         self.pending = []
 
     def add(self, metrics: dict[str, float], step: int) -> None:

@@ -25,10 +25,13 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from model.tokenizer import Tokenizer
+    from tasks.logs import stage_log
 
-    out = build_tokenizer(load_params(args.params))
-    tokenizer = Tokenizer.load(out)
-    print(f"tokenizer: {out} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:16]})")
+    params = load_params(args.params)
+    with stage_log("tokenizer", params):
+        out = build_tokenizer(params)
+        tokenizer = Tokenizer.load(out)
+        print(f"tokenizer: {out} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:16]})")
     return 0
 
 
