@@ -73,3 +73,118 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# -- dirs that may live on shared storage (a local path or a URI every node reaches) ------------------
+
+def _fs(uri: str | Path):
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(uri))
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = _fs(uri)
+    return fs.exists(path)
+
+
+def names_in(uri: str | Path) -> list[str]:
+    """The entries directly under a dir (local or URI), sorted; [] when it does not exist."""
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+
+
+def remove_tree(uri: str | Path) -> None:
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def move_tree(source: str | Path, target: str | Path) -> None:
+    """A rename on local disk; a copy then delete on an object store."""
+    fs, path = _fs(source)
+    fs.mv(path, _fs(target)[1], recursive=True)
+
+
+def upload(local_dir: Path, uri: str | Path, names: list[str]) -> None:
+    """Copy the files `names` (relative paths) of a local dir to a dir on any storage."""
+    fs, root = _fs(uri)
+    for name in names:
+        target = f"{root.rstrip('/')}/{name}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(Path(local_dir) / name), target)
+
+
+def download(uri: str | Path, local_dir: Path, names: list[str]) -> Path:
+    """Copy the files `names` of a dir on any storage into a local dir; returns the local dir."""
+    fs, root = _fs(uri)
+    for name in names:
+        target = Path(local_dir) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{root.rstrip('/')}/{name}", str(target))
+    return Path(local_dir)
+
+
+# -- sealed dirs: files first, then one JSON seal listing every file's sha256, written last ---------------
+
+class BrokenSeal(Exception):
+    """A sealed dir that is incomplete (no seal) or corrupt (a file missing or not matching its sha256)."""
+
+
+def seal_record(directory: Path, **extra) -> dict:
+    """What a seal holds for the files of a local dir: each file's sha256 (plus `extra` fields)."""
+    directory = Path(directory)
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    return {"files": {name: sha256_file(directory / name) for name in files}, **extra}
+
+
+def verify_sealed(directory: Path, seal: str) -> dict:
+    """The seal's record, once every file it lists is present in `directory` with its recorded sha256."""
+    try:
+        record = json.loads((Path(directory) / seal).read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BrokenSeal(f"{seal} unreadable ({exc.__class__.__name__}: {exc})") from None
+    for name, expected in files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise BrokenSeal(f"{name} is missing")
+        if sha256_file(path) != expected:
+            raise BrokenSeal(f"{name} does not match its recorded sha256")
+    return record
+
+
+def fetch_sealed(uri: str, scratch: Path, seal: str) -> Path:
+    """A local dir holding a sealed dir: the dir itself on local disk, else its sealed files downloaded
+    into `scratch` (nothing is downloaded when the seal is missing or unreadable: verification says so)."""
+    if "://" not in str(uri):
+        return Path(uri)
+    local = Path(scratch) / str(uri).rstrip("/").rsplit("/", 1)[-1]
+    if not local.is_dir():
+        local.mkdir(parents=True)
+        try:
+            record = read_json(f"{str(uri).rstrip('/')}/{seal}")
+            download(uri, local, [*record.get("files", {}), seal])
+        except (UserError, OSError, AttributeError):
+            pass
+    return local
+
+
+def materialize_sealed(uri: str, seal: str, out_dir: Path) -> Path:
+    """A verified copy of a sealed dir (local or remote) as the local dir `out_dir`, seal left out,
+    written atomically (temp dir + rename); raises BrokenSeal."""
+    import shutil
+    import tempfile
+
+    from model.atomic import atomic_dir
+
+    with tempfile.TemporaryDirectory(prefix="sealed-") as scratch:
+        source = fetch_sealed(uri, Path(scratch), seal)
+        record = verify_sealed(source, seal)
+        with atomic_dir(out_dir) as tmp:
+            for relative in record["files"]:
+                (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / relative, tmp / relative)
+    return Path(out_dir)

@@ -20,11 +20,12 @@ from model.files import (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_F
 from tasks.params import Params
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE",
-           "WEIGHTS_INDEX_FILE", "TOKENIZER_MODEL_FILE", "MANIFEST_FILE", "EVAL_TASKS_FILE", "Layout", "is_uri", "resolve", "join",
+           "WEIGHTS_INDEX_FILE", "TOKENIZER_MODEL_FILE", "MANIFEST_FILE", "EVAL_TASKS_FILE", "MILESTONE_SEAL", "Layout", "is_uri", "resolve", "join",
            "with_absolute_paths"]
 
 MANIFEST_FILE = "manifest.json"        # {paths.data}/prepared/manifest.json
 EVAL_TASKS_FILE = "tasks.json"         # {paths.data}/eval/tasks.json: the tiny profile's eval task registry
+MILESTONE_SEAL = "milestone.json"      # written last into a milestone in a run's dir: its files' sha256
 LOGS_DIR = "logs"                      # per-stage log files (git-ignored)
 
 

@@ -29,24 +29,27 @@ def eval_resources(params: Params) -> dict:
 
 def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_seen: int, uri: str,
                        threads: int, say: Callable[[str], None] = print) -> dict:
-    """The body of the Ray task (a plain function, so it is also callable in-process); `say` gets one
-    line with the scores (or the failure)."""
+    """The body of the Ray task (a plain function, so it is also callable in-process). `milestone_dir` is
+    a sealed milestone in a run's dir (local or a URI); `say` gets one line with the scores (or the failure)."""
     import torch
 
     from tasks.evaluate.checkpoints import read_milestone
     from tasks.evaluate.mlflow_log import client_for, log_result, mark_failed
     from tasks.evaluate.report import result_line
     from tasks.evaluate.scoring import score_checkpoint
+    from tasks.files import materialize_sealed
+    from tasks.layout import MILESTONE_SEAL
     from tasks.evaluate.tasksets import build_taskset
 
     torch.set_num_threads(threads)
     client = client_for(uri)
-    name = Path(milestone_dir).name
+    name = milestone_dir.rstrip("/").rsplit("/", 1)[-1]
     try:
-        milestone = replace(read_milestone(Path(milestone_dir)), tokens_seen=int(tokens_seen))
-        name = milestone.name
-        with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as include_dir:
-            result = score_checkpoint(params, build_taskset(params, Path(include_dir)), milestone)
+        with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as scratch:
+            local = materialize_sealed(milestone_dir, MILESTONE_SEAL, Path(scratch) / "milestone" / name)
+            milestone = replace(read_milestone(local), tokens_seen=int(tokens_seen))
+            name = milestone.name
+            result = score_checkpoint(params, build_taskset(params, Path(scratch) / "tasks"), milestone)
         log_result(client, run_id, result)
         say(f"eval {result_line(result)}")
         return {"status": "ok", **result}

@@ -1,7 +1,16 @@
-"""Resume checkpoints (through Ray Train) and milestone exports (HF dirs), for both DDP and FSDP2.
+"""Resume checkpoints and milestone exports (HF dirs) in a run's dir, for both DDP and FSDP2.
 
-A resume checkpoint is a directory Ray Train persists under `{train.checkpoint_dir}/<run>/`.
-Its model and AdamW state come in one of two layouts:
+Both live under the run's dir `{train.checkpoint_dir}/run-<fingerprint>/` (a local path or a URI
+every node reaches, e.g. `s3://…`), outside DVC's outputs: DVC deletes a stage's outputs before it
+reruns it, and a rerun after a crash must find every milestone and checkpoint already made. Both are
+*sealed* dirs: the files first (each rank uploads its own), then one JSON file written last, listing
+every file's sha256. A dir without a valid seal is incomplete or corrupt and never trusted.
+
+This module writes and reads them itself rather than through Ray Train's checkpoint manager: Ray keeps
+its own list of reported checkpoints (`checkpoint_manager_snapshot.json`), and a rerun whose newest
+checkpoint had been set aside as corrupt died on "Path not found" when Ray's list still named it.
+
+A resume checkpoint `checkpoint_<step>/` holds the model and AdamW state in one of two layouts:
   full (DDP, every rank holds the whole state):
     model.safetensors      full model state, written by rank 0
     optimizer.safetensors  AdamW moments and step counts, keyed `state.<param>.<name>`
@@ -9,13 +18,15 @@ Its model and AdamW state come in one of two layouts:
     shards/shard-<rank+1>-model-00001-of-00001.safetensors
                            each rank's slices of model and optimizer state, written in parallel by
                            torch.distributed.checkpoint's safetensors writer, slice offsets in the
-                           file's header. Ray Train merges the ranks' directories into one. Loading
-                           re-slices, so a run may resume on another number of workers.
+                           file's header. Loading re-slices, so a run may resume on another number
+                           of workers.
 and in both:
   rng.safetensors        torch RNG state(s) of rank 0 (every rank is seeded alike)
-  checkpoint.json        step, tokens, loader state, optimizer param groups, metrics, and the
-                         sha256 of every file above (gathered from all ranks), so a truncated or
+  checkpoint.json        the seal: step, tokens, loader state, optimizer param groups, metrics, and
+                         the sha256 of every file above (gathered from all ranks), so a truncated or
                          half-uploaded checkpoint is detected and skipped for the previous one.
+A milestone `milestones/<name>/` is an HF Llama dir (model.safetensors, config.json, tokenizer files)
+sealed by `milestone.json`; the stage copies every sealed milestone into `{paths.models}/pretrain/`.
 Everything is safetensors + JSON: resuming never unpickles a file.
 """
 
@@ -34,21 +45,20 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from tasks.files import sha256_file
+from tasks.files import (BrokenSeal, exists, fetch_sealed, materialize_sealed, move_tree, names_in, read_json,
+                         remove_tree, seal_record, sha256_file, upload, verify_sealed, write_json_atomic)
+from tasks.layout import MILESTONE_SEAL, join
 from tasks.layout import WEIGHTS_FILE as MODEL_FILE
 
 CHECKPOINT_JSON = "checkpoint.json"
+MILESTONES_DIR = "milestones"
 OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.safetensors"
 SHARD_DIR = "shards"
 PREFIX = "checkpoint_"
-_NAME = re.compile(PREFIX + r"\d{10}")  # not Ray's own checkpoint_manager_snapshot.json beside them
+_NAME = re.compile(PREFIX + r"\d{10}")  # not Ray's own files beside them (Ray Train keeps its run state there too)
 CORRUPT_PREFIX = "corrupt-"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-
-
-class CorruptCheckpoint(Exception):
-    pass
 
 
 def checkpoint_name(step: int) -> str:
@@ -122,71 +132,45 @@ def _load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.opti
     set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(state["optimizer"], param_groups))
 
 
-def save_local(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-               sharded: bool) -> bool:
-    """Collective. Writes this rank's part of a checkpoint into `directory` (rank 0: also the RNG
-    state and checkpoint.json, last, with the sha256 of every rank's files). Returns whether this
-    rank wrote files, i.e. has a directory to hand to `ray.train.report`."""
-    written, param_groups = (_save_sharded if sharded else _save_full)(directory, model, optimizer)
-    hashes = {name: sha256_file(directory / name) for name in written}
-    every_rank: list[dict] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(every_rank, hashes)
-    if dist.get_rank() != 0:
-        return bool(written)
-    save_file(_rng_state(), str(directory / RNG_FILE))
-    files = {name: digest for rank_hashes in every_rank for name, digest in rank_hashes.items()}
-    files[RNG_FILE] = sha256_file(directory / RNG_FILE)
-    record = dict(state, layout="sharded" if sharded else "full", param_groups=param_groups, files=files)
-    (directory / CHECKPOINT_JSON).write_text(json.dumps(record, indent=1))
-    return True
-
-
-def _verified_record(directory: Path) -> dict:
-    """checkpoint.json, once every file it lists is present with its recorded sha256."""
-    try:
-        record = json.loads((directory / CHECKPOINT_JSON).read_text())
-        files = record["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CorruptCheckpoint(f"{CHECKPOINT_JSON} unreadable ({exc.__class__.__name__}: {exc})") from None
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CorruptCheckpoint(f"{name} is missing")
-        if sha256_file(path) != expected:
-            raise CorruptCheckpoint(f"{name} does not match its recorded sha256")
-    return record
+def save_checkpoint(run_uri: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, sharded: bool, keep: int) -> str:
+    """Collective. Writes `checkpoint_<step>/` under the run dir: every rank uploads the files it wrote
+    (rank 0 all of a full checkpoint, each rank its shard of a sharded one), then rank 0 writes the seal,
+    checkpoint.json, and drops all but the newest `keep` checkpoints. Returns the checkpoint's name."""
+    name = checkpoint_name(step)
+    target = join(run_uri, name)
+    if dist.get_rank() == 0:
+        remove_tree(target)  # what an earlier attempt at this step left half-written
+    dist.barrier()
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        local = Path(tmp)
+        written, param_groups = (_save_sharded if sharded else _save_full)(local, model, optimizer)
+        upload(local, target, written)
+        hashes = {name_: sha256_file(local / name_) for name_ in written}
+        every_rank: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(every_rank, hashes)  # also the barrier: every rank's files are uploaded
+        if dist.get_rank() == 0:
+            save_file(_rng_state(), str(local / RNG_FILE))
+            upload(local, target, [RNG_FILE])
+            files = {n: digest for rank_hashes in every_rank for n, digest in rank_hashes.items()}
+            files[RNG_FILE] = sha256_file(local / RNG_FILE)
+            write_json_atomic(join(target, CHECKPOINT_JSON),
+                              dict(state, layout="sharded" if sharded else "full", param_groups=param_groups,
+                                   files=files))
+            for old in list_checkpoints(run_uri)[keep:]:
+                remove_tree(join(run_uri, old))
+    dist.barrier()
+    return name
 
 
 def list_checkpoints(run_uri: str) -> list[str]:
     """Checkpoint dirs of a run (local path or URI), newest first."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(run_uri)
-    if not fs.exists(path):
-        return []
-    names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
-    return sorted((n for n in names if _NAME.fullmatch(n)), reverse=True)
-
-
-def _fetch(run_uri: str, name: str, scratch: Path) -> Path:
-    """A local directory holding the checkpoint (remote storage is downloaded into `scratch`)."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = fsspec.core.url_to_fs(f"{run_uri.rstrip('/')}/{name}")
-    if isinstance(fs, LocalFileSystem):
-        return Path(path)
-    if not (scratch / name).is_dir():
-        fs.get(path, str(scratch / name), recursive=True)
-    return scratch / name
+    return sorted((n for n in names_in(run_uri) if _NAME.fullmatch(n)), reverse=True)
 
 
 def _quarantine(run_uri: str, name: str) -> None:
-    """Rename a corrupt checkpoint aside (kept for inspection) so a later save may reuse its name."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(run_uri)
-    fs.mv(f"{path}/{name}", f"{path}/{CORRUPT_PREFIX}{name}", recursive=True)
+    """Move a corrupt checkpoint aside (kept for inspection) so a later save may reuse its name."""
+    move_tree(join(run_uri, name), join(run_uri, CORRUPT_PREFIX + name))
 
 
 def _newest_valid(run_uri: str, scratch: Path, say: Callable[[str], None]) -> tuple[str, dict] | None:
@@ -194,8 +178,8 @@ def _newest_valid(run_uri: str, scratch: Path, say: Callable[[str], None]) -> tu
     and set aside."""
     for name in list_checkpoints(run_uri):
         try:
-            record = _verified_record(_fetch(run_uri, name, scratch))
-        except CorruptCheckpoint as exc:
+            record = verify_sealed(fetch_sealed(join(run_uri, name), scratch, CHECKPOINT_JSON), CHECKPOINT_JSON)
+        except BrokenSeal as exc:
             say(f"warning: resume checkpoint {name} is corrupt ({exc}); falling back to the previous one")
             _quarantine(run_uri, name)
             continue
@@ -223,7 +207,7 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             return None
         name, record = found
         first, sharded = dist.get_rank() == 0, record.get("layout") == "sharded"
-        local = _fetch(run_uri, name, Path(scratch)) if first or sharded else None
+        local = fetch_sealed(join(run_uri, name), Path(scratch), CHECKPOINT_JSON) if first or sharded else None
         if sharded:
             _load_sharded(local, model, optimizer, record["param_groups"])
         else:
@@ -239,18 +223,44 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return record
 
 
-def export_milestone(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path, metadata: dict) -> Path | None:
-    """Collective. Rank 0 writes the current weights as an HF Llama dir (atomically, model.hf.save_hf);
-    returns the dir on rank 0, None elsewhere."""
+def export_milestone(model: torch.nn.Module, run_uri: str, name: str, tokenizer_dir: Path,
+                     metadata: dict) -> Path | None:
+    """Collective. Rank 0 writes the current weights as an HF Llama dir (model.hf.save_hf) into a local
+    temp dir and publishes it as the sealed `milestones/<name>/` of the run; returns that local dir on
+    rank 0 (the caller logs it, then deletes it), None elsewhere."""
     from model.hf import save_hf
     from model.llama import Llama
 
     state = gather_model(model)
     if dist.get_rank() != 0:
         return None
-    config = model.config
     with torch.device("meta"):
-        plain = Llama(config)
+        plain = Llama(model.config)
     plain.load_state_dict(state, assign=True)
     plain.reset_rope()
-    return save_hf(plain, out_dir, tokenizer_dir=tokenizer_dir, metadata=metadata)
+    local = save_hf(plain, Path(tempfile.mkdtemp(prefix=f"milestone-{name}-")) / name, tokenizer_dir=tokenizer_dir,
+                    metadata=metadata)
+    target = join(run_uri, MILESTONES_DIR, name)
+    remove_tree(target)
+    record = seal_record(local, **metadata)
+    upload(local, target, list(record["files"]))
+    write_json_atomic(join(target, MILESTONE_SEAL), record)
+    return local
+
+
+def milestone_uri(run_uri: str, name: str) -> str:
+    return join(run_uri, MILESTONES_DIR, name)
+
+
+def sealed_milestones(run_uri: str) -> dict[str, dict]:
+    """name -> seal record of every milestone of a run that was published whole."""
+    found = {}
+    for name in names_in(join(run_uri, MILESTONES_DIR)):
+        if exists(join(run_uri, MILESTONES_DIR, name, MILESTONE_SEAL)):
+            found[name] = read_json(join(run_uri, MILESTONES_DIR, name, MILESTONE_SEAL))
+    return found
+
+
+def fetch_milestone(run_uri: str, name: str, out_dir: Path) -> Path:
+    """A sealed milestone of the run, verified, as the local HF dir `out_dir` (atomically: temp + rename)."""
+    return materialize_sealed(milestone_uri(run_uri, name), MILESTONE_SEAL, out_dir)

@@ -10,6 +10,8 @@ that loses a worker and resumes ends with the same weights as one that never fai
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,8 @@ import torch
 import torch.distributed as dist
 
 from model.llama import Llama
-from tasks.layout import Layout
 from tasks.params import Params, format_tokens
-from tasks.pretrain.checkpoint import checkpoint_name, export_milestone, restore, save_local
+from tasks.pretrain.checkpoint import export_milestone, milestone_uri, restore, save_checkpoint
 from tasks.pretrain.loader import MixedLoader, PreparedData, val_batches
 from tasks.pretrain.parallel import Parallel, build_optimizer, grad_norm_value
 from tasks.pretrain.schedule import StepPlan, lr_at
@@ -34,8 +35,8 @@ class LoopConfig:
 
     params: dict           # the resolved Params, re-validated on the worker
     data: PreparedData
-    run_uri: str           # where this run's resume checkpoints live
-    layout: Layout         # every path, absolute
+    run_uri: str           # the run's dir (checkpoints, milestones): a local path or a URI every node reaches
+    tokenizer_files: dict[str, bytes]  # copied into every milestone; shipped, as workers may not see the driver's disk
     tracking_uri: str | None  # None: no MLflow (a bare benchmark run)
     mlflow_run_id: str
     peak_flops_per_worker: float | None  # configured (GPU) or None: measure (CPU)
@@ -105,6 +106,7 @@ class Trainer:
                        if self.rank == 0 and config.tracking_uri else None)
         self.eval_refs: list = []
 
+        self._tokenizer: Path | None = None
         self.step, self.metrics = 0, {}
         record = restore(config.run_uri, self.model, self.optimizer, say=self.say)
         if record is not None:
@@ -148,41 +150,45 @@ class Trainer:
 
     # -- milestones, checkpoints -----------------------------------------------------------------
     def export(self, milestone: int) -> None:
+        """Collective: the milestone into the run's dir (the stage copies it to {paths.models} at the end),
+        logged to MLflow and handed to a milestone eval."""
         name = format_tokens(milestone)
         metadata = {"milestone": name, "milestone_tokens": milestone,
                     "tokens_seen": self.plan.tokens_after(self.step), "step": self.step}
-        layout = self.config.layout
-        out = export_milestone(self.model, layout.milestone_dir(name), layout.tokenizer_dir, metadata)
-        if out is None:
+        local = export_milestone(self.model, self.config.run_uri, name, self._tokenizer_dir(), metadata)
+        if local is None:
             return
-        self.say(f"milestone {name}: exported {out} at step {self.step} "
-                                f"({metadata['tokens_seen']} tokens seen)")
+        uri = milestone_uri(self.config.run_uri, name)
+        self.say(f"milestone {name}: exported {uri} at step {self.step} ({metadata['tokens_seen']} tokens seen)")
         if self.mlflow is not None:
-            self.mlflow.log_checkpoint(out, name)
+            self.mlflow.log_checkpoint(local, name)
+        shutil.rmtree(local.parent, ignore_errors=True)
         if self.config.eval_milestones:
             from tasks.evaluate.during_training import submit_milestone_eval
 
-            self.eval_refs.append(submit_milestone_eval(self.params, str(out), self.config.mlflow_run_id,
+            self.eval_refs.append(submit_milestone_eval(self.params, uri, self.config.mlflow_run_id,
                                                         metadata["tokens_seen"], self.config.tracking_uri,
                                                         self.config.console))
 
-    def report(self, checkpoint: bool) -> None:
-        """Every rank calls this (ray.train.report is a barrier) and hands over the files it wrote:
-        rank 0 all of a full checkpoint, every rank its own shard of a sharded one."""
-        import tempfile
+    def _tokenizer_dir(self) -> Path:
+        """The shipped tokenizer files, written once into this worker's own temp dir."""
+        if self._tokenizer is None:
+            self._tokenizer = Path(tempfile.mkdtemp(prefix="tokenizer-"))
+            for name, data in self.config.tokenizer_files.items():
+                (self._tokenizer / name).write_bytes(data)
+        return self._tokenizer
 
+    def report(self, checkpoint: bool) -> None:
+        """Every rank calls this: it writes its part of a checkpoint (collective) and reports the metrics
+        to Ray Train (a barrier; the driver gets the last report's metrics)."""
         import ray.train
 
-        metrics = dict(self.metrics, step=self.step)
-        if not checkpoint:
-            ray.train.report(metrics)
-            return
-        state = {"step": self.step, "tokens_seen": self.plan.tokens_after(self.step),
-                 "loader": self.loader.state(), "metrics": self.metrics}
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            wrote = save_local(Path(tmp), self.model, self.optimizer, state, sharded=self.train.strategy == "fsdp")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
-                             checkpoint_dir_name=checkpoint_name(self.step))
+        if checkpoint:
+            state = {"step": self.step, "tokens_seen": self.plan.tokens_after(self.step),
+                     "loader": self.loader.state(), "metrics": self.metrics}
+            save_checkpoint(self.config.run_uri, self.step, self.model, self.optimizer, state,
+                            sharded=self.train.strategy == "fsdp", keep=self.train.keep_checkpoints)
+        ray.train.report(dict(self.metrics, step=self.step))
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:

@@ -16,8 +16,8 @@ import logging
 import os
 import time
 
-from tasks.files import read_json, write_json_atomic
-from tasks.layout import Layout, join, with_absolute_paths
+from tasks.files import exists, read_json, remove_tree, write_json_atomic
+from tasks.layout import TOKENIZER_FILES, Layout, join, with_absolute_paths
 from tasks.params import Params, add_params_argument, load_params
 from tasks.pretrain.loader import PreparedData, open_prepared
 from tasks.pretrain.schedule import StepPlan
@@ -52,24 +52,17 @@ def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _fs(uri: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri)
-
-
-def prepare_run_dir(run_uri: str, resume: str) -> dict | None:
-    """Returns the previous run's record when resuming it; clears the dir when starting over."""
-    fs, path = _fs(run_uri)
-    record = read_json(join(run_uri, RUN_FILE)) if fs.exists(f"{path}/{RUN_FILE}") else None
-    finished = fs.exists(f"{path}/{COMPLETE_FILE}")
-    if record is not None and resume == "auto" and not finished:
-        return record
-    if fs.exists(path):
-        reason = "--resume never" if resume == "never" else "the previous identical run had finished"
-        log.warning("starting over in %s (%s)", run_uri, reason)
-        fs.rm(path, recursive=True)
-    return None
+def previous_run(run_uri: str, resume: str) -> tuple[dict | None, dict | None]:
+    """(run.json, complete.json) of this recipe's earlier run when continuing it, (None, None) after
+    clearing its dir when starting over (`--resume never`)."""
+    if resume == "never":
+        if exists(run_uri):
+            log.warning("starting over in %s (--resume never)", run_uri)
+        remove_tree(run_uri)
+        return None, None
+    record = read_json(join(run_uri, RUN_FILE)) if exists(join(run_uri, RUN_FILE)) else None
+    complete = read_json(join(run_uri, COMPLETE_FILE)) if record and exists(join(run_uri, COMPLETE_FILE)) else None
+    return record, complete
 
 
 def start_mlflow_run(params: Params, run_name: str, previous: dict | None, extra: dict) -> tuple[str, str]:
@@ -99,67 +92,113 @@ def start_mlflow_run(params: Params, run_name: str, previous: dict | None, extra
 
 
 def pretrain(params: Params, resume: str = "auto") -> dict:
-    """Run the stage; returns what it wrote to `{paths.metrics}/pretrain.json`."""
+    """Run the stage; returns what it wrote to `{paths.metrics}/pretrain.json`.
+
+    Training happens in the run's dir (resume checkpoints and milestones, outside DVC's outputs); at the
+    end every milestone is copied from there into `{paths.models}/pretrain/`. So a rerun after a crash
+    (DVC deletes the stage's outputs first) resumes training and still publishes every milestone, and a
+    rerun of a recipe that finished before publishes them again without training."""
+    from tasks.ray_cluster import check_train_resources, console_relay, ray_session
+
+    started = time.perf_counter()
+    params = with_absolute_paths(params)  # Ray workers do not share the driver's working directory
+    layout = Layout.from_params(params)
+    data = open_prepared(params)  # every input check happens before anything is written
+    plan = StepPlan.from_params(params)
+    recipe = fingerprint(params, data)
+    run_uri = layout.run_dir(f"run-{recipe[:16]}")
+    previous, complete = previous_run(run_uri, resume)
+    if complete is not None:
+        print(f"pretrain: this recipe's run {run_uri} finished before; publishing its milestones", flush=True)
+        metrics = complete
+    else:
+        evals = params.train.eval_milestones_during_training
+        with ray_session(params, "pretrain", extra_cpus=1 if evals else 0), console_relay() as console:
+            check_train_resources(params)
+            metrics = _train(params, layout, data, plan, recipe, run_uri, previous, console)
+        metrics["wall_time_s"] = round(time.perf_counter() - started, 2)
+        write_json_atomic(join(run_uri, COMPLETE_FILE), metrics)
+    published = publish_milestones(run_uri, plan, layout)
+    out = write_json_atomic(layout.metrics_file("pretrain"), metrics)
+    print(f"pretrain: done in {time.perf_counter() - started:.0f}s; final train loss {metrics['final_train_loss']:.4f}, "
+          f"val loss {metrics['final_val_loss']:.4f}; milestones {', '.join(published)} -> {layout.pretrain_dir}; "
+          f"metrics -> {out}", flush=True)
+    return metrics
+
+
+def publish_milestones(run_uri: str, plan: StepPlan, layout: Layout) -> list[str]:
+    """Every milestone of the plan, from the run's dir into `{paths.models}/pretrain/<name>/` (verified,
+    atomically); a milestone the run did not publish whole is an error naming it."""
+    from tasks.files import BrokenSeal
+    from tasks.params import format_tokens
+    from tasks.pretrain.checkpoint import fetch_milestone
+
+    names = [format_tokens(m) for m in plan.milestones]
+    for name in names:
+        try:
+            fetch_milestone(run_uri, name, layout.milestone_dir(name))
+        except BrokenSeal as exc:
+            raise RuntimeError(f"milestone {name} of {run_uri} is incomplete or corrupt ({exc})") from None
+    return names
+
+
+def last_checkpoint_metrics(run_uri: str) -> dict:
+    """The metrics sealed into the run's newest checkpoint (the loop checkpoints its final step)."""
+    from tasks.pretrain.checkpoint import CHECKPOINT_JSON, list_checkpoints
+
+    newest = list_checkpoints(run_uri)[0]
+    return read_json(join(run_uri, newest, CHECKPOINT_JSON))["metrics"]
+
+
+def _tokenizer_files(layout: Layout) -> dict[str, bytes]:
+    return {name: (layout.tokenizer_dir / name).read_bytes() for name in TOKENIZER_FILES
+            if (layout.tokenizer_dir / name).is_file()}
+
+
+def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, recipe: str, run_uri: str,
+           previous: dict | None, console) -> dict:
+    """Ray Train over the run's dir, resuming from its newest valid checkpoint; returns the metrics."""
     from mlflow.entities import Metric
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.pretrain.loop import LoopConfig, train_loop
-    from tasks.ray_cluster import check_train_resources, console_relay, ray_session
     from tasks.tracking import client as mlflow_client
 
-    started = time.perf_counter()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
-    params = with_absolute_paths(params)  # Ray workers do not share the driver's working directory
-    layout = Layout.from_params(params)
     train = params.train
-    data = open_prepared(params)  # every input check happens before anything is written
-    plan = StepPlan.from_params(params)
-    evals = train.eval_milestones_during_training
-    with ray_session(params, "pretrain", extra_cpus=1 if evals else 0), console_relay() as console:
-        check_train_resources(params)
-        recipe = fingerprint(params, data)
-        run_name = f"run-{recipe[:16]}"
-        run_uri = layout.run_dir(run_name)
-        previous = prepare_run_dir(run_uri, resume)
-        peak = params.plan.peak_tflops_per_worker * 1e12 if train.use_gpu else None
-        extra = {"derived.total_steps": plan.total_steps, "derived.grad_accum": plan.grad_accum,
-                 "derived.tokens_per_step": plan.tokens_per_step, "derived.run_dir": run_uri,
-                 "derived.parameters": params.llama_config(data.vocab_size).num_params(),
-                 "derived.mfu_peak": "configured plan.peak_tflops_per_worker" if peak else "measured fp32 matmul per worker"}
-        uri, run_id = start_mlflow_run(params, f"pretrain-{params.profile}-{recipe[:8]}", previous, extra)
-        write_json_atomic(join(run_uri, RUN_FILE), {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
-        print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
-              f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
-        loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
-                                 layout=layout, tracking_uri=uri, mlflow_run_id=run_id,
-                                 peak_flops_per_worker=peak, eval_milestones=evals, console=console)
-        resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-        trainer = TorchTrainer(
-            lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
-            torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=run_name, storage_path=train.checkpoint_dir,
-                                 failure_config=FailureConfig(max_failures=train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)))
-        client = mlflow_client(uri)
-        try:
-            result = trainer.fit()
-        except BaseException:
-            client.set_terminated(run_id, status="FAILED")
-            raise
-        wall = time.perf_counter() - started
-        reported = result.metrics
-        metrics = {"mlflow_run_id": run_id, **{k: reported.get(k) for k in METRIC_KEYS}, "wall_time_s": round(wall, 2)}
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), now, metrics["steps"])
-                                          for k, v in metrics.items() if isinstance(v, (int, float))])
-        client.set_terminated(run_id, status="FINISHED")
-        write_json_atomic(join(run_uri, COMPLETE_FILE), metrics)
-    out = write_json_atomic(layout.metrics_file("pretrain"), metrics)
-    print(f"pretrain: done in {wall:.0f}s; final train loss {metrics['final_train_loss']:.4f}, val loss "
-          f"{metrics['final_val_loss']:.4f}; metrics -> {out}", flush=True)
+    peak = params.plan.peak_tflops_per_worker * 1e12 if train.use_gpu else None
+    extra = {"derived.total_steps": plan.total_steps, "derived.grad_accum": plan.grad_accum,
+             "derived.tokens_per_step": plan.tokens_per_step, "derived.run_dir": run_uri,
+             "derived.parameters": params.llama_config(data.vocab_size).num_params(),
+             "derived.mfu_peak": "configured plan.peak_tflops_per_worker" if peak else "measured fp32 matmul per worker"}
+    uri, run_id = start_mlflow_run(params, f"pretrain-{params.profile}-{recipe[:8]}", previous, extra)
+    write_json_atomic(join(run_uri, RUN_FILE), {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
+    print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
+          f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
+    loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
+                             tokenizer_files=_tokenizer_files(layout), tracking_uri=uri, mlflow_run_id=run_id,
+                             peak_flops_per_worker=peak, eval_milestones=train.eval_milestones_during_training,
+                             console=console)
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    trainer = TorchTrainer(
+        lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_uri.rstrip("/").rsplit("/", 1)[-1], storage_path=train.checkpoint_dir,
+                             failure_config=FailureConfig(max_failures=train.max_failures)))
+    client = mlflow_client(uri)
+    try:
+        trainer.fit()  # raises when training failed for good (after `train.max_failures` restarts)
+        reported = last_checkpoint_metrics(run_uri)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    metrics = {"mlflow_run_id": run_id, **{k: reported.get(k) for k in METRIC_KEYS}}
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), now, metrics["steps"])
+                                      for k, v in metrics.items() if isinstance(v, (int, float))])
+    client.set_terminated(run_id, status="FINISHED")
     return metrics
 
 
