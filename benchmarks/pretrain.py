@@ -59,14 +59,14 @@ def write_data(params, root: Path) -> None:
 
 
 def _loop_config(params, root: Path):
-    from tasks.layout import Layout, with_absolute_paths
+    from tasks.layout import with_absolute_paths
     from tasks.pretrain.loader import open_prepared
     from tasks.pretrain.loop import LoopConfig
 
     params = with_absolute_paths(params)
     return LoopConfig(params=params.model_dump(mode="json"), data=open_prepared(params), run_uri=str(root / "bare-run"),
-                      layout=Layout.from_params(params), tracking_uri=None, mlflow_run_id="",
-                      peak_flops_per_worker=None, eval_milestones=False, console=None)
+                      tokenizer_files={}, tracking_uri=None, mlflow_run_id="", peak_flops_per_worker=None,
+                      eval_inputs=None, console=None)
 
 
 def _bare_worker(rank: int, world: int, port: int, config, steps: int, device: str, out: str) -> None:

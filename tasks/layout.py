@@ -21,7 +21,7 @@ from tasks.params import Params
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE",
            "WEIGHTS_INDEX_FILE", "TOKENIZER_MODEL_FILE", "MANIFEST_FILE", "EVAL_TASKS_FILE", "MILESTONE_SEAL", "Layout", "is_uri", "resolve", "join",
-           "with_absolute_paths"]
+           "with_absolute_paths", "shard_location"]
 
 MANIFEST_FILE = "manifest.json"        # {paths.data}/prepared/manifest.json
 EVAL_TASKS_FILE = "tasks.json"         # {paths.data}/eval/tasks.json: the tiny profile's eval task registry
@@ -45,11 +45,18 @@ def resolve(path: str | Path, root: Path | None = None) -> str:
 def with_absolute_paths(params: Params, root: Path | None = None) -> Params:
     """The same params with every path made absolute (`resolve`), for processes that do not share our
     cwd: Ray workers, Ray tasks, subprocesses."""
-    paths = params.paths.model_copy(update={k: resolve(v, root) for k, v in params.paths.model_dump().items()})
+    paths = params.paths.model_copy(update={k: resolve(v, root) for k, v in params.paths.model_dump().items()
+                                            if v is not None})
     train = params.train.model_copy(update={"checkpoint_dir": resolve(params.train.checkpoint_dir, root)})
     data_dir = resolve(params.eval.data_dir, root) if params.eval.data_dir else None
     return params.model_copy(update={"paths": paths, "train": train,
                                      "eval": params.eval.model_copy(update={"data_dir": data_dir})})
+
+
+def shard_location(prepared_dir: str | Path, entry: str) -> str:
+    """Where a manifest's shard entry is: a URI as written (shared, content-addressed shards), else a
+    path relative to the prepared dir."""
+    return entry if is_uri(entry) else join(str(prepared_dir), entry)
 
 
 def join(base: str, *parts: str) -> str:
@@ -64,13 +71,15 @@ class Layout:
     data: Path
     models: Path
     metrics: Path
-    checkpoints: str   # train.checkpoint_dir: Ray Train's storage, a local path or a URI
+    checkpoints: str      # train.checkpoint_dir: runs' dirs (checkpoints, milestones), a local path or a URI
+    shared: str | None    # paths.shared: a URI every node reaches, or None (one machine)
 
     @classmethod
     def from_params(cls, params: Params, root: Path | None = None) -> "Layout":
         paths = params.paths
         return cls(data=Path(resolve(paths.data, root)), models=Path(resolve(paths.models, root)),
-                   metrics=Path(resolve(paths.metrics, root)), checkpoints=resolve(params.train.checkpoint_dir, root))
+                   metrics=Path(resolve(paths.metrics, root)), checkpoints=resolve(params.train.checkpoint_dir, root),
+                   shared=paths.shared)
 
     # -- tokenizer, prepare ------------------------------------------------------------------------
     @property
@@ -113,8 +122,14 @@ class Layout:
         return join(self.checkpoints, run_name)
 
     @property
-    def eval_cache_dir(self) -> Path:
-        return self.metrics / "eval_cache"
+    def shard_store(self) -> str | None:
+        """Where prepare puts shards, content-addressed (`<sha256>.parquet`), when they must be shared."""
+        return join(self.shared, "shards") if self.shared else None
+
+    @property
+    def eval_cache(self) -> str:
+        """Cached scores (tasks/evaluate/scoring.py): milestone evals on any node write there."""
+        return join(self.shared, "eval_cache") if self.shared else str(self.metrics / "eval_cache")
 
     # -- alignment, quantization, serving ----------------------------------------------------------
     def sft_dir(self, variant: str) -> Path:

@@ -55,6 +55,17 @@ class Paths(Section):
     data: str = "data"
     models: str = "models"
     metrics: str = "metrics"
+    # A URI every node of a Ray cluster reaches (s3://…), for what training workers and milestone evals
+    # read and write: prepared shards (content-addressed; data/prepared keeps only the manifest), the eval
+    # score cache. null: all of it stays under the local paths above (one machine).
+    shared: str | None = None
+
+    @field_validator("shared")
+    @classmethod
+    def _shared_is_a_uri(cls, value):
+        if value is not None and "://" not in value:
+            raise ValueError(f"must be a URI every node reaches, such as s3://bucket/prefix, got {value!r}")
+        return value
 
 
 class TokenizerParams(Section):
@@ -165,6 +176,17 @@ class TrainParams(Section):
     val_batches: int = Field(4, gt=0)
     max_failures: int = Field(1, ge=0)
     eval_milestones_during_training: bool = True
+    # Custom Ray resources each training worker needs on top of its CPUs/GPU, e.g. {"trainer": 1} to keep
+    # training on the nodes meant for it (infra/ray/cluster-16gpu.yaml); milestone evals ask for eval.resources.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    # How long to wait for the cluster to offer training + eval resources (an autoscaler may need minutes to
+    # start nodes) before failing with what is missing. 0: they must be there already.
+    resource_timeout_s: float = Field(0, ge=0)
+    # Environment variables for every Ray worker (set in the job's runtime env, so nodes get them too),
+    # e.g. TORCH_NCCL_ASYNC_ERROR_HANDLING.
+    worker_env: dict[str, str] = Field(default_factory=dict)
+    # Recompute each decoder block's activations in the backward pass instead of keeping them.
+    activation_checkpointing: bool = False
     # CPU priority of those evals. idle: they run only on cycles training leaves unused (Linux
     # SCHED_IDLE, elsewhere nice 19), so they cannot slow it; normal: training's own priority.
     eval_priority: Literal["idle", "normal"] = "idle"
@@ -215,6 +237,22 @@ class EvalParams(Section):
     batch_size: int = Field(16, gt=0)
     device: str = "cpu"
     perplexity_rows: int = Field(256, gt=0)
+    # What one milestone eval (a Ray task during pretraining) asks of the cluster, e.g. {"CPU": 8, "GPU": 1,
+    # "evaluator": 1} for the eval node group of infra/ray/cluster-16gpu.yaml; checked with the training
+    # workers' before training starts.
+    resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    # How long the last training worker waits for the milestone evals still running when training ends;
+    # what misses it, the evaluate stage scores.
+    timeout_s: float = Field(3600, gt=0)
+
+    @model_validator(mode="after")
+    def _gpu_for_cuda(self):
+        if self.device.startswith("cuda") and not self.resources.get("GPU"):
+            raise ValueError(f"eval.resources: eval.device is {self.device!r}, so a milestone eval needs a GPU "
+                             f"(add \"GPU\": 1), got {self.resources}")
+        if self.resources.get("CPU", 0) < 1:
+            raise ValueError(f"eval.resources: a milestone eval needs at least 1 CPU, got {self.resources}")
+        return self
 
 
 class MlflowParams(Section):

@@ -50,7 +50,8 @@ def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a pipeline stage must never prompt
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    # The job's runtime env: every worker this job starts, on any node, gets these variables.
+    runtime_env = {"env_vars": {**WORKER_ENV, **params.train.worker_env}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
@@ -138,17 +139,51 @@ def console_relay() -> Iterator[Console]:
         lines.shutdown()
 
 
-def check_train_resources(params: Params) -> None:
-    """Fail fast, with the numbers, when the cluster cannot place the training workers."""
-    import ray
-
+def training_bundles(params: Params) -> list[dict[str, float]]:
+    """What pretraining asks of the cluster: one bundle per training worker, plus one for a milestone eval
+    when evals run during training (one at a time: a milestone every few days at scale)."""
     train = params.train
-    available = ray.cluster_resources()
-    need_cpus = train.workers * train.cpus_per_worker
-    have_cpus = available.get("CPU", 0)
-    if need_cpus > have_cpus:
-        raise UserError(f"train.workers: {train.workers} workers × {train.cpus_per_worker} CPUs "
-                        f"(train.cpus_per_worker) = {need_cpus} CPUs, but the Ray cluster has {have_cpus:g}")
-    if train.use_gpu and train.workers > available.get("GPU", 0):
-        raise UserError(f"train.workers: {train.workers} GPU workers (train.use_gpu), but the Ray cluster has "
-                        f"{available.get('GPU', 0):g} GPUs")
+    worker = {"CPU": float(train.cpus_per_worker), **({"GPU": 1.0} if train.use_gpu else {}),
+              **train.resources_per_worker}
+    bundles = [worker] * train.workers
+    if train.eval_milestones_during_training:
+        bundles.append(dict(params.eval.resources))
+    return bundles
+
+
+def _shortfall(params: Params, bundles: list[dict[str, float]], have: dict[str, float]) -> str:
+    """What is missing, resource by resource, and which params ask for it."""
+    train = params.train
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            need[name] = need.get(name, 0.0) + amount
+    evals = " + eval.resources (milestone evals during training)" if train.eval_milestones_during_training else ""
+    missing = [f"{name} {amount:g} (has {have.get(name, 0):g})" for name, amount in sorted(need.items())
+               if amount > have.get(name, 0)]
+    asked = (f"train.workers {train.workers} × (train.cpus_per_worker {train.cpus_per_worker}"
+             f"{', 1 GPU' if train.use_gpu else ''}{', train.resources_per_worker ' + str(train.resources_per_worker) if train.resources_per_worker else ''})"
+             f"{evals}")
+    if missing:
+        return f"the Ray cluster lacks {', '.join(missing)} for {asked}"
+    return (f"the Ray cluster has enough of every resource in total but cannot place {asked} on its nodes "
+            f"(one bundle per worker must fit on one node; has {', '.join(f'{k} {v:g}' for k, v in sorted(have.items()))})")
+
+
+def check_train_resources(params: Params) -> None:
+    """Fail before training, saying what is missing, when the cluster cannot host the training workers
+    *and* their milestone evals. All bundles are reserved at once as a placement group, as Ray Train does,
+    so node packing counts, and an autoscaler sees the demand; it gets `train.resource_timeout_s` to
+    provide them (no wait without a limit); the reservation is released at once."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = training_bundles(params)
+    group = placement_group(bundles, strategy="PACK")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=max(params.train.resource_timeout_s, 1.0))
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        raise UserError(f"train.workers: {_shortfall(params, bundles, ray.cluster_resources())}; "
+                        f"waited {max(params.train.resource_timeout_s, 1.0):g} s (train.resource_timeout_s)")

@@ -3,6 +3,7 @@ and the prepared data versioned by the real DVC CLI with an S3 remote (repro, pu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -59,6 +60,45 @@ def test_prepare_reads_sources_from_s3(tmp_path, s3_env, small_tokenizer_dir):
     local = run(str(raw))
     assert {k: v for k, v in local.items() if k != "manifest.json"} == \
         {k: v for k, v in from_s3.items() if k != "manifest.json"}
+
+
+def test_shards_on_shared_storage_are_content_addressed_and_the_manifest_is_all_that_stays(tmp_path, s3_env,
+                                                                                            small_tokenizer_dir):
+    """`paths.shared` (the cluster profile): shards go to `<shared>/shards/<sha256>.parquet`, each written once,
+    and `data/prepared` (DVC's output) holds only the manifest naming them; training reads them back from
+    S3 through the manifest, every row counted."""
+    import s3fs
+
+    from tasks.params import load_params
+    from tasks.pretrain.loader import open_prepared
+
+    raw = tmp_path / "raw"
+    shutil.copytree(small_tokenizer_dir, tmp_path / "models" / "tokenizer")
+    bucket = _bucket(tmp_path)
+    sources = [{"name": "slimpajama", "format": "slimpajama", "uri": str(write_slimpajama(raw / "sp")), "weight": 1}]
+    params_file = write_params(tmp_path, sources, seq_len=32, val_fraction=0.1, rows_per_shard=40)
+    raw_params = yaml.safe_load(params_file.read_text())
+    raw_params["paths"]["shared"] = f"s3://{bucket}/pipeline"
+    raw_params["tokenizer"]["vocab_size"] = 512  # small_tokenizer_dir's
+    params_file.write_text(yaml.safe_dump(raw_params))
+    assert cli(["prepare", "--params", str(params_file)]) == 0
+
+    assert sorted(p.name for p in (tmp_path / "data" / "prepared").iterdir()) == ["manifest.json"]
+    manifest = json.loads((tmp_path / "data" / "prepared" / "manifest.json").read_text())
+    fs = s3fs.S3FileSystem()
+    for split in manifest["sources"]["slimpajama"]["splits"].values():
+        assert split["shards"], "every split has shards"
+        for uri in split["shards"]:
+            digest = split["shard_sha256"][uri]
+            assert uri == f"s3://{bucket}/pipeline/shards/{digest}.parquet"
+            assert hashlib.sha256(fs.cat_file(uri)).hexdigest() == digest
+    stored = sorted(fs.ls(f"{bucket}/pipeline/shards"))
+    assert cli(["prepare", "--params", str(params_file)]) == 0  # the same data again: nothing new stored
+    assert sorted(fs.ls(f"{bucket}/pipeline/shards")) == stored
+
+    data = open_prepared(load_params(params_file))
+    assert data.train["slimpajama"].rows == manifest["sources"]["slimpajama"]["splits"]["train"]["rows"]
+    assert all(uri.startswith("s3://") for uri in data.train["slimpajama"].shards)
 
 
 def _dvc(repo: Path, *args: str, env: dict) -> str:

@@ -8,6 +8,7 @@ import pytest
 from eval_fixtures import ROOT, make_project
 
 from tasks.evaluate.during_training import eval_resources, submit_milestone_eval
+from tasks.evaluate.scoring import collect_inputs
 from tasks.evaluate.stage import evaluate
 from tasks.files import seal_record
 from tasks.layout import MILESTONE_SEAL
@@ -16,11 +17,11 @@ from tasks.params import load_params
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_eval_resources_follow_the_device():
+def test_eval_resources_come_from_the_profile():
     params = load_params(ROOT / "params.yaml")
     assert eval_resources(params) == {"num_cpus": 1, "num_gpus": 0}
-    gpu = params.model_copy(update={"eval": params.eval.model_copy(update={"device": "cuda"})})
-    assert eval_resources(gpu) == {"num_cpus": 1, "num_gpus": 1}
+    cluster = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml")
+    assert eval_resources(cluster) == {"num_cpus": 8, "num_gpus": 1, "resources": {"evaluator": 1}}
 
 
 def test_milestone_evals_log_as_they_land_and_failures_only_tag(tmp_path, eval_models, local_ray, monkeypatch):
@@ -39,8 +40,9 @@ def test_milestone_evals_log_as_they_land_and_failures_only_tag(tmp_path, eval_m
     for milestone in (sealed / "4K", broken):
         (milestone / MILESTONE_SEAL).write_text(json.dumps(seal_record(milestone)))
 
-    ok_ref = submit_milestone_eval(params, sealed / "4K", run_id, 4096)
-    bad_ref = submit_milestone_eval(params, broken, run_id, 2048)
+    inputs = collect_inputs(params)
+    ok_ref = submit_milestone_eval(params, inputs, sealed / "4K", run_id, 4096, project["uri"])
+    bad_ref = submit_milestone_eval(params, inputs, broken, run_id, 2048, project["uri"])
     ready, _ = ray.wait([ok_ref], timeout=0)
     assert not ready, "submitting must return before the eval has run (it loads a model: seconds)"
     ok, bad = ray.get([ok_ref, bad_ref], timeout=600)

@@ -73,11 +73,16 @@ def test_pretrain_learns_exports_milestones_and_logs(pretrain_workspace, local_r
     assert "step 24/24 | tokens 24.576K/24.576K | loss" in capsys.readouterr().out
 
 
-def test_more_workers_than_the_cluster_has_fails_fast(pretrain_workspace, local_ray, tmp_path):
+def test_a_cluster_that_cannot_host_training_and_its_evals_fails_before_training(pretrain_workspace, local_ray):
+    """Training workers and a milestone eval are reserved together, with a limit on the wait; the error
+    says what is missing and which params ask for it (the local cluster has 2 CPUs)."""
     _, root = pretrain_workspace
-    params = pretrain_params(root, workers=4, global_batch_tokens=2048)
-    with pytest.raises(UserError, match=r"train.workers: 4 workers × 1 CPUs .* = 4 CPUs, but the Ray cluster has 2"):
+    params = pretrain_params(root, workers=4, global_batch_tokens=2048, resource_timeout_s=1)
+    with pytest.raises(UserError, match=r"train.workers: the Ray cluster lacks CPU 4 \(has 2\) for train.workers 4"):
         pretrain(params)
+    with_evals = pretrain_params(root, eval_milestones_during_training=True, resource_timeout_s=1)
+    with pytest.raises(UserError, match=r"lacks CPU 3 \(has 2\) .* \+ eval.resources .*waited 1 s"):
+        pretrain(with_evals)
     assert not (root / "checkpoints").exists() and not (root / "metrics").exists()
 
 

@@ -21,7 +21,7 @@ from model.atomic import replace_dir
 from tasks.data.sources import BAD_REASONS, SKIP_REASONS, SourceReader, builtin_corpus, where
 from tasks.errors import UserError
 from tasks.files import write_json_atomic
-from tasks.layout import EVAL_TASKS_FILE, MANIFEST_FILE, Layout
+from tasks.layout import EVAL_TASKS_FILE, MANIFEST_FILE, Layout, join
 from tasks.logs import progress
 from tasks.params import Params, add_params_argument, load_params
 
@@ -104,8 +104,10 @@ def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, 
 
     source, data = reader.source, params.data
     row_len = data.seq_len + 1
+    store = Layout.from_params(params).shard_store
+    publish = _shared_store_publisher(store) if store else None
     writers = {split: ShardWriter(out_root, f"{source.name}/{split}", row_len, dtype,
-                                  data.rows_per_shard, data.row_group_rows) for split in SPLITS}
+                                  data.rows_per_shard, data.row_group_rows, publish) for split in SPLITS}
     packers = {split: Packer(row_len, dtype) for split in SPLITS}
     documents, skipped, rows_read, ids_seen = Counter(), Counter(), 0, 0
     started = time.perf_counter()
@@ -125,6 +127,8 @@ def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, 
                             refresh=False)
     for writer in writers.values():
         writer.close()
+    if store:  # every shard went to the store: leave no empty dirs beside the manifest
+        shutil.rmtree(out_root / source.name, ignore_errors=True)
     _check_rows(source, reader, rows_read, skipped, documents, data.max_bad_fraction)
     if writers["train"].rows == 0:
         raise UserError(f"{where(source)}: {packers['train'].dropped} training tokens is less than one row "
@@ -138,9 +142,29 @@ def _prepare_source(reader: SourceReader, pool, out_root: Path, params: Params, 
         "input_rows": rows_read,
         "splits": {split: {"rows": writers[split].rows, "tokens": writers[split].rows * row_len,
                            "documents": documents[split], "dropped_tokens": packers[split].dropped,
-                           "shards": writers[split].shards} for split in SPLITS},
+                           "shards": writers[split].shards, "shard_sha256": writers[split].sha256}
+                   for split in SPLITS},
         "skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
     }
+
+
+def _shared_store_publisher(store: str):
+    """Shards to a store every node reaches, named by content (`<sha256>.parquet`): written once (an
+    identical shard is already there), never overwritten, so any manifest that names one stays valid; the
+    local file goes as soon as it is uploaded. The manifest records the URI."""
+    from tasks.files import exists, upload
+
+    def publish(local: Path, sha256: str) -> str:
+        name = f"{sha256}.parquet"
+        if not exists(join(store, name)):
+            staged = local.with_name(name)
+            local.rename(staged)
+            upload(staged.parent, store, [name])
+            local = staged
+        local.unlink()
+        return join(store, name)
+
+    return publish
 
 
 def _check_rows(source, reader: SourceReader, rows: int, skipped: Counter, documents: Counter,

@@ -7,11 +7,14 @@ Rows are buffered only up to one row group, which keeps memory flat however big 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tasks.files import sha256_file
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -33,11 +36,17 @@ def rows_to_table(rows: np.ndarray) -> pa.Table:
 
 
 class ShardWriter:
-    """Writes `<root>/<prefix>/shard-00000.parquet`, ... and remembers their relative paths."""
+    """Writes `<root>/<prefix>/shard-00000.parquet`, ... and remembers each one's manifest entry and sha256.
+
+    `publish(local_path) -> entry`, called as each shard is closed, decides where it ends up: by default it
+    stays where it is and its entry is its path relative to `root`; prepare's shared store uploads it under
+    its content hash and deletes the local file, so at most one shard per writer is ever on local disk."""
 
     def __init__(self, root: Path, prefix: str, row_len: int, dtype: np.dtype,
-                 rows_per_shard: int, row_group_rows: int):
+                 rows_per_shard: int, row_group_rows: int, publish: Callable[[Path, str], str] | None = None):
         self.root, self.prefix = root, prefix
+        self.publish = publish or (lambda path, sha256: str(path.relative_to(root)))
+        self.sha256: dict[str, str] = {}
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = min(row_group_rows, rows_per_shard)
         self.pending = np.empty((0, row_len), dtype=dtype)
@@ -57,23 +66,30 @@ class ShardWriter:
         while len(self.pending):
             self._flush(min(len(self.pending), self._next_group()))
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            self._close_shard()
 
     def _next_group(self) -> int:
         """A row group never straddles two shards."""
         return min(self.row_group_rows, self.rows_per_shard - self._rows_in_shard)
+
+    def _close_shard(self) -> None:
+        self._writer.close()
+        self._writer = None
+        local = self.root / f"{self.prefix}/shard-{len(self.shards):05d}.parquet"
+        digest = sha256_file(local)
+        entry = self.publish(local, digest)
+        self.shards.append(entry)
+        self.sha256[entry] = digest
 
     def _flush(self, n: int) -> None:
         if self._writer is None:
             relative = f"{self.prefix}/shard-{len(self.shards):05d}.parquet"
             (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.root / relative, self.schema, compression="zstd")
-            self.shards.append(relative)
         self._writer.write_table(rows_to_table(self.pending[:n]), row_group_size=n)
         self.pending = self.pending[n:]
         self.rows += n
         self._rows_in_shard += n
         if self._rows_in_shard == self.rows_per_shard:
-            self._writer.close()
-            self._writer, self._rows_in_shard = None, 0
+            self._close_shard()
+            self._rows_in_shard = 0

@@ -15,22 +15,25 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from tasks.evaluate.scoring import EvalInputs
 from tasks.layout import resolve, with_absolute_paths
 from tasks.params import Params
 from tasks.ray_cluster import Console
-from tasks.tracking import tracking_uri
 
 
 def eval_resources(params: Params) -> dict:
-    if params.eval.device.startswith("cuda"):
-        return {"num_cpus": 1, "num_gpus": 1}
-    return {"num_cpus": 1, "num_gpus": 0}
+    """`eval.resources` as Ray task options (num_cpus, num_gpus, custom resources)."""
+    asked = dict(params.eval.resources)
+    cpus, gpus = asked.pop("CPU", 1.0), asked.pop("GPU", 0.0)
+    return {"num_cpus": cpus, "num_gpus": gpus, **({"resources": asked} if asked else {})}
 
 
-def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_seen: int, uri: str,
-                       threads: int, say: Callable[[str], None] = print) -> dict:
+def run_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str, run_id: str, tokens_seen: int,
+                       uri: str, threads: int, say: Callable[[str], None] = print) -> dict:
     """The body of the Ray task (a plain function, so it is also callable in-process). `milestone_dir` is
-    a sealed milestone in a run's dir (local or a URI); `say` gets one line with the scores (or the failure)."""
+    a sealed milestone in a run's dir (local or a URI), `inputs` what the driver gathered for scoring (the
+    task runs wherever the cluster has eval.resources and reads no file of the driver's); `say` gets one
+    line with the scores (or the failure)."""
     import torch
 
     from tasks.evaluate.checkpoints import read_milestone
@@ -39,7 +42,6 @@ def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_s
     from tasks.evaluate.scoring import score_checkpoint
     from tasks.files import materialize_sealed
     from tasks.layout import MILESTONE_SEAL
-    from tasks.evaluate.tasksets import build_taskset
 
     torch.set_num_threads(threads)
     client = client_for(uri)
@@ -49,7 +51,7 @@ def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_s
             local = materialize_sealed(milestone_dir, MILESTONE_SEAL, Path(scratch) / "milestone" / name)
             milestone = replace(read_milestone(local), tokens_seen=int(tokens_seen))
             name = milestone.name
-            result = score_checkpoint(params, build_taskset(params, Path(scratch) / "tasks"), milestone)
+            result = score_checkpoint(params, inputs, inputs.tasks.write(Path(scratch) / "tasks"), milestone)
         log_result(client, run_id, result)
         say(f"eval {result_line(result)}")
         return {"status": "ok", **result}
@@ -60,19 +62,18 @@ def run_milestone_eval(params: Params, milestone_dir: str, run_id: str, tokens_s
         return {"status": "failed", "milestone": name, "tokens": int(tokens_seen), "error": error}
 
 
-def submit_milestone_eval(params: Params, milestone_dir: str | Path, run_id: str, tokens_seen: int,
-                          mlflow_uri: str | None = None, console: Console | None = None):
-    """Start the eval as a Ray task; returns its ObjectRef (a dict with "status" once done).
-    `mlflow_uri` defaults to the profile's store as seen from this process's working directory; the
-    line with the scores goes to `console` (the stage's), else to the task's own output."""
+def submit_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str | Path, run_id: str,
+                          tokens_seen: int, mlflow_uri: str, console: Console | None = None):
+    """Start the eval as a Ray task with `eval.resources`; returns its ObjectRef (a dict with "status" once
+    done). The line with the scores goes to `console` (the stage's), else to the task's own output."""
     import ray
 
     resources = eval_resources(params)
     # max_calls=1: the worker process, whose priority the task lowers, exits with it.
     task = ray.remote(max_calls=1)(_background_milestone_eval).options(**resources, max_retries=0,
-                                                                       name=f"eval-{Path(milestone_dir).name}")
-    return task.remote(params.train.eval_priority, with_absolute_paths(params), resolve(milestone_dir), run_id,
-                       int(tokens_seen), mlflow_uri or tracking_uri(params), max(1, int(resources["num_cpus"])),
+                                                                       name=f"eval-{str(milestone_dir).rstrip('/').rsplit('/', 1)[-1]}")
+    return task.remote(params.train.eval_priority, with_absolute_paths(params), inputs, resolve(milestone_dir),
+                       run_id, int(tokens_seen), mlflow_uri, max(1, int(resources["num_cpus"])),
                        console.say if console is not None else print)
 
 

@@ -223,11 +223,12 @@ def offline_task_config(task: OfflineTask, rows_file: Path) -> dict:
     }
 
 
-def write_offline_task(task: OfflineTask, rows: list[dict], include_dir: Path) -> Path:
+def write_offline_task(task: OfflineTask, rows: bytes, include_dir: Path) -> Path:
+    """The task's adapted rows (JSON lines, in the HF schema) and its YAML, under `include_dir/<task>/`."""
     folder = Path(include_dir) / task.name
     folder.mkdir(parents=True, exist_ok=True)
     rows_file = folder / f"{task.name}.{task.split}.jsonl"
-    rows_file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    rows_file.write_bytes(rows)
     path = folder / f"{task.name}.yaml"
     path.write_text(yaml.safe_dump(offline_task_config(task, rows_file), sort_keys=False))
     return path

@@ -73,8 +73,11 @@ def tiny_task_config(name: str, items: Path) -> dict:
     }
 
 
-def write_tiny_task(name: str, items: Path, include_dir: Path) -> Path:
+def write_tiny_task(name: str, items: bytes, include_dir: Path) -> Path:
+    """The task's items (JSON lines) and its YAML, under `include_dir`."""
+    items_file = Path(include_dir) / f"{name}.jsonl"
+    items_file.parent.mkdir(parents=True, exist_ok=True)
+    items_file.write_bytes(items)
     path = Path(include_dir) / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(tiny_task_config(name, items), sort_keys=False))
+    path.write_text(yaml.safe_dump(tiny_task_config(name, items_file), sort_keys=False))
     return path

@@ -16,7 +16,7 @@ import numpy as np
 
 from tasks.errors import UserError
 from tasks.files import read_json
-from tasks.layout import MANIFEST_FILE
+from tasks.layout import MANIFEST_FILE, shard_location
 
 
 def read_manifest(prepared_dir: Path) -> dict:
@@ -24,13 +24,15 @@ def read_manifest(prepared_dir: Path) -> dict:
 
 
 def _source_rows(prepared_dir: Path, shards: list[str], limit: int) -> list[np.ndarray]:
+    import fsspec
     import pyarrow.parquet as pq
 
     rows: list[np.ndarray] = []
     for shard in shards:
         if len(rows) >= limit:
             break
-        column = pq.read_table(Path(prepared_dir) / shard, columns=["tokens"]).column("tokens").combine_chunks()
+        with fsspec.open(shard_location(prepared_dir, shard), "rb") as handle:
+            column = pq.read_table(handle, columns=["tokens"]).column("tokens").combine_chunks()
         width = len(column[0]) if len(column) else 0
         flat = column.values.to_numpy(zero_copy_only=False).reshape(-1, width) if width else np.empty((0, 0))
         rows.extend(flat[: limit - len(rows)])

@@ -17,8 +17,8 @@ from tasks.evaluate.checkpoints import find_milestones
 from tasks.evaluate.mlflow_log import client_for, is_logged, log_report_files, log_result, mark_failed
 from tasks.evaluate.perplexity import read_manifest
 from tasks.evaluate.report import write_reports
-from tasks.evaluate.scoring import score_checkpoint
-from tasks.evaluate.tasksets import TaskSet, build_taskset
+from tasks.evaluate.scoring import collect_inputs, score_checkpoint
+from tasks.evaluate.tasksets import TaskSet
 from tasks.files import read_json
 from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
@@ -70,12 +70,13 @@ def evaluate(params: Params) -> list[dict]:
     run_id, uri = pretrain_run_id(params), tracking_uri(params)
     client = client_for(uri)
     _existing_run(client, run_id, uri)
+    inputs = collect_inputs(params)
     with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as include_dir:
-        taskset = build_taskset(params, Path(include_dir))
+        taskset = inputs.tasks.write(Path(include_dir))
         results = []
         for milestone in milestones:
             try:
-                results.append(score_checkpoint(params, taskset, milestone))
+                results.append(score_checkpoint(params, inputs, taskset, milestone))
             except Exception as exc:
                 mark_failed(client, run_id, milestone.name, f"{type(exc).__name__}: {exc}")
                 raise

@@ -10,13 +10,15 @@ judged the same way everywhere, and every problem is reported before any model i
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.errors import UserError
 from tasks.evaluate.lm_eval_offline import OFFLINE_TASKS, load_offline_rows, offline_task_config, write_offline_task
 from tasks.evaluate.lm_eval_tiny import check_items, read_tiny_tasks, tiny_task_config, write_tiny_task
-from tasks.files import sha256_file, sha256_json
+from tasks.files import sha256_json
 from tasks.layout import EVAL_TASKS_FILE, Layout
 from tasks.params import Params
 
@@ -63,8 +65,38 @@ def _unknown_to_lm_eval(names: list[str]) -> list[str]:
     return [name for name in names if name not in known]
 
 
+@dataclass(frozen=True)
+class TaskBundle:
+    """A profile's tasks, read and checked, their rows in memory: what a milestone eval needs, shippable to
+    a Ray task on another node (it reads no file of the driver's). `write` turns it into a TaskSet there."""
+
+    names: list[str]
+    rows: dict[str, bytes]        # JSON lines per generated task (tiny items, adapted offline rows)
+    offline: tuple[str, ...]      # which of them are the seven benchmarks (lm-eval's own configs)
+    include_defaults: bool
+    chance: dict[str, float]
+    fingerprint: str
+    data_notes: dict[str, str]
+
+    def write(self, include_dir: Path) -> TaskSet:
+        """The YAMLs (and rows) lm-eval reads, under `include_dir`."""
+        for name, rows in self.rows.items():
+            if name in self.offline:
+                write_offline_task(OFFLINE_TASKS[name], rows, include_dir)
+            else:
+                write_tiny_task(name, rows, include_dir)
+        return TaskSet(names=self.names, include_dir=Path(include_dir) if self.rows else None,
+                       include_defaults=self.include_defaults, chance=self.chance, fingerprint=self.fingerprint,
+                       data_notes=self.data_notes)
+
+
 def build_taskset(params: Params, include_dir: Path) -> TaskSet:
     """Validate `eval.tasks` and write the YAMLs (and adapted rows) they need into `include_dir`."""
+    return collect_tasks(params).write(include_dir)
+
+
+def collect_tasks(params: Params) -> TaskBundle:
+    """Validate `eval.tasks` and read every task's rows; every problem is reported before any model loads."""
     names = list(params.eval.tasks)
     if not names:
         raise UserError("eval.tasks: empty list (name at least one task)")
@@ -86,33 +118,29 @@ def build_taskset(params: Params, include_dir: Path) -> TaskSet:
             raise UserError(f"eval.tasks: unknown task {unknown[0]!r} (not in {eval_dir / EVAL_TASKS_FILE} "
                             f"and not an lm-eval task)")
 
-    generated, chance, data_hashes, configs, notes = False, {}, {}, {}, {}
+    rows, offline, chance, data_hashes, configs, notes = {}, [], {}, {}, {}, {}
     for name in names:
         if name in tiny:
             items = eval_dir / f"{name}.jsonl"
             check_items(items)
-            write_tiny_task(name, items, include_dir)
+            rows[name] = items.read_bytes()
             chance[name] = float(tiny[name].get("chance", 0.0))
-            data_hashes[name] = sha256_file(items)
             configs[name] = _portable(tiny_task_config(name, items))
-            generated = True
         elif name in OFFLINE_TASKS and data_dir is not None:
-            path, rows = load_offline_rows(OFFLINE_TASKS[name], data_dir)
-            notes[name] = f"{path.name}, {len(rows)} rows of the {OFFLINE_TASKS[name].split} split"
-            write_offline_task(OFFLINE_TASKS[name], rows, include_dir)
-            chance[name] = _offline_chance(name, rows)
-            data_hashes[name] = sha256_json(rows)
+            path, adapted = load_offline_rows(OFFLINE_TASKS[name], data_dir)
+            notes[name] = f"{path.name}, {len(adapted)} rows of the {OFFLINE_TASKS[name].split} split"
+            rows[name] = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in adapted).encode()
+            offline.append(name)
+            chance[name] = _offline_chance(name, adapted)
             configs[name] = _portable(offline_task_config(OFFLINE_TASKS[name], data_dir))
-            generated = True
-        else:
-            data_hashes[name] = "lm-eval packaged"
+        data_hashes[name] = hashlib.sha256(rows[name]).hexdigest() if name in rows else "lm-eval packaged"
     import lm_eval
 
     fingerprint = sha256_json({"tasks": names, "data": data_hashes, "configs": configs,
                                "num_fewshot": params.eval.num_fewshot, "limit": params.eval.limit,
                                "lm_eval": lm_eval.__version__})
-    return TaskSet(names=names, include_dir=include_dir if generated else None,
-                   include_defaults=bool(online), chance=chance, fingerprint=fingerprint, data_notes=notes)
+    return TaskBundle(names=names, rows=rows, offline=tuple(offline), include_defaults=bool(online),
+                      chance=chance, fingerprint=fingerprint, data_notes=notes)
 
 
 def _portable(config: dict) -> dict:

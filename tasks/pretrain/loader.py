@@ -21,7 +21,7 @@ import numpy as np
 
 from tasks.errors import UserError
 from tasks.files import read_json, sha256_file, sha256_json
-from tasks.layout import Layout, join
+from tasks.layout import Layout, shard_location
 from tasks.params import Params
 
 _TRAIN_STREAM, _VAL_STREAM = 0, 1
@@ -101,7 +101,7 @@ def open_prepared(params: Params) -> PreparedData:
                             f"(has: {', '.join(sorted(sources)) or 'none'}; re-run `tinyllama prepare`)")
         splits = sources[source.name]["splits"]
         for split, into in (("train", train), ("val", val)):
-            uris = [join(root, shard) for shard in splits[split]["shards"]]
+            uris = [shard_location(root, shard) for shard in splits[split]["shards"]]
             into[source.name] = SplitInfo(tuple(uris), _shard_rows(uris))
         if train[source.name].rows == 0:
             raise UserError(f"data.sources[{source.name}]: the prepared train split has no rows")

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from tasks.pretrain.schedule import StepPlan, lr_at
 from tasks.pretrain.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
 from tasks.ray_cluster import Console
 
+if TYPE_CHECKING:
+    from tasks.evaluate.scoring import EvalInputs
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -40,7 +44,7 @@ class LoopConfig:
     tracking_uri: str | None  # None: no MLflow (a bare benchmark run)
     mlflow_run_id: str
     peak_flops_per_worker: float | None  # configured (GPU) or None: measure (CPU)
-    eval_milestones: bool
+    eval_inputs: EvalInputs | None  # what milestone evals score with (gathered by the driver); None: no evals
     console: Console | None  # lines for the person watching the stage (progress, milestones, evals); None: print
 
 
@@ -94,7 +98,8 @@ class Trainer:
             self.model.compile_blocks()  # FSDP2's per-block hooks would split a whole-model graph
         elif train.compile:
             self.model.compile_loss()
-        self.parallel = Parallel(self.model, train.strategy, self.device, train.precision)
+        self.parallel = Parallel(self.model, train.strategy, self.device, train.precision,
+                                 train.activation_checkpointing)
         self.optimizer = build_optimizer(self.model, train.lr, train.betas, train.eps, train.weight_decay)
         self.loader = MixedLoader(config.data, params.seed, train.micro_batch, self.plan.grad_accum, self.rank, self.world)
         self.val = [torch.from_numpy(b) for b in val_batches(config.data, params.seed, train.micro_batch,
@@ -163,12 +168,12 @@ class Trainer:
         if self.mlflow is not None:
             self.mlflow.log_checkpoint(local, name)
         shutil.rmtree(local.parent, ignore_errors=True)
-        if self.config.eval_milestones:
+        if self.config.eval_inputs is not None:
             from tasks.evaluate.during_training import submit_milestone_eval
 
-            self.eval_refs.append(submit_milestone_eval(self.params, uri, self.config.mlflow_run_id,
-                                                        metadata["tokens_seen"], self.config.tracking_uri,
-                                                        self.config.console))
+            self.eval_refs.append(submit_milestone_eval(self.params, self.config.eval_inputs, uri,
+                                                        self.config.mlflow_run_id, metadata["tokens_seen"],
+                                                        self.config.tracking_uri, self.config.console))
 
     def _tokenizer_dir(self) -> Path:
         """The shipped tokenizer files, written once into this worker's own temp dir."""
@@ -235,15 +240,22 @@ class Trainer:
 
     def _wait_for_evals(self) -> None:
         """Milestone evals are Ray tasks owned by this worker: they die with it, so the worker lingers
-        (after training is done and checkpointed) until they finish."""
+        (after training is done and checkpointed) until they finish, for at most `eval.timeout_s`; what
+        is still running then is cancelled, and the evaluate stage scores it."""
         import ray
 
         refs = [ref for ref in self.eval_refs if isinstance(ref, ray.ObjectRef)]
-        for ref in refs:
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.params.eval.timeout_s) if refs else ([], [])
+        for ref in done:
             try:
                 ray.get(ref)
             except Exception as exc:  # an eval failure must not fail a finished pretraining run
                 self.say(f"warning: a milestone evaluation failed: {exc}")
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if pending:
+            self.say(f"warning: {len(pending)} milestone eval(s) still running after eval.timeout_s = "
+                     f"{self.params.eval.timeout_s:g} s were cancelled; the evaluate stage scores them")
 
 
 def train_loop(config: LoopConfig) -> None:

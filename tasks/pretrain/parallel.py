@@ -27,17 +27,31 @@ class _LossModule(nn.Module):
 
 
 class Parallel:
-    """`model` is the plain (possibly sharded) Llama: state dicts and exports read it directly."""
+    """`model` is the plain (possibly sharded) Llama: state dicts and exports read it directly.
 
-    def __init__(self, model: Llama, strategy: str, device: torch.device, precision: str):
+    bf16 under FSDP2 is its mixed-precision policy (as torchtitan does): fp32 sharded master weights,
+    each block's parameters all-gathered and computed in bf16, gradients reduce-scattered in fp32; no
+    autocast. Under DDP, bf16 is autocast. Activation checkpointing recomputes each decoder block in the
+    backward pass (the composable `checkpoint`, so parameter names stay HF's)."""
+
+    def __init__(self, model: Llama, strategy: str, device: torch.device, precision: str,
+                 activation_checkpointing: bool = False):
         self.model, self.strategy, self.device = model, strategy, device
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        if strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        bf16 = precision == "bf16"
+        self.autocast_dtype = torch.bfloat16 if bf16 and strategy != "fsdp" else None
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
 
             for block in model.layers:
-                fully_shard(block)
-            fully_shard(model)
+                checkpoint(block)
+        if strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+            policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+                      else MixedPrecisionPolicy())
+            for block in model.layers:
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
             register_fsdp_forward_method(model, "loss")  # `loss`, not `forward`, is what training calls
             self._loss = model.loss
         else:

@@ -14,7 +14,6 @@ from tasks.errors import UserError
 from tasks.params import Params, add_params_argument, format_tokens, load_params
 
 GIB = 2**30
-BYTES_PER_ACTIVATION_PER_TOKEN_PER_DIM_PER_LAYER = 34  # Korthikanti et al. 2022, bf16, flash attention
 
 
 @dataclass
@@ -33,6 +32,7 @@ class Plan:
     milestones: dict[str, int]
     flops_per_token: int
     memory_per_gpu_gib: dict[str, float]
+    resources: dict[str, dict[str, float]]   # what a training worker and a milestone eval ask of Ray
     tokens_per_sec_per_worker: float
     days: float
     mfu_at_that_speed: float
@@ -49,19 +49,40 @@ def count_parameters_on_meta(params: Params) -> int:
 
 
 def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
-    """Rough bytes per GPU: sharded fp32 master weights, grads and AdamW moments, activations, logits."""
+    """GiB per training worker for what this code keeps in memory (tasks/pretrain/parallel.py, model/loss.py):
+    - fp32 master weights, their gradients and AdamW's two moments, sharded across workers under FSDP2;
+    - bf16 copies FSDP2 all-gathers for compute (`train.precision: bf16`): the root module's (embedding,
+      final norm, lm_head) for the whole step, and two decoder blocks' at a time (one computing, one
+      prefetched); DDP keeps fp32 weights whole instead;
+    - activations per layer: ~34 bytes × tokens × hidden at 16 bits with SDPA's fused attention (Korthikanti
+      et al. 2022), ×2 in fp32; with activation checkpointing only each block's input (2 bytes × tokens ×
+      hidden at 16 bits) plus one block's full activations during its recompute;
+    - the chunked loss (model/loss.py): one chunk of at most 2^25 logits (16-bit logits, their fp32 copy and
+      fp32 gradient) and the gradient of the final hidden states, never the full logits.
+    `benchmarks/pretrain.py --gpu-1b` measures the real peak on a GPU beside this estimate."""
     config = params.llama_config()
     train = params.train
-    shards = train.workers if train.strategy == "fsdp" else 1
-    act_bytes = 2 if train.precision == "bf16" else 4
+    fsdp = train.strategy == "fsdp"
+    shards = train.workers if fsdp else 1
+    compute_bytes = 2 if train.precision == "bf16" else 4
     tokens = train.micro_batch * params.data.seq_len
+    per_block = config.num_params(include_embedding=False) - config.dim  # without the final norm
+    per_block //= config.n_layer
+    root = n_params - per_block * config.n_layer
+    per_layer_activations = 34 * tokens * config.dim * compute_bytes / 2
+    if train.activation_checkpointing:
+        activations = config.n_layer * compute_bytes * tokens * config.dim + per_layer_activations
+    else:
+        activations = config.n_layer * per_layer_activations
+    chunk_rows = max(1, (1 << 25) // config.vocab_size)
     states = {
         "weights_fp32": 4 * n_params / shards,
         "grads_fp32": 4 * n_params / shards,
         "adamw_moments": 8 * n_params / shards,
-        "activations": tokens * config.dim * config.n_layer
-        * BYTES_PER_ACTIVATION_PER_TOKEN_PER_DIM_PER_LAYER * act_bytes / 2,
-        "logits": tokens * config.vocab_size * (act_bytes + 4),
+        "gathered_weights": (compute_bytes * (root + 2 * per_block) if fsdp and compute_bytes == 2 else 0),
+        "activations": activations,
+        "loss_chunk": min(tokens, chunk_rows) * config.vocab_size * (compute_bytes + 4 + 4)
+        + tokens * config.dim * compute_bytes,
     }
     states = {k: round(v / GIB, 2) for k, v in states.items()}
     states["total"] = round(sum(states.values()), 2)
@@ -94,10 +115,25 @@ def make_plan(params: Params) -> Plan:
         milestones=milestones,
         flops_per_token=flops,
         memory_per_gpu_gib=memory_per_gpu(params, n_params),
+        resources=_resources(params),
         tokens_per_sec_per_worker=tps,
         days=train.total_tokens / (tps * train.workers) / 86400,
         mfu_at_that_speed=tps * flops / (params.plan.peak_tflops_per_worker * 1e12),
     )
+
+
+def _resources(params: Params) -> dict[str, dict[str, float]]:
+    from tasks.ray_cluster import training_bundles
+
+    bundles = training_bundles(params)
+    found = {"training_worker": bundles[0]}
+    if params.train.eval_milestones_during_training:
+        found["milestone_eval"] = bundles[-1]
+    return found
+
+
+def _bundle(bundle: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name} {amount:g}" for name, amount in bundle.items()) + "}"
 
 
 def _duration(days: float) -> str:
@@ -119,6 +155,9 @@ def render(plan: Plan, memory_per_worker_gb: float) -> str:
         "milestones         " + ", ".join(f"{name} @ step {step:,}" for name, step in plan.milestones.items()),
         "memory per device  " + ", ".join(f"{k} {v} GiB" for k, v in mem.items() if k != "total")
         + f" → {mem['total']} GiB of {memory_per_worker_gb:g} GiB" + ("" if mem["total"] <= memory_per_worker_gb else "  (DOES NOT FIT)"),
+        "resources          " + f"{plan.workers} training workers × {_bundle(plan.resources['training_worker'])}"
+        + (f" + milestone evals {_bundle(plan.resources['milestone_eval'])} (eval.resources), checked before "
+           f"training starts" if "milestone_eval" in plan.resources else ""),
         f"time               {_duration(plan.days)} at {plan.tokens_per_sec_per_worker:,.0f} tok/s/device "
         f"(MFU {plan.mfu_at_that_speed:.1%}, {plan.flops_per_token / 1e9:.2f} GFLOP/token)",
     ]

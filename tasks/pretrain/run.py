@@ -150,6 +150,16 @@ def last_checkpoint_metrics(run_uri: str) -> dict:
     return read_json(join(run_uri, newest, CHECKPOINT_JSON))["metrics"]
 
 
+def _eval_inputs(params: Params):
+    """What milestone evals during training score with, gathered here: they may run on nodes that do
+    not see this machine's files."""
+    if not params.train.eval_milestones_during_training:
+        return None
+    from tasks.evaluate.scoring import collect_inputs
+
+    return collect_inputs(params)
+
+
 def _tokenizer_files(layout: Layout) -> dict[str, bytes]:
     return {name: (layout.tokenizer_dir / name).read_bytes() for name in TOKENIZER_FILES
             if (layout.tokenizer_dir / name).is_file()}
@@ -178,8 +188,7 @@ def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, r
           f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
     loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
                              tokenizer_files=_tokenizer_files(layout), tracking_uri=uri, mlflow_run_id=run_id,
-                             peak_flops_per_worker=peak, eval_milestones=train.eval_milestones_during_training,
-                             console=console)
+                             peak_flops_per_worker=peak, eval_inputs=_eval_inputs(params), console=console)
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
