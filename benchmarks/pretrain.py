@@ -157,22 +157,25 @@ def steady_tokens_per_s(step_s: list[float], params, skip: int) -> float:
     return params.train.global_batch_tokens / statistics.median(steady)
 
 
-def gpu_1b(steps: int) -> dict:
-    """The 1.1B recipe on one GPU: the stage's Trainer with FSDP2 over NCCL (world 1) and bf16 mixed
-    precision, seq 2048, micro-batch 4, 2 micro-steps per step, on random token rows; tokens/s/GPU and
-    MFU against the configured peak."""
+def gpu_1b(steps: int, micro_batch: int, activation_checkpointing: bool) -> dict:
+    """The 1.1B recipe on one GPU: the stage's Trainer with FSDP2 over NCCL (world 1), bf16 mixed precision
+    and the profile's torch.compile, seq 2048, `micro_batch` rows × 2 micro-steps per step, on random token
+    rows; tokens/s/GPU and MFU against the configured peak, and the peak memory against `tinyllama plan`'s
+    estimate for the same settings."""
     import torch
     import yaml
 
     from tasks.params import parse_params
+    from tasks.pretrain.plan import memory_per_gpu
 
     with tempfile.TemporaryDirectory(prefix="bench-1b-") as tmp:
         root = Path(tmp)
         raw = yaml.safe_load((ROOT / "configs" / "tinyllama-1.1b.yaml").read_text())
         raw["paths"] = {"data": str(root / "data"), "models": str(root / "models"), "metrics": str(root / "metrics")}
         raw["data"]["rows_per_shard"] = 512
-        tokens_per_step = 2 * 4 * raw["data"]["seq_len"]
-        raw["train"].update(workers=1, micro_batch=4, global_batch_tokens=tokens_per_step,
+        tokens_per_step = 2 * micro_batch * raw["data"]["seq_len"]
+        raw["train"].update(workers=1, micro_batch=micro_batch, global_batch_tokens=tokens_per_step,
+                            activation_checkpointing=activation_checkpointing,
                             total_tokens=64 * tokens_per_step, milestones=[64 * tokens_per_step],
                             checkpoint_every_steps=10**6, val_every_steps=10**6,
                             eval_milestones_during_training=False, checkpoint_dir=str(root / "checkpoints"))
@@ -186,11 +189,14 @@ def gpu_1b(steps: int) -> dict:
     steady = statistics.median(times[3:])
     tokens_per_s = params.train.global_batch_tokens / steady
     flops = params.llama_config().flops_per_token(params.data.seq_len) * tokens_per_s
-    return {"device": torch.cuda.get_device_name(), "steps": steps, "tokens_per_step": tokens_per_step,
-            "tokens_per_s_per_gpu": round(tokens_per_s),
+    plan = memory_per_gpu(params, params.llama_config().num_params())
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps,
+            "micro_batch": micro_batch, "activation_checkpointing": activation_checkpointing,
+            "tokens_per_step": tokens_per_step, "tokens_per_s_per_gpu": round(tokens_per_s),
+            "step_s_median": steady, "first_step_s": times[0],
             "mfu_vs_configured_peak": flops / (params.plan.peak_tflops_per_worker * 1e12),
-            "achieved_tflops": flops / 1e12, "anchor": "24k tok/s/GPU, 56% MFU on A100-40G",
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "achieved_tflops": flops / 1e12, "anchor": "24k tok/s/GPU, 56% MFU on A100-40G (312 TFLOP/s bf16)",
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "plan_mem_gib": plan}
 
 
 def main() -> None:
@@ -200,10 +206,12 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the medians")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--gpu-1b", action="store_true")
+    parser.add_argument("--micro-batch", type=int, default=4, help="--gpu-1b: rows per micro-step")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="--gpu-1b: recompute blocks")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "pretrain.json"))
     args = parser.parse_args()
     if args.gpu_1b:
-        result = gpu_1b(args.steps)
+        result = gpu_1b(args.steps, args.micro_batch, args.activation_checkpointing)
     else:
         from tasks.ray_cluster import ray_session
 

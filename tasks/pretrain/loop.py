@@ -86,7 +86,8 @@ class Trainer:
         torch.set_num_threads(train.threads_per_worker)
         self.rank, self.world, self.device = placement.rank, placement.world, placement.device
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # object collectives (checkpoint hashes, RNG) use the current device
+            # object collectives (checkpoint hashes, RNG) use the current device
+            torch.cuda.set_device(self.device.index if self.device.index is not None else torch.cuda.current_device())
         else:
             torch.use_deterministic_algorithms(True)
         self.plan = StepPlan.from_params(params)

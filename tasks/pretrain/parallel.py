@@ -45,13 +45,18 @@ class Parallel:
             for block in model.layers:
                 checkpoint(block)
         if strategy == "fsdp":
+            import torch.distributed as dist
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+            # The mesh on the training device, said explicitly: FSDP2's default mesh is CUDA's whenever a GPU
+            # is visible, which would move a CPU worker's model onto it.
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
             policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                       else MixedPrecisionPolicy())
             for block in model.layers:
-                fully_shard(block, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
             register_fsdp_forward_method(model, "loss")  # `loss`, not `forward`, is what training calls
             self._loss = model.loss
         else:
