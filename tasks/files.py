@@ -78,9 +78,12 @@ def sha256_json(data) -> str:
 # -- dirs that may live on shared storage (a local path or a URI every node reaches) ------------------
 
 def _fs(uri: str | Path):
+    """The filesystem and path of `uri`; its cached listings dropped, as other nodes write there too."""
     import fsspec
 
-    return fsspec.core.url_to_fs(str(uri))
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    fs.invalidate_cache(path)
+    return fs, path
 
 
 def exists(uri: str | Path) -> bool:
@@ -103,9 +106,16 @@ def remove_tree(uri: str | Path) -> None:
 
 
 def move_tree(source: str | Path, target: str | Path) -> None:
-    """A rename on local disk; a copy then delete on an object store."""
+    """A rename on local disk; on an object store each file copied, then the source deleted (s3fs's own
+    recursive move also tries to copy the "directory" key, which does not exist)."""
     fs, path = _fs(source)
-    fs.mv(path, _fs(target)[1], recursive=True)
+    destination = _fs(target)[1].rstrip("/")
+    if "://" not in str(source):
+        fs.mv(path, destination, recursive=True)
+        return
+    for file in fs.find(path):
+        fs.copy(file, destination + file[len(path.rstrip("/")):])
+    fs.rm(path, recursive=True)
 
 
 def upload(local_dir: Path, uri: str | Path, names: list[str]) -> None:

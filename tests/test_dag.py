@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -185,28 +186,47 @@ def test_changed_eval_param_reruns_only_evaluate(pipeline_repo, tmp_path):
 
 def _micro_profile(root: Path) -> None:
     """The tiny profile shrunk to what still exercises every stage: a smaller corpus, vocab 512, the
-    micro model, 24 steps of 1,024 tokens, two milestones, no evals during training."""
+    micro model, 32 steps of 1,024 tokens, four milestones, no evals during training."""
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["tokenizer"]["vocab_size"] = 512
     raw["model"]["preset"] = "micro"
     raw["data"].update(seq_len=64, builtin={"seed": 1234, "entities": 6, "programs": 200})
-    raw["train"].update(micro_batch=4, global_batch_tokens=1024, total_tokens="24K", milestones=["8K", "24K"],
-                        warmup_steps=3, checkpoint_every_steps=8, val_every_steps=8, log_every_steps=8,
+    raw["train"].update(micro_batch=4, global_batch_tokens=1024, total_tokens="32K", milestones=["4K", "8K", "16K", "32K"],
+                        warmup_steps=3, checkpoint_every_steps=4, val_every_steps=8, log_every_steps=8,
                         eval_milestones_during_training=False)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def _sealed(root: Path, milestone: str) -> bool:
+    return any(root.glob(f"checkpoints/pretrain/run-*/milestones/{milestone}/milestone.json"))
+
+
 @pytest.mark.slow
-def test_two_clean_runs_give_identical_data_and_weights(tmp_path):
-    """Same seed, CPU: two clean copies build byte-identical tokenizer, prepared data and milestone
-    weights (2 Ray workers, DDP). A small profile proves it as well as the tiny one, in a fraction of the time."""
-    runs = []
-    for name in ("first", "second"):
-        root = fresh_copy(tmp_path / name)
+def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_path):
+    """Two clean copies, same seed, CPU. The first runs to the end. The second's `dvc repro` is killed
+    (SIGKILL, the whole process group) once its second milestone is out, then `dvc repro` runs again: DVC
+    deletes the stage's outputs first, pretraining resumes from its last checkpoint, and every milestone
+    must be there, byte-identical to the first copy's, as must the tokenizer and the prepared data."""
+    import os
+    import signal
+    import subprocess
+
+    from pipeline_repo import env_for
+
+    first, second = fresh_copy(tmp_path / "first"), fresh_copy(tmp_path / "second")
+    for root in (first, second):
         _micro_profile(root)
-        run_repro(root, "pretrain")
-        runs.append(root)
-    first, second = runs
+    run_repro(first, "pretrain")
+
+    killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=second, env=env_for(second),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not _sealed(second, "8K") and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert killed.poll() is None and not _sealed(second, "32K"), "the run ended before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    run_repro(second, "pretrain")
 
     def out_hash(root: Path, stage: str, path: str) -> str:
         lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -216,7 +236,7 @@ def test_two_clean_runs_give_identical_data_and_weights(tmp_path):
                         ("pretrain", "models/pretrain")):
         assert out_hash(second, stage, path) == out_hash(first, stage, path), path
     weights = sorted((first / "models" / "pretrain").glob("*/model.safetensors"))
-    assert [w.parent.name for w in weights] == ["24K", "8K"]
+    assert sorted(w.parent.name for w in weights) == ["16K", "32K", "4K", "8K"]
     for file in weights:
         twin = second / file.relative_to(first)
         assert hashlib.sha256(twin.read_bytes()).hexdigest() == hashlib.sha256(file.read_bytes()).hexdigest(), file
