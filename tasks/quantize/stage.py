@@ -53,14 +53,16 @@ def _load_source(source: Source):
     return model
 
 
-def _val_chunks(params: Params, vocab_size: int, n_ctx: int) -> list[tuple[list[int], int]]:
+def _val_chunks(params: Params, config) -> tuple[list[tuple[list[int], int]], int]:
+    """(chunks, n_ctx): one chunk per prepared val row, as long as the row and the model's context allow."""
     from tasks.evaluation.perplexity import val_rows
 
     rows = val_rows(Path(params.paths.data) / "prepared", params.quantize.val_rows)
-    if int(rows.max()) >= vocab_size:
-        raise UserError(f"quantize.source: vocab {vocab_size} is smaller than the prepared data's token ids "
+    if int(rows.max()) >= config.vocab_size:
+        raise UserError(f"quantize.source: vocab {config.vocab_size} is smaller than the prepared data's token ids "
                         f"(max {int(rows.max())}): tokenizer mismatch")
-    return [chunk(row, n_ctx, BOS_ID) for row in rows]
+    n_ctx = min(config.max_seq_len, rows.shape[1])
+    return [chunk(row, n_ctx, BOS_ID) for row in rows], n_ctx
 
 
 def _state_bytes(model) -> int:
@@ -73,7 +75,8 @@ def _state_bytes(model) -> int:
     return total
 
 
-def _open_engines(params: Params, source: Source, model, files: dict, n_ctx: int) -> dict:
+def _open_engines(params: Params, source: Source, model, files: dict) -> dict:
+    """fp32 ours (the reference), int8 ours, llama.cpp per GGUF; each with the model's whole context."""
     from model.hf import load_hf
     from model.quant import quantize_int8
     from tasks.quantize.engines import LlamaCppEngine, OursEngine
@@ -82,7 +85,7 @@ def _open_engines(params: Params, source: Source, model, files: dict, n_ctx: int
     if params.quantize.int8:
         engines["int8"] = OursEngine(quantize_int8(load_hf(source.directory)))
     for qtype, exported in files.items():
-        engines[qtype] = LlamaCppEngine(exported.path, n_ctx, params.quantize.threads)
+        engines[qtype] = LlamaCppEngine(exported.path, model.config.max_seq_len, params.quantize.threads)
     return engines
 
 
@@ -126,13 +129,12 @@ def quantize(params: Params, overwrite: bool = False) -> dict:
             if path.exists():
                 raise UserError(f"{path}: exists (set quantize.overwrite: true or pass --overwrite to replace it)")
     model = _load_source(source)
-    n_ctx = min(model.config.max_seq_len, params.data.seq_len)
-    chunks = _val_chunks(params, model.config.vocab_size, n_ctx)
+    chunks, n_ctx = _val_chunks(params, model.config)
     with tempfile.TemporaryDirectory(prefix="tinyllama-quantize-") as include_dir:
         taskset = build_taskset(params, Path(include_dir)) if settings.evaluate else None
         files = {qtype: export_gguf(source.directory, path, qtype, source.lineage, source.name, overwrite=True)
                  for qtype, path in paths.items()}
-        engines = _open_engines(params, source, model, files, n_ctx)
+        engines = _open_engines(params, source, model, files)
         try:
             rows = measure(engines, chunks)
             if taskset is not None:
