@@ -7,7 +7,8 @@ block quantizers are llama.cpp's. What its HF converter does for a Llama, done h
   interleaved;
 - the tokenizer travels inside the file: SentencePiece pieces, scores and token types read from
   `tokenizer.model`, BOS/EOS/UNK ids and add_bos, so llama.cpp tokenizes exactly as we do;
-- the chat template of `tokenizer_config.json` is stored as `tokenizer.chat_template`;
+- the chat template of `tokenizer_config.json` is stored verbatim as `tokenizer.chat_template` (its
+  `{% generation %}` training markers included: llama.cpp's Jinja and llama-cpp-python's skip them);
 - 1-D tensors (the RMSNorm weights) stay F32; a 2-D weight whose rows are not a multiple of the
   type's block size cannot be block-quantized and stays F16 (listed in the result). Every other
   2-D weight gets the type, embedding and output included (llama-quantize's `--pure`).
@@ -20,7 +21,6 @@ renamed, so a crash never leaves a GGUF that looks complete.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,16 +150,6 @@ def read_chat_template(directory: Path) -> str | None:
     return template
 
 
-_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
-
-
-def gguf_chat_template(source: str) -> str:
-    """The template without transformers' `{% generation %}` markers. They only mark where the
-    assistant's tokens are for training (model/chat.py) and render nothing; llama.cpp's C++ Jinja
-    skips them, but Python Jinja renderers of GGUF templates (llama-cpp-python's) reject the unknown tag."""
-    return _GENERATION_TAG.sub("", source)
-
-
 def export_gguf(hf_dir: str | Path, out_path: str | Path, qtype: str, lineage: dict | None = None,
                 name: str | None = None, overwrite: bool = False) -> GgufFile:
     """Write `hf_dir` as a GGUF of `qtype` at `out_path` (atomically). Errors (`ValueError`, or
@@ -224,4 +214,4 @@ def _add_tokenizer(writer, vocab: Vocab, template: str | None) -> None:
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(vocab.add_space_prefix)
     if template is not None:
-        writer.add_chat_template(gguf_chat_template(template))
+        writer.add_chat_template(template)
