@@ -14,7 +14,6 @@ the tokens after the first one (the first includes the prompt's prefill), greedy
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from model.gguf import export_gguf  # noqa: E402
 from model.hf import load_hf, save_hf  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.quant import quantize_int8  # noqa: E402
+from tasks.files import write_json_atomic  # noqa: E402
 
 CONFIGS = {"tiny": lambda: preset("tiny"), "bench-55m": lambda: preset("bench-55m")}
 GGUF_CONTENDERS = ("F16", "Q8_0", "Q4_0")
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.new_tokens = 2, 16
     result = run(args)
     print(report(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.json)
-    print(f"wrote {args.json}")
+    print(f"wrote {write_json_atomic(args.json, result)}")
     return 0
 
 

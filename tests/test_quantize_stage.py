@@ -22,6 +22,7 @@ TYPES = ["F16", "Q8_0", "Q4_0", "Q5_0"]
 def _write_params(project, path, metrics_dir=None, **quantize):
     raw = yaml.safe_load(project["params"].read_text())
     raw["quantize"].update({"source": "pretrain/4K", "threads": 1, **quantize})
+    raw["mlflow"]["experiment"] = "eval-tests"  # make_project's experiment: its artifacts live under the project
     if metrics_dir is not None:
         raw["paths"]["metrics"] = str(metrics_dir)
     path.write_text(yaml.safe_dump(raw))
