@@ -30,7 +30,8 @@ import torch
 from model.atomic import atomic_file
 from model.config import LlamaConfig
 from model.hf import config_from_hf, load_hf, read_hf_config, to_hf_state_dict
-from model.tokenizer import BOS_ID, CONFIG_FILE, EOS_ID, MODEL_FILE, UNK_ID, parse_model
+from model.files import TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE
+from model.tokenizer import BOS_ID, EOS_ID, UNK_ID, parse_model
 
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q5_0")
 LINEAGE_PREFIX = "tinyllama.lineage."
@@ -121,7 +122,7 @@ class Vocab:
 def read_vocab(directory: Path, vocab_size: int) -> Vocab:
     """The SentencePiece vocabulary of a HF dir, as llama.cpp's converter reads it (pieces, scores,
     token types); padded with unused [PADi] tokens when the model's vocab is larger."""
-    path = Path(directory) / MODEL_FILE
+    path = Path(directory) / TOKENIZER_MODEL_FILE
     if not path.is_file():
         raise ValueError(f"{path}: missing (the GGUF embeds the SentencePiece tokenizer)")
     proto = parse_model(path.read_bytes())
@@ -138,7 +139,7 @@ def read_vocab(directory: Path, vocab_size: int) -> Vocab:
 
 
 def read_chat_template(directory: Path) -> str | None:
-    path = Path(directory) / CONFIG_FILE
+    path = Path(directory) / TOKENIZER_CONFIG_FILE
     if not path.is_file():
         return None
     try:

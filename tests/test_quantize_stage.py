@@ -19,9 +19,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 TYPES = ["F16", "Q8_0", "Q4_0", "Q5_0"]
 
 
+# A 64-wide, 2-layer model loses more to 8-bit weights and activations than the tiny profile's: its
+# Q8_0 gate is looser here; the profile's own gate (params.yaml) is held by the pipeline test below.
+MICRO_GATES = {"Q8_0": {"max_ppl_ratio": 1.02, "min_same_top": 0.97}}
+
+
 def _write_params(project, path, metrics_dir=None, **quantize):
     raw = yaml.safe_load(project["params"].read_text())
-    raw["quantize"].update({"source": "pretrain/4K", "threads": 1, **quantize})
+    raw["quantize"].update({"source": "pretrain/4K", "threads": 1, "gates": MICRO_GATES, **quantize})
     raw["mlflow"]["experiment"] = "eval-tests"  # make_project's experiment: its artifacts live under the project
     if metrics_dir is not None:
         raw["paths"]["metrics"] = str(metrics_dir)
@@ -65,7 +70,7 @@ def test_writes_every_gguf_and_the_quality_table(project):
     assert rows["F16"]["kld"] < rows["Q8_0"]["kld"] < rows["Q5_0"]["kld"] < rows["Q4_0"]["kld"]
     assert rows["Q4_0"]["size_bytes"] < rows["Q5_0"]["size_bytes"] < rows["Q8_0"]["size_bytes"] \
         < rows["F16"]["size_bytes"] < rows["fp32"]["size_bytes"]
-    assert rows["Q8_0"]["gate"] == {"max_ppl_ratio": 1.005, "min_same_top": 0.98, "passed": True, "failures": []}
+    assert rows["Q8_0"]["gate"] == {**MICRO_GATES["Q8_0"], "passed": True, "failures": []}
     assert metrics["gates_passed"] is True and metrics["scored_tokens"] == rows["fp32"]["tokens"] > 100
     table = (project["root"] / "metrics" / "quantize_table.md").read_text()
     assert f"| Q8_0 | llama.cpp | {rows['Q8_0']['size_bytes'] / 1e6:.2f} |" in table
@@ -157,3 +162,22 @@ def test_a_missed_gate_fails_the_stage_and_registers_nothing(project, tmp_path, 
     assert metrics["gates_passed"] is False and metrics["types"]["Q4_0"]["gate"]["passed"] is False
     assert "**FAIL**" in (tmp_path / "metrics" / "quantize_table.md").read_text()
     assert MlflowClient(tracking_uri=project["uri"]).search_model_versions("name='strict-gguf'") == []
+
+
+def test_the_tiny_pipeline_quantizes_its_last_milestone_within_the_gates(pipeline_repo):
+    """`dvc repro` of the tiny profile ran the stage with params.yaml's gates (Q8_0: PPL ratio ≤ 1.005,
+    same top ≥ 98%); llama.cpp loads every file it wrote."""
+    from llama_cpp import Llama
+
+    root = pipeline_repo.root
+    metrics = json.loads((root / "metrics" / "quantize.json").read_text())
+    assert metrics["gates_passed"] is True and metrics["types"]["Q8_0"]["gate"]["passed"] is True
+    assert metrics["types"]["Q8_0"]["ppl_ratio"] <= 1.005 and metrics["types"]["Q8_0"]["same_top"] >= 0.98
+    files = sorted((root / "models" / "quantized").glob("*.gguf"))
+    assert [f.name for f in files] == sorted(f"pretrain-1M-{t}.gguf" for t in TYPES)
+    for path in files:
+        llm = Llama(model_path=str(path), n_ctx=64, verbose=False)
+        try:
+            assert llm.metadata["tinyllama.lineage.dvc_stage"] == "pretrain"
+        finally:
+            llm.close()

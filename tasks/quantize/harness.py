@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.evaluation.harness import score_lm
-from tasks.evaluation.tasksets import TaskSet
+from tasks.evaluate.harness import score_lm
+from tasks.evaluate.tasksets import TaskSet
 from tasks.params import EvalParams
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.files import write_atomic, write_json_atomic
+from tasks.layout import Layout
 
-TABLE_FILE, METRICS_FILE = "quantize_table.md", "quantize.json"
+TABLE_FILE = "quantize_table.md"
 
 
 def _cell(value, fmt: str, scale: float = 1.0) -> str:
@@ -44,7 +45,6 @@ def markdown_table(metrics: dict) -> str:
     return f"## Quantization: {metrics['name']}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def write_reports(metrics_dir: Path, metrics: dict) -> list[Path]:
-    metrics_dir = Path(metrics_dir)
-    return [write_json_atomic(metrics_dir / METRICS_FILE, metrics),
-            write_atomic(metrics_dir / TABLE_FILE, markdown_table(metrics).encode())]
+def write_reports(layout: Layout, metrics: dict) -> list[Path]:
+    return [write_json_atomic(layout.metrics_file("quantize"), metrics),
+            write_atomic(layout.report_file(TABLE_FILE), markdown_table(metrics).encode())]

@@ -8,14 +8,14 @@ laptop can be traced back to the training run and the exact DVC output it was ma
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from tasks.errors import UserError
-from tasks.files import sha256_file
+from tasks.files import read_json, sha256_file
+from tasks.layout import CONFIG_FILE, WEIGHTS_FILE, Layout
 from tasks.params import Params
 from tasks.tracking import tracking_uri
 
@@ -35,20 +35,21 @@ class Source:
 
 
 def resolve_source(params: Params) -> Source:
-    ref = params.quantize.source
+    ref, layout = params.quantize.source, Layout.from_params(params)
     if ref.startswith(REGISTRY_PREFIX):
         directory, run_id = _from_registry(ref, tracking_uri(params))
         default_name = ref.removeprefix(REGISTRY_PREFIX).replace("@", "-").replace("/", "-")
     else:
-        under_models = Path(params.paths.models) / ref
-        directory = under_models if under_models.is_dir() else Path(ref)
+        directory = layout.models / ref if (layout.models / ref).is_dir() else Path(ref).resolve()
         if not directory.is_dir():
-            raise UserError(f"quantize.source: {ref!r} is neither a dir under {params.paths.models}/ nor a directory")
-        run_id = _run_id_of_dir(params, directory)
-        default_name = "-".join(directory.resolve().relative_to(Path(params.paths.models).resolve()).parts) \
-            if directory.resolve().is_relative_to(Path(params.paths.models).resolve()) else directory.name
-    _check_hf_dir(directory, ref)
-    lineage = {"source": ref, "weights_sha256": _weights_sha256(directory)}
+            raise UserError(f"quantize.source: {ref!r} is neither a dir under {layout.models} nor a directory")
+        run_id = _run_id_of_dir(layout, directory)
+        default_name = ("-".join(directory.relative_to(layout.models).parts)
+                        if directory.is_relative_to(layout.models) else directory.name)
+    if not (directory / CONFIG_FILE).is_file():
+        raise UserError(f"quantize.source: {directory} (from {ref!r}) has no {CONFIG_FILE}: not a HF model dir")
+    weights = directory / WEIGHTS_FILE
+    lineage = {"source": ref, "weights_sha256": sha256_file(weights) if weights.is_file() else ""}
     if run_id:
         lineage["mlflow_run_id"] = run_id
     lineage.update(dvc_lineage(directory))
@@ -79,35 +80,16 @@ def _registry_run_id(ref: str, uri: str) -> str | None:
     return version.run_id or None
 
 
-def _run_id_of_dir(params: Params, directory: Path) -> str | None:
+def _run_id_of_dir(layout: Layout, directory: Path) -> str | None:
     """A pretrain milestone's run is the pretrain run (metrics/pretrain.json); other dirs may name
     theirs in config.json (`tinyllama.mlflow_run_id`)."""
-    meta = _read_json(directory / "config.json").get("tinyllama") or {}
+    meta = read_json(directory / CONFIG_FILE).get("tinyllama") or {}
     if meta.get("mlflow_run_id"):
         return str(meta["mlflow_run_id"])
-    pretrain_root = (Path(params.paths.models) / "pretrain").resolve()
-    pretrain_metrics = Path(params.paths.metrics) / "pretrain.json"
-    if directory.resolve().is_relative_to(pretrain_root) and pretrain_metrics.is_file():
-        return _read_json(pretrain_metrics).get("mlflow_run_id")
+    pretrain_metrics = layout.metrics_file("pretrain")
+    if directory.is_relative_to(layout.pretrain_dir) and pretrain_metrics.is_file():
+        return read_json(pretrain_metrics).get("mlflow_run_id")
     return None
-
-
-def _check_hf_dir(directory: Path, ref: str) -> None:
-    if not (directory / "config.json").is_file():
-        raise UserError(f"quantize.source: {directory} (from {ref!r}) has no config.json: not a HF model dir")
-
-
-def _weights_sha256(directory: Path) -> str:
-    weights = directory / "model.safetensors"
-    return sha256_file(weights) if weights.is_file() else ""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def dvc_lineage(directory: Path, lock_file: Path = Path("dvc.lock")) -> dict:

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from tasks.errors import UserError
+from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
 from tasks.quantize.measures import KlStats, chunk
+from tasks.quantize.report import TABLE_FILE, write_reports
 from tasks.quantize.source import Source, resolve_source
 
 BOS_ID = 1
@@ -32,12 +34,16 @@ class GateFailure(Exception):
     """A quantized type missed a quality gate of `quantize.gates`."""
 
 
-def quantized_dir(params: Params) -> Path:
-    return Path(params.paths.models) / "quantized"
-
-
 def gguf_paths(params: Params, source: Source) -> dict[str, Path]:
-    return {qtype: quantized_dir(params) / f"{source.name}-{qtype}.gguf" for qtype in params.quantize.types}
+    out = Layout.from_params(params).quantized_dir
+    return {qtype: out / f"{source.name}-{qtype}.gguf" for qtype in params.quantize.types}
+
+
+def shown(path: Path) -> str:
+    """A path as metrics record it: relative to the repo (cwd) when inside it, so the committed
+    metrics file does not depend on where the repo was cloned."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _load_source(source: Source):
@@ -55,9 +61,9 @@ def _load_source(source: Source):
 
 def _val_chunks(params: Params, config) -> tuple[list[tuple[list[int], int]], int]:
     """(chunks, n_ctx): one chunk per prepared val row, as long as the row and the model's context allow."""
-    from tasks.evaluation.perplexity import val_rows
+    from tasks.evaluate.perplexity import val_rows
 
-    rows = val_rows(Path(params.paths.data) / "prepared", params.quantize.val_rows)
+    rows = val_rows(Layout.from_params(params).prepared_dir, params.quantize.val_rows)
     if int(rows.max()) >= config.vocab_size:
         raise UserError(f"quantize.source: vocab {config.vocab_size} is smaller than the prepared data's token ids "
                         f"(max {int(rows.max())}): tokenizer mismatch")
@@ -114,10 +120,9 @@ def check_gates(params: Params, rows: dict[str, dict]) -> None:
 
 def quantize(params: Params, overwrite: bool = False) -> dict:
     from model.gguf import export_gguf
-    from tasks.evaluation.tasksets import build_taskset
+    from tasks.evaluate.tasksets import build_taskset
     from tasks.quantize.harness import eval_scores, load_tokenizer
     from tasks.quantize.mlflow_log import check_source_run, log_run
-    from tasks.quantize.report import write_reports
 
     start = time.perf_counter()
     settings = params.quantize
@@ -141,29 +146,31 @@ def quantize(params: Params, overwrite: bool = False) -> dict:
                 tokenizer = load_tokenizer(source.directory)
                 for name, engine in engines.items():
                     rows[name]["eval_avg"] = eval_scores(engine, tokenizer, taskset, params.eval)["avg"]
-            rows["int8"]["size_bytes"] = _state_bytes(engines["int8"].model) if "int8" in rows else None
+            if "int8" in engines:
+                rows["int8"]["size_bytes"] = _state_bytes(engines["int8"].model)
         finally:
             for engine in engines.values():
                 engine.close()
     rows[REFERENCE]["size_bytes"] = sum(p.stat().st_size for p in source.directory.glob("*.safetensors"))
     for qtype, exported in files.items():
-        rows[qtype].update(size_bytes=exported.size_bytes, file=str(exported.path), kept_f16=list(exported.kept_f16))
+        rows[qtype].update(size_bytes=exported.size_bytes, file=shown(exported.path), kept_f16=list(exported.kept_f16))
     for name, row in rows.items():
         row["engine"] = "llama.cpp" if name in files else "ours"
     check_gates(params, rows)
     metrics = {
         "name": source.name,
-        "source": {**source.lineage, "dir": str(source.directory)},
+        "source": {**source.lineage, "dir": shown(source.directory)},
         "n_ctx": n_ctx, "chunks": len(chunks), "scored_tokens": rows[REFERENCE]["tokens"],
         "eval_settings": _eval_note(params) if settings.evaluate else None,
         "types": {name: rows[name] for name in (REFERENCE, "int8", *files) if name in rows},
         "gates_passed": all(row["gate"]["passed"] for row in rows.values() if "gate" in row),
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    reports = write_reports(Path(params.paths.metrics), metrics)
+    layout = Layout.from_params(params)
+    reports = write_reports(layout, metrics)
     metrics["mlflow_run_id"] = log_run(params, metrics, reports, {q: f.path for q, f in files.items()},
                                        register=metrics["gates_passed"])
-    write_reports(Path(params.paths.metrics), metrics)
+    write_reports(layout, metrics)
     if not metrics["gates_passed"]:
         failed = [f"{name}: {'; '.join(row['gate']['failures'])}" for name, row in rows.items()
                   if "gate" in row and not row["gate"]["passed"]]
@@ -185,16 +192,17 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     params = load_params(args.params)
+    layout = Layout.from_params(params)
     torch.set_num_threads(params.quantize.threads)
     try:
         metrics = quantize(params, overwrite=args.overwrite)
     except GateFailure as exc:
-        print(f"tinyllama quantize: {exc} (see {Path(params.paths.metrics) / 'quantize_table.md'})")
+        print(f"tinyllama quantize: {exc} (see {shown(layout.report_file(TABLE_FILE))})")
         return 1
     for name, row in metrics["types"].items():
         print(f"{name:>5}  {row['size_bytes'] / 1e6:8.2f} MB  ppl ratio {row['ppl_ratio']:.4f}  "
               f"KLD {row['kld']:.6f}  same top {100 * row['same_top']:6.2f}%"
               + (f"  eval avg {100 * row['eval_avg']:.2f}" if row.get("eval_avg") is not None else ""))
     print(f"wrote {', '.join(metrics['types'][q]['file'] for q in params.quantize.types)}, "
-          f"{Path(params.paths.metrics) / 'quantize.json'}, quantize_table.md (MLflow run {metrics['mlflow_run_id']})")
+          f"{shown(layout.metrics_file('quantize'))}, {TABLE_FILE} (MLflow run {metrics['mlflow_run_id']})")
     return 0
