@@ -118,51 +118,65 @@ def check_gates(params: Params, rows: dict[str, dict]) -> None:
         row["gate"] = {**gate.model_dump(exclude_none=True), "passed": not failures, "failures": failures}
 
 
-def quantize(params: Params, overwrite: bool = False) -> dict:
-    from model.gguf import export_gguf
-    from tasks.evaluate.tasksets import build_taskset
-    from tasks.quantize.harness import eval_scores, load_tokenizer
-    from tasks.quantize.mlflow_log import check_source_run, log_run
+def _preflight(params: Params, overwrite: bool):
+    """Everything the user can get wrong, checked before any output exists: (source, GGUF paths, model)."""
+    from tasks.quantize.mlflow_log import check_source_run
 
-    start = time.perf_counter()
-    settings = params.quantize
     source = resolve_source(params)
     check_source_run(params, source.run_id)
     paths = gguf_paths(params, source)
-    if not (overwrite or settings.overwrite):
+    if not (overwrite or params.quantize.overwrite):
         for path in paths.values():
             if path.exists():
                 raise UserError(f"{path}: exists (set quantize.overwrite: true or pass --overwrite to replace it)")
-    model = _load_source(source)
-    chunks, n_ctx = _val_chunks(params, model.config)
-    with tempfile.TemporaryDirectory(prefix="tinyllama-quantize-") as include_dir:
-        taskset = build_taskset(params, Path(include_dir)) if settings.evaluate else None
-        files = {qtype: export_gguf(source.directory, path, qtype, source.lineage, source.name, overwrite=True)
-                 for qtype, path in paths.items()}
-        engines = _open_engines(params, source, model, files)
-        try:
-            rows = measure(engines, chunks)
-            if taskset is not None:
-                tokenizer = load_tokenizer(source.directory)
-                for name, engine in engines.items():
-                    rows[name]["eval_avg"] = eval_scores(engine, tokenizer, taskset, params.eval)["avg"]
-            if "int8" in engines:
-                rows["int8"]["size_bytes"] = _state_bytes(engines["int8"].model)
-        finally:
-            for engine in engines.values():
-                engine.close()
+    return source, paths, _load_source(source)
+
+
+def _score(params: Params, source: Source, model, files: dict, chunks: list, taskset) -> dict[str, dict]:
+    """Every engine's row: llama.cpp's perplexity statistics, the eval average, the int8 footprint."""
+    from tasks.quantize.harness import eval_scores, load_tokenizer
+
+    engines = _open_engines(params, source, model, files)
+    try:
+        rows = measure(engines, chunks)
+        if taskset is not None:
+            tokenizer = load_tokenizer(source.directory)
+            for name, engine in engines.items():
+                rows[name]["eval_avg"] = eval_scores(engine, tokenizer, taskset, params.eval)["avg"]
+        if "int8" in engines:
+            rows["int8"]["size_bytes"] = _state_bytes(engines["int8"].model)
+    finally:
+        for engine in engines.values():
+            engine.close()
     rows[REFERENCE]["size_bytes"] = sum(p.stat().st_size for p in source.directory.glob("*.safetensors"))
     for qtype, exported in files.items():
         rows[qtype].update(size_bytes=exported.size_bytes, file=shown(exported.path), kept_f16=list(exported.kept_f16))
     for name, row in rows.items():
         row["engine"] = "llama.cpp" if name in files else "ours"
+    return {name: rows[name] for name in (REFERENCE, "int8", *files) if name in rows}
+
+
+def quantize(params: Params, overwrite: bool = False) -> dict:
+    from model.gguf import export_gguf
+    from tasks.evaluate.stage import settings_note
+    from tasks.evaluate.tasksets import build_taskset
+    from tasks.quantize.mlflow_log import log_run
+
+    start = time.perf_counter()
+    source, paths, model = _preflight(params, overwrite)
+    chunks, n_ctx = _val_chunks(params, model.config)
+    with tempfile.TemporaryDirectory(prefix="tinyllama-quantize-") as include_dir:
+        taskset = build_taskset(params, Path(include_dir)) if params.quantize.evaluate else None
+        files = {qtype: export_gguf(source.directory, path, qtype, source.lineage, source.name, overwrite=True)
+                 for qtype, path in paths.items()}
+        rows = _score(params, source, model, files, chunks, taskset)
     check_gates(params, rows)
     metrics = {
         "name": source.name,
         "source": {**source.lineage, "dir": shown(source.directory)},
         "n_ctx": n_ctx, "chunks": len(chunks), "scored_tokens": rows[REFERENCE]["tokens"],
-        "eval_settings": _eval_note(params) if settings.evaluate else None,
-        "types": {name: rows[name] for name in (REFERENCE, "int8", *files) if name in rows},
+        "eval_settings": f"{', '.join(params.eval.tasks)}; {settings_note(params)}" if taskset else None,
+        "types": rows,
         "gates_passed": all(row["gate"]["passed"] for row in rows.values() if "gate" in row),
         "wall_s": round(time.perf_counter() - start, 1),
     }
@@ -176,13 +190,6 @@ def quantize(params: Params, overwrite: bool = False) -> dict:
                   if "gate" in row and not row["gate"]["passed"]]
         raise GateFailure("quality gate failed: " + " | ".join(failed))
     return metrics
-
-
-def _eval_note(params: Params) -> str:
-    import lm_eval
-
-    limit = f", first {params.eval.limit} items per task" if params.eval.limit else ""
-    return f"{', '.join(params.eval.tasks)}; {params.eval.num_fewshot}-shot, lm-eval {lm_eval.__version__}{limit}"
 
 
 def add_arguments(parser) -> None:
