@@ -1,8 +1,8 @@
 """Which model the stage quantizes, and its lineage (the MLflow run and DVC output it came from).
 
 `quantize.source` is a registry ref (`models:/tinyllama-chat@champion`, resolved by
-`tasks.registry.resolve_model`), a dir under `paths.models` (`pretrain/1M`, `sft/<variant>`), or any
-HF Llama dir. The lineage goes into the GGUF metadata and the MLflow run, so a file found on a
+`tasks.registry.resolve_model`), `pretrain/last` (the milestone with the most tokens, whatever the
+schedule), a dir under `paths.models` (`pretrain/1M`, `sft/<variant>`), or any HF Llama dir. The lineage goes into the GGUF metadata and the MLflow run, so a file found on a
 laptop can be traced back to the training run and the exact DVC output it was made from.
 """
 
@@ -14,12 +14,14 @@ from pathlib import Path
 import yaml
 
 from tasks.errors import UserError
-from tasks.files import read_json, sha256_file
-from tasks.layout import CONFIG_FILE, WEIGHTS_FILE, Layout
+from tasks.evaluate.checkpoints import find_milestones, read_checkpoint
+from tasks.files import read_json
+from tasks.layout import CONFIG_FILE, Layout
 from tasks.params import Params
 from tasks.tracking import tracking_uri
 
 REGISTRY_PREFIX = "models:/"
+LAST_MILESTONE = "pretrain/last"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,10 @@ def resolve_source(params: Params) -> Source:
         directory, run_id = _from_registry(ref, tracking_uri(params))
         default_name = ref.removeprefix(REGISTRY_PREFIX).replace("@", "-").replace("/", "-")
     else:
-        directory = layout.models / ref if (layout.models / ref).is_dir() else Path(ref).resolve()
+        if ref == LAST_MILESTONE:
+            directory = find_milestones(layout)[-1].directory
+        else:
+            directory = layout.models / ref if (layout.models / ref).is_dir() else Path(ref).resolve()
         if not directory.is_dir():
             raise UserError(f"quantize.source: {ref!r} is neither a dir under {layout.models} nor a directory")
         run_id = _run_id_of_dir(layout, directory)
@@ -48,8 +53,7 @@ def resolve_source(params: Params) -> Source:
                         if directory.is_relative_to(layout.models) else directory.name)
     if not (directory / CONFIG_FILE).is_file():
         raise UserError(f"quantize.source: {directory} (from {ref!r}) has no {CONFIG_FILE}: not a HF model dir")
-    weights = directory / WEIGHTS_FILE
-    lineage = {"source": ref, "weights_sha256": sha256_file(weights) if weights.is_file() else ""}
+    lineage = {"source": ref, "weights_sha256": read_checkpoint(directory).weights_sha256}
     if run_id:
         lineage["mlflow_run_id"] = run_id
     lineage.update(dvc_lineage(directory))
