@@ -99,7 +99,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[st
     return out
 
 
-def encode_tensor(name: str, tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, str]:
+def encode_tensor(tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, str]:
     """(bytes or floats as gguf-py wants them, the type actually used) for one tensor."""
     import gguf
 
@@ -122,6 +122,8 @@ class Vocab:
 def read_vocab(directory: Path, vocab_size: int) -> Vocab:
     """The SentencePiece vocabulary of a HF dir, as llama.cpp's converter reads it (pieces, scores,
     token types); padded with unused [PADi] tokens when the model's vocab is larger."""
+    import gguf
+
     path = Path(directory) / TOKENIZER_MODEL_FILE
     if not path.is_file():
         raise ValueError(f"{path}: missing (the GGUF embeds the SentencePiece tokenizer)")
@@ -134,7 +136,7 @@ def read_vocab(directory: Path, vocab_size: int) -> Vocab:
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(_PAD_SCORE)
-        types.append(5)  # UNUSED
+        types.append(int(gguf.TokenType.UNUSED))
     return Vocab(tokens, scores, types, bool(proto.normalizer_spec.add_dummy_prefix))
 
 
@@ -178,7 +180,7 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, qtype: str, lineage: d
             writer.add_string(LINEAGE_PREFIX + key, str(value))
         kept = []
         for tensor_name, tensor in tensors.items():
-            data, used = encode_tensor(tensor_name, tensor, qtype)
+            data, used = encode_tensor(tensor, qtype)
             if used == "F16" and qtype != "F16":
                 kept.append(tensor_name)
             writer.add_tensor(tensor_name, data, raw_dtype=gguf.GGMLQuantizationType[used])
