@@ -9,7 +9,6 @@ score differs from fp32's only by what its engine computes. The suites are multi
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -42,10 +41,6 @@ def _engine_lm_class():
             if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.bos_token):
                 add = False
             return self.tokenizer.encode(string, add_special_tokens=add)
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            """lm-eval's, with its progress bar only on a terminal (stage logs are for people)."""
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not sys.stderr.isatty())
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             results = []

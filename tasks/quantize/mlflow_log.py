@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.params import Params
-from tasks.tracking import configure_mlflow, tracking_uri
+from tasks.tracking import client, configure_mlflow, tracking_uri
 
 MEASURES = ("size_bytes", "ppl", "ppl_ratio", "kld", "same_top", "rms_dp", "eval_avg")
 
@@ -20,13 +20,12 @@ def check_source_run(params: Params, run_id: str | None) -> None:
     """A lineage run id that is not in the store is bad input (caught before any work)."""
     if not run_id:
         return
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from tasks.errors import UserError
 
     try:
-        MlflowClient(tracking_uri=tracking_uri(params)).get_run(run_id)
+        client(tracking_uri(params)).get_run(run_id)
     except MlflowException:
         raise UserError(f"quantize.source: its MLflow run {run_id} is not in {tracking_uri(params)}") from None
 
@@ -35,10 +34,8 @@ def log_run(params: Params, metrics: dict, files: list[Path], ggufs: dict[str, P
     """Log the run (params, per-type metrics, reports, GGUF files); register the GGUFs if `register`.
     Returns the run id."""
     import mlflow
-    from mlflow import MlflowClient
 
     experiment_id = configure_mlflow(params)
-    client = MlflowClient(tracking_uri=tracking_uri(params))
     source = metrics["source"]
     tags = {"stage": "quantize", "source": source["source"]}
     if source.get("mlflow_run_id"):
@@ -57,21 +54,21 @@ def log_run(params: Params, metrics: dict, files: list[Path], ggufs: dict[str, P
             mlflow.log_artifact(str(path), artifact_path="gguf")
         mlflow.set_tag("gates_passed", str(metrics["gates_passed"]).lower())
     if register:
-        _register(client, params.quantize.registered_model, run_id, metrics, ggufs)
+        _register(client(tracking_uri(params)), params.quantize.registered_model, run_id, metrics, ggufs)
     return run_id
 
 
-def _register(client, model_name: str, run_id: str, metrics: dict, ggufs: dict[str, Path]) -> None:
+def _register(mlflow_client, model_name: str, run_id: str, metrics: dict, ggufs: dict[str, Path]) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(model_name)
+        mlflow_client.get_registered_model(model_name)
     except MlflowException:
-        client.create_registered_model(model_name, description="GGUF files for llama.cpp (tasks/quantize)")
-    artifact_uri = client.get_run(run_id).info.artifact_uri
+        mlflow_client.create_registered_model(model_name, description="GGUF files for llama.cpp (tasks/quantize)")
+    artifact_uri = mlflow_client.get_run(run_id).info.artifact_uri
     for qtype, path in ggufs.items():
         row = metrics["types"][qtype]
         tags = {"type": qtype, "source": metrics["source"]["source"], "file": path.name,
                 "ppl_ratio": f"{row['ppl_ratio']:.6f}", "same_top": f"{row['same_top']:.6f}"}
-        client.create_model_version(model_name, source=f"{artifact_uri}/gguf/{path.name}", run_id=run_id, tags=tags,
-                                    description=f"{metrics['name']} as {qtype}")
+        mlflow_client.create_model_version(model_name, source=f"{artifact_uri}/gguf/{path.name}", run_id=run_id,
+                                           tags=tags, description=f"{metrics['name']} as {qtype}")

@@ -18,7 +18,7 @@ from tasks.evaluate.checkpoints import find_milestones, read_checkpoint
 from tasks.files import read_json
 from tasks.layout import CONFIG_FILE, Layout
 from tasks.params import Params
-from tasks.tracking import tracking_uri
+from tasks.tracking import client, tracking_uri
 
 REGISTRY_PREFIX = "models:/"
 LAST_MILESTONE = "pretrain/last"
@@ -72,15 +72,13 @@ def _from_registry(ref: str, uri: str) -> tuple[Path, str | None]:
 
 def _registry_run_id(ref: str, uri: str) -> str | None:
     """The run that logged the registered version (its `run_id`), for the link from our run."""
-    from mlflow import MlflowClient
-
     name, _, rest = ref.removeprefix(REGISTRY_PREFIX).partition("/")
-    client = MlflowClient(tracking_uri=uri)
+    mlflow_client = client(uri)
     if "@" in name:
         name, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
+        version = mlflow_client.get_model_version_by_alias(name, alias)
     else:
-        version = client.get_model_version(name, rest)
+        version = mlflow_client.get_model_version(name, rest)
     return version.run_id or None
 
 

@@ -175,7 +175,7 @@ def quantize(params: Params, overwrite: bool = False) -> dict:
         "name": source.name,
         "source": {**source.lineage, "dir": shown(source.directory)},
         "n_ctx": n_ctx, "chunks": len(chunks), "scored_tokens": rows[REFERENCE]["tokens"],
-        "eval_settings": f"{', '.join(params.eval.tasks)}; {settings_note(params)}" if taskset else None,
+        "eval_settings": f"{', '.join(params.eval.tasks)}; {settings_note(params, taskset)}" if taskset else None,
         "types": rows,
         "gates_passed": all(row["gate"]["passed"] for row in rows.values() if "gate" in row),
         "wall_s": round(time.perf_counter() - start, 1),
@@ -198,18 +198,21 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from tasks.logs import stage_log
+
     params = load_params(args.params)
     layout = Layout.from_params(params)
     torch.set_num_threads(params.quantize.threads)
-    try:
-        metrics = quantize(params, overwrite=args.overwrite)
-    except GateFailure as exc:
-        print(f"tinyllama quantize: {exc} (see {shown(layout.report_file(TABLE_FILE))})")
-        return 1
-    for name, row in metrics["types"].items():
-        print(f"{name:>5}  {row['size_bytes'] / 1e6:8.2f} MB  ppl ratio {row['ppl_ratio']:.4f}  "
-              f"KLD {row['kld']:.6f}  same top {100 * row['same_top']:6.2f}%"
-              + (f"  eval avg {100 * row['eval_avg']:.2f}" if row.get("eval_avg") is not None else ""))
-    print(f"wrote {', '.join(metrics['types'][q]['file'] for q in params.quantize.types)}, "
-          f"{shown(layout.metrics_file('quantize'))}, {TABLE_FILE} (MLflow run {metrics['mlflow_run_id']})")
+    with stage_log("quantize", params):
+        try:
+            metrics = quantize(params, overwrite=args.overwrite)
+        except GateFailure as exc:
+            print(f"tinyllama quantize: {exc} (see {shown(layout.report_file(TABLE_FILE))})")
+            return 1
+        for name, row in metrics["types"].items():
+            print(f"{name:>5}  {row['size_bytes'] / 1e6:8.2f} MB  ppl ratio {row['ppl_ratio']:.4f}  "
+                  f"KLD {row['kld']:.6f}  same top {100 * row['same_top']:6.2f}%"
+                  + (f"  eval avg {100 * row['eval_avg']:.2f}" if row.get("eval_avg") is not None else ""))
+        print(f"wrote {', '.join(metrics['types'][q]['file'] for q in params.quantize.types)}, "
+              f"{shown(layout.metrics_file('quantize'))}, {TABLE_FILE} (MLflow run {metrics['mlflow_run_id']})")
     return 0
