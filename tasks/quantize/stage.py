@@ -17,12 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from tasks.errors import UserError
 from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
-from tasks.quantize.measures import KlStats, chunk
 from tasks.quantize.report import TABLE_FILE, write_reports
 from tasks.quantize.source import Source, resolve_source
 
@@ -62,6 +59,7 @@ def _load_source(source: Source):
 def _val_chunks(params: Params, config) -> tuple[list[tuple[list[int], int]], int]:
     """(chunks, n_ctx): one chunk per prepared val row, as long as the row and the model's context allow."""
     from tasks.evaluate.perplexity import val_rows
+    from tasks.quantize.measures import chunk
 
     rows = val_rows(Layout.from_params(params).prepared_dir, params.quantize.val_rows)
     if int(rows.max()) >= config.vocab_size:
@@ -97,6 +95,10 @@ def _open_engines(params: Params, source: Source, model, files: dict) -> dict:
 
 def measure(engines: dict, chunks: list[tuple[list[int], int]]) -> dict[str, dict]:
     """llama.cpp's perplexity statistics of every engine against the reference, chunk by chunk."""
+    import torch
+
+    from tasks.quantize.measures import KlStats
+
     stats = {name: KlStats() for name in engines}
     for tokens, first in chunks:
         base = engines[REFERENCE].logits(tokens)[first:-1]
@@ -202,8 +204,10 @@ def main(args) -> int:
 
     params = load_params(args.params)
     layout = Layout.from_params(params)
-    torch.set_num_threads(params.quantize.threads)
     with stage_log("quantize", params):
+        import torch  # inside the stage's log: what torch brings in (tqdm) sees its settings
+
+        torch.set_num_threads(params.quantize.threads)
         try:
             metrics = quantize(params, overwrite=args.overwrite)
         except GateFailure as exc:
