@@ -10,6 +10,11 @@ PARAMS ?= params.yaml
 # (CPU) or .../whl/cu128 (GPU, see README "GPU install").
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# llama-cpp-python has no wheel on the index: pip compiles llama.cpp (~6 min on 2 quiet cores, ~18 min
+# on busy ones; pip's wheel cache makes a reinstall on the same machine instant). A CPU build, whatever
+# GPU toolkits the machine has.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_HIP=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_SYCL=OFF \
+	-DGGML_OPENCL=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-fast services services-stop clean
@@ -17,7 +22,8 @@ PYTEST_ARGS ?=
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(BIN)/pip install --quiet -r requirements.lock -c constraints.txt
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/pip install --quiet -r requirements.lock -c constraints.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/dvc config --global core.analytics false >/dev/null 2>&1 || true
 	touch $@

@@ -1,5 +1,6 @@
-"""Atomic directory writes: a crash never leaves a half-written checkpoint or tokenizer that a later
-run would trust. Files go to a sibling temp dir, are fsynced, and the dir is renamed into place."""
+"""Atomic writes of directories and large files: a crash never leaves a half-written checkpoint,
+tokenizer or GGUF file that a later run would trust. Output goes to a sibling temp dir (or file), is
+fsynced, and is renamed into place."""
 
 from __future__ import annotations
 
@@ -54,3 +55,19 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yields a temp path beside `path` for a writer that wants a file name (GGUFWriter); on a clean
+    exit the file is fsynced and renamed onto `path`, on an error it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)

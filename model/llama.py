@@ -80,8 +80,8 @@ def parallel_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, 
     """Bias-free `layer(x)` for each layer (q/k/v, gate/up). When training, as one matmul on the
     concatenated weights: its backward is one grad-input matmul instead of one per layer plus adds
     (~25% less time for q/k/v on CPU at the 55M size), while the parameters keep HF's names.
-    Decoding keeps separate matmuls (no weight copy per token)."""
-    if not torch.is_grad_enabled():
+    Decoding keeps separate matmuls (no weight copy per token), and so do quantized layers (model/quant.py)."""
+    if not torch.is_grad_enabled() or not all(isinstance(layer, nn.Linear) for layer in layers):
         return tuple(layer(x) for layer in layers)
     weight = torch.cat([layer.weight for layer in layers])
     return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
@@ -207,7 +207,7 @@ class Llama(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` tokens (default: max_seq_len)."""
         max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
-        weight = self.lm_head.weight
+        weight = self.embed_tokens.weight  # the activations' dtype, also when the linears are int8 (model/quant.py)
         return KVCache(self.config, batch, max_len, weight.dtype, weight.device)
 
     def compile_loss(self, **compile_kwargs) -> "Llama":

@@ -19,6 +19,7 @@ COMMANDS = {
     "prepare": ("tasks.data.prepare", "tokenize and pack the corpora into Parquet shards"),
     "pretrain": ("tasks.pretrain.run", "pretrain on Ray Train, exporting milestone checkpoints"),
     "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
+    "quantize": ("tasks.quantize.stage", "GGUF files for llama.cpp and int8 for our engine, measured like llama.cpp"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
 }
 

@@ -255,6 +255,49 @@ class EvalParams(Section):
         return self
 
 
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q5_0")  # model/gguf.py GGUF_TYPES (kept import-free here)
+
+
+class QualityGate(Section):
+    max_ppl_ratio: float | None = Field(None, gt=0)
+    min_same_top: float | None = Field(None, ge=0, le=1)
+
+
+class QuantizeParams(Section):
+    """The `quantize` stage (tasks/quantize/): GGUF files for llama.cpp, int8 for our engine, measured."""
+    # A dir under paths.models ("pretrain/1M", "sft/<variant>"), any HF dir, or a registry ref
+    # ("models:/tinyllama-chat@champion") once the alignment stages register chat variants.
+    source: str = "models:/tinyllama-chat@champion"
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # file stem; default: from the source
+    types: list[str] = Field(default_factory=lambda: list(GGUF_TYPES))
+    int8: bool = True
+    val_rows: int = Field(64, gt=0)          # prepared val rows scored (one llama.cpp chunk each)
+    evaluate: bool = True                    # the lm-eval average per type (eval.* settings)
+    threads: int = Field(2, gt=0)
+    overwrite: bool = False
+    registered_model: str = "tinyllama-chat-gguf"
+    gates: dict[str, QualityGate] = Field(default_factory=lambda: {
+        "Q8_0": QualityGate(max_ppl_ratio=1.005, min_same_top=0.98)})
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, types):
+        for name in types:
+            if name not in GGUF_TYPES:
+                raise ValueError(f"unknown quant type {name!r} (known: {', '.join(GGUF_TYPES)})")
+        if len(set(types)) != len(types):
+            raise ValueError("a quant type is listed twice")
+        return types
+
+    @model_validator(mode="after")
+    def _gated_types_are_built(self):
+        built = set(self.types) | ({"int8"} if self.int8 else set())
+        for name in self.gates:
+            if name not in built:
+                raise ValueError(f"quantize.gates.{name}: not a type this stage builds ({', '.join(sorted(built))})")
+        return self
+
+
 class MlflowParams(Section):
     tracking_uri: str | None = None
     experiment: str = "tinyllama-tiny"
@@ -270,6 +313,7 @@ class Params(Section):
     train: TrainParams
     plan: PlanParams = Field(default_factory=PlanParams)
     eval: EvalParams
+    quantize: QuantizeParams = Field(default_factory=QuantizeParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
     @model_validator(mode="after")

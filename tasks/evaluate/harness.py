@@ -61,12 +61,18 @@ def pick_score(task_results: dict, n: int) -> TaskScore:
 
 def run_lm_eval(model, tokenizer, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]:
     """Scores per task, in `taskset.names` order."""
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, add_bos_token=True,
               max_length=model.config.max_position_embeddings)
+    return score_lm(lm, taskset, settings)
+
+
+def score_lm(lm, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]:
+    """Scores per task of any lm-eval model object (HFLM here, the quantize stage's engines)."""
+    import lm_eval
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     output = lm_eval.simple_evaluate(model=lm, tasks=list(taskset.names), num_fewshot=settings.num_fewshot,
                                      limit=settings.limit, task_manager=taskset.task_manager(),
                                      log_samples=False, bootstrap_iters=1000)

@@ -1,0 +1,70 @@
+"""int8 weight-only quantization for our own CPU engine (`serving --quant int8`).
+
+Every `nn.Linear` of a Llama (q/k/v/o, gate/up/down, lm_head) becomes an `Int8Linear`: its weight
+stored as int8 with one symmetric scale per output channel (w ≈ q · s, |q| ≤ 127), a quarter of the
+fp32 bytes. The matmul is torch's int8 CPU kernel `aten._weight_int8pack_mm`, which reads the int8
+weight directly (no dequantized copy per call). Its vectorized (AVX2/AVX-512) path takes bf16
+activations and scales, its fp32 path is scalar code ~10x slower than an fp32 GEMV, so activations
+are cast to bf16 for the matmul and the output back to the model's dtype; the scales are rounded up
+to bf16 *before* the weights are rounded, so the stored pair is exact (|w - q·s| ≤ s/2).
+The embedding (a lookup, no matmul) and the norms stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.llama import Llama
+
+QMAX = 127
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, bf16 per-row scales) with weight ≈ q * scale[:, None] and |q| ≤ 127."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.bfloat16).tiny)
+    rounded = scale.to(torch.bfloat16)
+    up = torch.nextafter(rounded, torch.tensor(float("inf"), dtype=torch.bfloat16))
+    rounded = torch.where(rounded.float() < scale, up, rounded)  # never below the exact scale: no clipping
+    q = torch.round(weight / rounded.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, rounded
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer whose weight is int8 with per-output-channel bf16 scales."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        if linear.bias is not None:
+            raise ValueError("Int8Linear: a linear layer with a bias is not supported (Llama has none)")
+        return cls(*quantize_weight(linear.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_int8(model: Llama) -> Llama:
+    """Replace every `nn.Linear` of `model` by an `Int8Linear`, in place; returns the model (in eval mode).
+    It forwards and decodes (`model.generate`) as before; it is for inference only."""
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int8Linear.from_linear(linear))
+    return model.eval()

@@ -1,0 +1,36 @@
+"""The `quantize:` section of params: every profile carries it, and bad values name the field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.errors import UserError
+from tasks.params import load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _raw(**quantize):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["quantize"].update(quantize)
+    return raw
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix()
+                                                           for p in (ROOT / "configs").glob("*.yaml"))])
+def test_every_profile_gates_q8_0_as_the_issue_asks(profile):
+    gates = load_params(ROOT / profile).quantize.gates
+    assert (gates["Q8_0"].max_ppl_ratio, gates["Q8_0"].min_same_top) == (1.005, 0.98)
+
+
+@pytest.mark.parametrize("quantize, message", [
+    ({"types": ["Q8_0", "Q3_K"]}, "quantize.types: unknown quant type 'Q3_K'"),
+    ({"types": ["Q8_0", "Q8_0"]}, "quantize.types: a quant type is listed twice"),
+    ({"types": ["F16"], "gates": {"Q8_0": {"max_ppl_ratio": 1.01}}}, "quantize.gates.Q8_0: not a type this stage builds"),
+    ({"gates": {"Q8_0": {"min_same_top": 1.5}}}, "quantize.gates.Q8_0.min_same_top"),
+    ({"name": "a/b"}, "quantize.name"),
+])
+def test_bad_values_name_the_field(quantize, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        parse_params(_raw(**quantize))
