@@ -22,6 +22,7 @@ from torch import nn
 
 from model.config import LlamaConfig
 from model.loss import linear_cross_entropy
+from model.slots import SlotBatch, SlotCache
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +47,8 @@ def rope_cache(config: LlamaConfig, seq_len: int, device=None) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), cast to x's dtype as HF does."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), or (batch, 1, seq, head_dim) for
+    per-row positions; cast to x's dtype as HF does."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -179,12 +181,21 @@ class Llama(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (batch, seq) token ids → final normed hidden states (batch, seq, dim)."""
+        """idx: (batch, seq) token ids → final normed hidden states (batch, seq, dim).
+
+        With a `SlotBatch` as the cache, each row has its own positions and mask (model/slots.py)
+        and `pos`/`mask` are taken from it."""
         t = idx.shape[1]
-        limit = cache.max_len if cache is not None else self.config.max_seq_len
-        if pos + t > min(limit, self.config.max_seq_len):
-            raise ValueError(f"sequence of {pos + t} tokens exceeds the context of {min(limit, self.config.max_seq_len)}")
-        cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+        if isinstance(cache, SlotBatch):
+            positions = cache.positions.clamp(max=self.config.max_seq_len - 1)  # padding: any angle will do
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            mask = cache.mask
+        else:
+            limit = cache.max_len if cache is not None else self.config.max_seq_len
+            if pos + t > min(limit, self.config.max_seq_len):
+                raise ValueError(f"sequence of {pos + t} tokens exceeds the context of "
+                                 f"{min(limit, self.config.max_seq_len)}")
+            cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)
@@ -209,6 +220,13 @@ class Llama(nn.Module):
         max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
         weight = self.lm_head.weight
         return KVCache(self.config, batch, max_len, weight.dtype, weight.device)
+
+    def new_slot_cache(self, slots: int, max_len: int | None = None, spare: int = 1) -> SlotCache:
+        """A KV cache of `slots` rows of up to `max_len` tokens (default: max_seq_len) for batched
+        decoding; `spare` is the most tokens one row feeds per forward (model/slots.py)."""
+        max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
+        weight = self.lm_head.weight
+        return SlotCache(self.config, slots, max_len, spare, weight.dtype, weight.device)
 
     def compile_loss(self, **compile_kwargs) -> "Llama":
         """torch.compile `loss` as a whole (embedding, every block, the chunked loss) into one graph.

@@ -1,0 +1,1 @@
+"""`tinyllama deploy`: the DAG's last stage (filled in below)."""

@@ -1,0 +1,64 @@
+"""Ray and Serve for the serving commands: a local Ray sized explicitly, or the cluster at `RAY_ADDRESS`.
+
+Locally Ray gets an explicit CPU count and a private temp dir (its sockets live there), and Serve's
+HTTP proxy binds the host and port asked for (127.0.0.1 unless told otherwise). Everything started
+here is stopped on exit, so a test or a pipeline stage leaves no Ray behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+
+@contextmanager
+def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = None):
+    """Ray (local unless RAY_ADDRESS is set) + Serve's proxy on host:port for the block; the dashboard
+    (which `serve deploy` talks to) only when `dashboard_port` is given."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp_dir = None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+    else:
+        temp_dir = tempfile.mkdtemp(prefix="tl-serve-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        ray.init(num_cpus=cpus, _temp_dir=temp_dir, include_dashboard=dashboard_port is not None,
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, logging_level="WARNING",
+                 log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_healthy(url: str, timeout: float) -> float:
+    """Poll `url` (the app's /health) until it answers 200; returns the seconds it took. A replica
+    whose load failed answers 503 with status "failed": that ends the wait with its reason."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return time.monotonic() - start
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            if exc.code == 503 and body.startswith(b"{") and json.loads(body).get("status") == "failed":
+                raise RuntimeError(json.loads(body).get("error")) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
