@@ -24,7 +24,7 @@ import torch
 
 from model.llama import Llama
 from model.sampling import Sampling, accept_drafts, pick, probabilities
-from model.slots import forward_rows
+from model.slots import SlotCache, forward_rows
 from model.speculative import DraftModel, PromptLookup
 
 
@@ -87,7 +87,7 @@ class BatchDecoder:
         self.model, self.k, self.prefill_chunk = model, k, prefill_chunk
         self.max_len = min(max_len or limit, limit)
         spare = max(prefill_chunk, k + 1)
-        self.cache = model.new_slot_cache(slots, self.max_len, spare)
+        self.cache = SlotCache.for_model(model, slots, self.max_len, spare)
         self.lookup = draft if isinstance(draft, PromptLookup) else None
         self.drafter = DraftModel(draft, slots, self.max_len, spare) if isinstance(draft, Llama) else None
         self.free = list(range(slots))

@@ -22,7 +22,6 @@ from torch import nn
 
 from model.config import LlamaConfig
 from model.loss import linear_cross_entropy
-from model.slots import SlotBatch, SlotCache
 
 
 class RMSNorm(nn.Module):
@@ -183,11 +182,12 @@ class Llama(nn.Module):
                       mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (batch, seq) token ids → final normed hidden states (batch, seq, dim).
 
-        With a `SlotBatch` as the cache, each row has its own positions and mask (model/slots.py)
-        and `pos`/`mask` are taken from it."""
+        With a batch of slots as the cache (model/slots.py `SlotBatch`, which has per-row `positions`),
+        each row has its own positions and mask, and `pos`/`mask` are taken from it."""
         t = idx.shape[1]
-        if isinstance(cache, SlotBatch):
-            positions = cache.positions.clamp(max=self.config.max_seq_len - 1)  # padding: any angle will do
+        positions = getattr(cache, "positions", None)
+        if positions is not None:
+            positions = positions.clamp(max=self.config.max_seq_len - 1)  # padding: any angle will do
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
             mask = cache.mask
         else:
@@ -220,13 +220,6 @@ class Llama(nn.Module):
         max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
         weight = self.lm_head.weight
         return KVCache(self.config, batch, max_len, weight.dtype, weight.device)
-
-    def new_slot_cache(self, slots: int, max_len: int | None = None, spare: int = 1) -> SlotCache:
-        """A KV cache of `slots` rows of up to `max_len` tokens (default: max_seq_len) for batched
-        decoding; `spare` is the most tokens one row feeds per forward (model/slots.py)."""
-        max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
-        weight = self.lm_head.weight
-        return SlotCache(self.config, slots, max_len, spare, weight.dtype, weight.device)
 
     def compile_loss(self, **compile_kwargs) -> "Llama":
         """torch.compile `loss` as a whole (embedding, every block, the chunked loss) into one graph.

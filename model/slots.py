@@ -30,6 +30,15 @@ class SlotCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def for_model(cls, model, slots: int, max_len: int | None = None, spare: int = 1) -> "SlotCache":
+        """A cache for `model` (a `Llama`), of its dtype and device; `max_len` defaults to its context,
+        `spare` is the most tokens one row feeds per forward."""
+        config = model.config
+        max_len = min(max_len or config.max_seq_len, config.max_seq_len)
+        weight = model.lm_head.weight
+        return cls(config, slots, max_len, spare, weight.dtype, weight.device)
+
     def batch(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int]) -> "SlotBatch":
         """One forward's view: row i feeds `counts[i]` tokens at positions `starts[i]`, `starts[i] + 1`, ...
         (the tokens its slot's cache lacks)."""

@@ -20,7 +20,7 @@ import torch
 
 from model.llama import Llama
 from model.sampling import pick, probabilities
-from model.slots import forward_rows
+from model.slots import SlotCache, forward_rows
 
 
 class PromptLookup:
@@ -55,7 +55,7 @@ class DraftModel:
 
     def __init__(self, model: Llama, slots: int, max_len: int, spare: int):
         self.model = model
-        self.cache = model.new_slot_cache(slots, max_len, spare)
+        self.cache = SlotCache.for_model(model, slots, max_len, spare)
 
     def prefill(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]]) -> None:
         forward_rows(self.model, self.cache, slots, starts, chunks, [1] * len(chunks))
