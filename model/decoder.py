@@ -90,6 +90,7 @@ class BatchDecoder:
         self.cache = SlotCache.for_model(model, slots, self.max_len, spare)
         self.lookup = draft if isinstance(draft, PromptLookup) else None
         self.drafter = DraftModel(draft, slots, self.max_len, spare) if isinstance(draft, Llama) else None
+        self.slots = slots
         self.free = list(range(slots))
         self.running: dict[int, Running] = {}
         self.stats = {"target_passes": 0, "drafted": 0, "accepted": 0}

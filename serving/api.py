@@ -60,8 +60,10 @@ class OpenAIService:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             check_messages(messages)
-        except ValueError as exc:
-            raise APIError(400, str(exc), str(exc).split(":")[0].replace("[", ".").replace("]", "")) from None
+        except ValueError as exc:  # "messages[1].role: ..." → param messages.1.role, as validation errors name it
+            where, _, reason = str(exc).partition(": ")
+            param = where.replace("[", ".").replace("]", "")
+            raise APIError(400, f"{param}: {reason}", param) from None
         text = render(self.served.chat_template, messages, add_generation_prompt=True).text
         return await self._respond(body, [encode_rendered(self.served.tokenizer, text)], "chat.completion",
                                    "chatcmpl", "messages")

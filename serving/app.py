@@ -8,11 +8,10 @@ runs locally. (`ray.serve.llm` needs vLLM and GPUs; on CPU we serve model/'s eng
 A replica loads its model in a background thread, so `/health` can answer 503 while it loads and
 200 once it serves; a load that fails makes Serve's health check fail with the reason. With
 `api_key_env` set, every /v1 route needs `Authorization: Bearer <the key in that variable>`; the
-key is read from the replica's environment and never logged.
+key is read from the replica's environment and never logged (serving/auth.py).
 """
 
 
-import hmac
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.responses import JSONResponse
 
+from serving import auth
 from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 
 logger = logging.getLogger("tinyllama.serving")
@@ -57,7 +57,6 @@ def parse_args(args: dict) -> ServeArgs:
 
 
 api = FastAPI(title="tinyllama", docs_url=None, redoc_url=None, openapi_url=None)
-api.state.api_key = None
 
 
 @api.exception_handler(RequestValidationError)
@@ -68,8 +67,7 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status)
 
 
 @api.exception_handler(Exception)
@@ -81,13 +79,9 @@ async def _internal(request: Request, exc: Exception):
 
 @api.middleware("http")
 async def _authorize(request: Request, call_next):
-    key = api.state.api_key
-    if key is not None and request.url.path.startswith("/v1"):
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", None,
-                             "invalid_api_key")
-            return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    if request.url.path.startswith("/v1") and not auth.allowed(request.headers.get("authorization", "")):
+        error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+        return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
     return await call_next(request)
 
 
@@ -103,7 +97,7 @@ class OpenAIServer:
             if not key:
                 raise ValueError(f"api_key_env: environment variable {self.args.api_key_env} is not set "
                                  "in the replica's environment")
-            api.state.api_key = key
+            auth.require(key)
         threading.Thread(target=self._load, name="tinyllama-load", daemon=True).start()
 
     def _load(self) -> None:

@@ -87,7 +87,8 @@ class Engine:
     def submit(self, requests: list[Submitted]) -> None:
         """Queue sequences (all of one HTTP request, or none of them: `QueueFull`)."""
         with self._wake:
-            if len(self._waiting) + len(requests) > self.max_waiting:
+            free_slots = self.decoder.slots - len(self._running)  # those the next step admits at once
+            if len(self._waiting) + len(requests) > self.max_waiting + free_slots:
                 raise QueueFull(f"server busy: {len(self._waiting)} sequences already waiting "
                                 f"(limit {self.max_waiting}); retry later")
             self._waiting.extend(requests)

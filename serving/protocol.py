@@ -34,7 +34,7 @@ class APIError(Exception):
 def validation_error(errors: list[dict]) -> APIError:
     """FastAPI's validation errors → one 400 naming the first bad field (`messages.0.content`)."""
     error = errors[0]
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_tag(str(part))]
     if error.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
     param = ".".join(loc) or None
@@ -44,6 +44,11 @@ def validation_error(errors: list[dict]) -> APIError:
     elif error.get("type") == "extra_forbidden":
         message = "unknown field (not supported by this server)"
     return APIError(400, f"{param}: {message}" if param else message, param)
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the union member that failed in the location (`prompt.str`, `stop.list[str]`)."""
+    return part in ("str", "int", "float", "bool", "list", "dict", "none") or "[" in part
 
 
 class StreamOptions(BaseModel):

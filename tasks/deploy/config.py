@@ -13,13 +13,13 @@ from pathlib import Path
 import yaml
 
 from tasks.deploy.champion import REGISTRY_PREFIX, resolve
+from tasks.deploy.ray_serve import APPLICATION
 from tasks.errors import UserError
 from tasks.files import write_atomic
 from tasks.params import Params, format_tokens
 
 CONFIG_FILE = "serve_config.yaml"
 LINEAGE_FILE = "lineage.json"
-APPLICATION = "tinyllama"
 
 
 def deploy_dir(params: Params) -> Path:
@@ -86,9 +86,9 @@ def serve_config(params: Params, args: dict, host: str, port: int) -> dict:
                                             "target_ongoing_requests": deploy.slots}
     else:
         deployment["num_replicas"] = deploy.num_replicas
-    config = {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port},
-              "applications": [{"name": APPLICATION, "route_prefix": "/", "import_path": f"{build_app.__module__}:{build_app.__name__}",
-                                "args": args, "deployments": [deployment]}]}
+    application = {"name": APPLICATION, "route_prefix": "/", "import_path": f"{build_app.__module__}:{build_app.__name__}",
+                   "args": args, "deployments": [deployment]}
+    config = {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": [application]}
     try:
         ServeDeploySchema.model_validate(config)
     except Exception as exc:

@@ -16,11 +16,15 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 
+APPLICATION = "tinyllama"
+
 
 @contextmanager
-def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = None):
-    """Ray (local unless RAY_ADDRESS is set) + Serve's proxy on host:port for the block; the dashboard
-    (which `serve deploy` talks to) only when `dashboard_port` is given."""
+def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = None, metrics_port: int | None = None):
+    """Ray (local unless RAY_ADDRESS is set) + Serve's proxy on host:port for the block, which gets the
+    local Ray's temp dir (its logs are under it; None on a cluster); the dashboard
+    (which `serve deploy` talks to) only when `dashboard_port` is given; Prometheus metrics (Ray's and
+    Serve's, ours included) at `metrics_port`'s /metrics when given, else on a port Ray picks."""
     import ray
     from ray import serve
 
@@ -32,17 +36,16 @@ def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = 
         temp_dir = tempfile.mkdtemp(prefix="tl-serve-", dir="/tmp" if os.path.isdir("/tmp") else None)
         ray.init(num_cpus=cpus, _temp_dir=temp_dir, include_dashboard=dashboard_port is not None,
                  dashboard_host="127.0.0.1", dashboard_port=dashboard_port, logging_level="WARNING",
-                 log_to_driver=False)
+                 log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": host, "port": port})
-        yield
+        yield temp_dir
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+        if temp_dir is None:
+            serve.delete(APPLICATION)  # a cluster's Serve stays up for its other applications
+        ray.shutdown()  # a local Ray takes its Serve with it
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_healthy(url: str, timeout: float) -> float:

@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and the replica's torch threads")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ references")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus metrics (Ray's, Serve's and the server's) at this port's /metrics")
 
 
 def serve_args(args) -> dict:
@@ -57,8 +59,8 @@ def main(args) -> int:
 
     from ray import serve
 
-    from serving.app import DEPLOYMENT, build_app
-    from tasks.deploy.ray_serve import serve_session, wait_healthy
+    from serving.app import build_app
+    from tasks.deploy.ray_serve import APPLICATION, serve_session, wait_healthy
 
     values = serve_args(args)
     if args.api_key_env and not os.environ.get(args.api_key_env):
@@ -67,8 +69,10 @@ def main(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     url = f"http://{args.host}:{args.port}"
-    with serve_session(args.cpus, args.host, args.port):
-        serve.run(build_app(values), name=DEPLOYMENT, route_prefix="/")
+    with serve_session(args.cpus, args.host, args.port, metrics_port=args.metrics_port) as ray_dir:
+        if ray_dir:
+            print(f"Ray and replica logs: {ray_dir}/session_latest/logs", flush=True)
+        serve.run(build_app(values), name=APPLICATION, route_prefix="/")
         seconds = wait_healthy(f"{url}/health", timeout=600)
         print(f"serving {values['model']} at {url}/v1 (ready in {seconds:.1f} s); Ctrl-C or SIGTERM stops it",
               flush=True)
