@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.dag import Stage, load_stages
 from flows.repro import RAN, UP_TO_DATE
 from flows.report import artifact_key, read_metrics, run_ids, run_link, stage_markdown, summary
-from tasks.deploy.publish import SERVE_LOG, deploy_to_cluster, how_to_serve, start_local, url
+from flows.serve import SERVE_LOG, deploy_to_cluster, how_to_serve, start_local, url
 from tasks.errors import UserError
 from tasks.files import write_atomic
 from tasks.params import Params, load_params
@@ -134,14 +134,14 @@ def activate_params(params_file: str | Path, root: Path) -> Params:
 def publish(params: Params, root: str, ray_address: str | None, keep_serving: bool,
             dashboard_address: str | None) -> str:
     """Leave the champion served (a cluster: `serve deploy`; here: a background `tinyllama serve`)
-    or print the command that serves it (tasks/deploy/publish.py)."""
+    or print the command that serves it (flows/serve.py)."""
     if ray_address:
-        message = f"serving on the cluster at {deploy_to_cluster(params, dashboard_address)}"
+        message = f"serving on the cluster at {deploy_to_cluster(params, Path(root), dashboard_address)}"
     elif keep_serving:
         pid = start_local(params, Path(root))
         message = (f"serving at {url(params)} (pid {pid}, log {SERVE_LOG}); stop it with kill -TERM -- -{pid}")
     else:
-        message = how_to_serve(params)
+        message = how_to_serve(params, Path(root))
     print(message)
     return message
 

@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.hf import GENERATION_CONFIG_FILE, load_hf, read_hf_config
+from model.files import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
+from model.hf import load_hf, read_hf_config
 from model.llama import Llama
 from model.speculative import PromptLookup
-from model.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from model.tokenizer import Tokenizer
 
 PROMPT_LOOKUP = "prompt-lookup"

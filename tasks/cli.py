@@ -20,7 +20,7 @@ COMMANDS = {
     "pretrain": ("tasks.pretrain.run", "pretrain on Ray Train, exporting milestone checkpoints"),
     "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
-    "deploy": ("tasks.deploy", "serve the champion on Ray Serve, check it with the openai client, stop it"),
+    "deploy": ("tasks.deploy.stage", "serve the champion on Ray Serve, check it with the openai client, stop it"),
     "serve": ("tasks.deploy.serve", "the OpenAI-compatible server (Ray Serve) for a model dir or registry alias"),
 }
 

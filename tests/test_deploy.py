@@ -33,7 +33,7 @@ def _params(tmp_path, **deploy):
 def test_serve_config_passes_rays_schema_and_builds_our_app(tmp_path, served_model_dir):
     from ray.serve.schema import ServeDeploySchema
 
-    from tasks.deploy import write_artifacts
+    from tasks.deploy.stage import write_artifacts
 
     params = parse_params(_params(tmp_path, model=str(served_model_dir), max_replicas=3, draft="prompt-lookup"))
     path, config = write_artifacts(params)
@@ -107,12 +107,18 @@ def test_deploy_without_a_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "models" / "deploy").exists() and not (tmp_path / "metrics").exists()
 
 
-def test_without_a_cluster_the_flow_prints_the_command_that_serves():
-    from tasks.deploy.publish import how_to_serve
+def test_without_a_cluster_the_flow_prints_the_command_that_serves(tmp_path):
+    from flows.serve import how_to_serve
+    from tasks.deploy.stage import write_artifacts
 
-    message = how_to_serve(load_params(ROOT / "params.yaml"))
-    assert ".venv/bin/tinyllama serve --model models/pretrain/1M --host 127.0.0.1 --port 8000" in message
-    assert "http://127.0.0.1:8000/v1" in message
+    milestone = tmp_path / "models" / "pretrain" / "1M"
+    milestone.mkdir(parents=True)
+    (milestone / "config.json").write_text("{}")
+    params = parse_params(_params(tmp_path, port=8123))
+    write_artifacts(params)
+    message = how_to_serve(params, tmp_path)
+    assert f".venv/bin/tinyllama serve --model {milestone} --host 127.0.0.1 --port 8123" in message
+    assert "http://127.0.0.1:8123/v1" in message
 
 
 @pytest.mark.slow

@@ -16,21 +16,14 @@ from tasks.deploy.champion import REGISTRY_PREFIX, resolve
 from tasks.deploy.ray_serve import APPLICATION
 from tasks.errors import UserError
 from tasks.files import write_atomic
+from tasks.layout import Layout
 from tasks.params import Params, format_tokens
-
-CONFIG_FILE = "serve_config.yaml"
-LINEAGE_FILE = "lineage.json"
-
-
-def deploy_dir(params: Params) -> Path:
-    return Path(params.paths.models) / "deploy"
-
 
 def model_ref(params: Params) -> str:
     """The configured model, or the last pretrain milestone when none is configured."""
     if params.deploy.model:
         return params.deploy.model
-    return str(Path(params.paths.models) / "pretrain" / format_tokens(params.train.milestones[-1]))
+    return str(Layout.from_params(params).milestone_dir(format_tokens(params.train.milestones[-1])))
 
 
 def registry_lineage(ref: str, tracking_uri: str) -> dict:
@@ -98,10 +91,3 @@ def serve_config(params: Params, args: dict, host: str, port: int) -> dict:
 
 def write_yaml(path: Path, config: dict) -> Path:
     return write_atomic(path, yaml.safe_dump(config, sort_keys=False).encode())
-
-
-def read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: missing (run the deploy stage first)")
-    return yaml.safe_load(path.read_text())
-
