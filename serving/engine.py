@@ -58,7 +58,7 @@ class Observer:
     """Callbacks for metrics (serving/metrics.py); the engine itself keeps no history."""
 
     on_step: Callable[[int, int], None] = lambda running, waiting: None
-    on_event: Callable[[Submitted, Event, float], None] = lambda request, event, now: None
+    on_events: Callable[[list[tuple[Submitted, Event]], float], None] = lambda events, now: None
 
 
 class Engine:
@@ -103,10 +103,15 @@ class Engine:
                 self._wake.notify()
 
     async def stream(self, request: Submitted) -> AsyncIterator[Event]:
-        """The sequence's events until it finishes; leaving early (disconnect) cancels it."""
+        """The sequence's events until it finishes; leaving early (disconnect) cancels it. Events that
+        piled up while the consumer was busy come as one, so a loaded server sends fewer, larger chunks."""
         try:
             while True:
                 event = await request.queue.get()
+                while not request.queue.empty() and event.finish is None:
+                    later = request.queue.get_nowait()
+                    event = Event(event.seq_id, event.tokens + later.tokens, later.finish,
+                                  event.drafted + later.drafted, event.accepted + later.accepted)
                 yield event
                 if event.finish is not None:
                     return
@@ -158,6 +163,7 @@ class Engine:
             except Exception as exc:  # a bug must not hang every client: end them all with the reason
                 events = self._fail_all(exc)
             now = time.monotonic()
+            delivered = []
             with self._wake:
                 for event in events:
                     request = self._running.get(event.seq_id)
@@ -165,5 +171,6 @@ class Engine:
                         continue
                     if event.finish is not None:
                         del self._running[event.seq_id]
-                    self.observer.on_event(request, event, now)
                     request.deliver(event)
+                    delivered.append((request, event))
+            self.observer.on_events(delivered, now)

@@ -35,20 +35,26 @@ def serve_observer() -> Observer:
         running.set(n_running)
         waiting.set(n_waiting)
 
-    def on_event(request: Submitted, event: Event, now: float) -> None:
-        if event.tokens:
-            tokens.inc(len(event.tokens))
-            if request.last_token_at is None:
-                ttft.observe(now - request.submitted_at)
-            else:
-                tpot.observe((now - request.last_token_at) / len(event.tokens))
-            request.last_token_at = now
-        if event.drafted:
-            drafted.inc(event.drafted)
-            totals["drafted"] += event.drafted
-            if event.accepted:
-                accepted.inc(event.accepted)
-                totals["accepted"] += event.accepted
+    def on_events(events: list[tuple[Submitted, Event]], now: float) -> None:
+        step_tokens = step_drafted = step_accepted = 0
+        for request, event in events:
+            if event.tokens:
+                step_tokens += len(event.tokens)
+                if request.last_token_at is None:
+                    ttft.observe(now - request.submitted_at)
+                else:
+                    tpot.observe((now - request.last_token_at) / len(event.tokens))
+                request.last_token_at = now
+            step_drafted += event.drafted
+            step_accepted += event.accepted
+        if step_tokens:
+            tokens.inc(step_tokens)
+        if step_drafted:
+            drafted.inc(step_drafted)
+            totals["drafted"] += step_drafted
+            if step_accepted:
+                accepted.inc(step_accepted)
+                totals["accepted"] += step_accepted
             rate.set(totals["accepted"] / totals["drafted"])
 
-    return Observer(on_step, on_event)
+    return Observer(on_step, on_events)

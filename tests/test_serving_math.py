@@ -5,33 +5,20 @@ distribution-preserving when sampling, prompt lookup finds what it should."""
 import pytest
 import torch
 
-from model.config import micro
 from model.decoder import BatchDecoder
 from model.detokenize import TextStream
 from model.generate import generate, speculative_generate
-from model.llama import Llama
 from model.sampling import Sampling, accept_drafts, probabilities
 from model.slots import SlotCache, forward_rows
 from model.speculative import PromptLookup
 from model.stops import StopFilter
+from test_generate import draft, target  # noqa: F401  (the same random micro target and smaller draft)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPTS = [[1, 17, 250, 31, 400, 9], [1, 5], [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311],
            [1, 42, 42, 42], [1, 88, 7, 88, 7, 88, 7, 88], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 REPETITIVE = [1, 20, 21, 22, 23, 24, 20, 21, 22, 23, 24, 20, 21, 22]
-
-
-@pytest.fixture(scope="module")
-def target():
-    torch.manual_seed(10)
-    return Llama(micro()).eval()
-
-
-@pytest.fixture(scope="module")
-def draft():
-    torch.manual_seed(11)
-    return Llama(micro().with_overrides(n_layer=1, dim=32, n_head=2, n_kv_head=1, mlp_dim=64)).eval()
 
 
 def run_all(decoder: BatchDecoder, jobs: list[tuple[list[int], int, Sampling]], eos_id=None) -> list[list[int]]:

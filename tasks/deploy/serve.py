@@ -7,6 +7,7 @@ server is only reachable from elsewhere when asked).
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import threading
 
@@ -46,6 +47,8 @@ def serve_args(args) -> dict:
     values = {"model": str(resolve(args.model, args.tracking_uri).resolve()), "name": args.name, "draft": draft,
               "draft_tokens": args.draft_tokens, "quant": args.quant, "api_key_env": args.api_key_env,
               "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus}
+    if args.quant == "int8" and importlib.util.find_spec("model.quant") is None:
+        raise UserError("--quant: int8 needs model/quant.py (the quantization work), which this build lacks")
     try:
         parse_args(values)
     except ValueError as exc:
@@ -72,8 +75,11 @@ def main(args) -> int:
     with serve_session(args.cpus, args.host, args.port, metrics_port=args.metrics_port) as ray_dir:
         if ray_dir:
             print(f"Ray and replica logs: {ray_dir}/session_latest/logs", flush=True)
-        serve.run(build_app(values), name=APPLICATION, route_prefix="/")
-        seconds = wait_healthy(f"{url}/health", timeout=600)
+        try:
+            serve.run(build_app(values), name=APPLICATION, route_prefix="/")
+            seconds = wait_healthy(f"{url}/health", timeout=600)
+        except (RuntimeError, TimeoutError) as exc:
+            raise UserError(f"--model: the server did not come up: {exc}") from None
         print(f"serving {values['model']} at {url}/v1 (ready in {seconds:.1f} s); Ctrl-C or SIGTERM stops it",
               flush=True)
         stop.wait()
