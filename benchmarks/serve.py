@@ -157,19 +157,21 @@ def ours(model_dir: Path, prompts: list[str], work: Path, quick: bool, max_token
 def transformers_sequential(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from model.tokenizer import Tokenizer
 
+    hf_logging.disable_progress_bar()
     torch.set_num_threads(THREADS)
     tokenizer = Tokenizer.load(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     ids = [torch.tensor([tokenizer.encode(p, bos=True)]) for p in prompts]
     with torch.inference_mode():
-        model.generate(ids[0], max_new_tokens=4, do_sample=False)
+        model.generate(ids[0], max_length=ids[0].shape[1] + 4, do_sample=False)
         tokens, start = 0, time.perf_counter()
         for prompt in ids:
-            out = model.generate(prompt, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
-                                 pad_token_id=tokenizer.eos_id)
+            out = model.generate(prompt, max_length=prompt.shape[1] + max_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)
             tokens += out.shape[1] - prompt.shape[1]
         seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
@@ -206,6 +208,7 @@ def llamacpp_sequential(gguf: Path, prompts: list[str], max_tokens: int) -> dict
 
 
 def speculative(target_dir: Path, draft_dir: Path | None, max_tokens: int, count: int) -> dict:
+    """One sequence at a time on one thread (a model this small decodes faster on one; both sides alike)."""
     import torch
 
     from model.generate import generate, speculative_generate
@@ -213,7 +216,7 @@ def speculative(target_dir: Path, draft_dir: Path | None, max_tokens: int, count
     from model.speculative import PromptLookup
     from model.tokenizer import Tokenizer
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(1)
     target, tokenizer = load_hf(target_dir), Tokenizer.load(target_dir)
     classes = {"input-grounded": (grounded_prompts(count), PromptLookup(), "prompt lookup")}
     if draft_dir is not None:
