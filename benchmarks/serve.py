@@ -151,6 +151,28 @@ def ours(model_dir: Path, prompts: list[str], work: Path, quick: bool, max_token
         stop(proc, grace=60)
 
 
+def engine_direct(model_dir: Path, prompts: list[str], requests: int, max_tokens: int) -> dict:
+    """The same continuous batching without HTTP or Ray (32 slots, every request queued at once): how
+    much of the HTTP figure the engine alone would give, i.e. what the server layer costs."""
+    import torch
+
+    from model.decoder import BatchDecoder
+    from model.hf import load_hf
+    from model.tokenizer import Tokenizer
+
+    torch.set_num_threads(THREADS)
+    tokenizer = Tokenizer.load(model_dir)
+    decoder = BatchDecoder(load_hf(model_dir), slots=32, prefill_chunk=128)
+    queue = [tokenizer.encode(prompts[i % len(prompts)], bos=True) for i in range(requests)]
+    tokens, start = 0, time.perf_counter()
+    while queue or decoder.running:
+        while queue and decoder.has_free_slot():
+            decoder.add(queue.pop(), max_tokens, eos_id=tokenizer.eos_id)
+        tokens += sum(len(event.tokens) for event in decoder.step())
+    seconds = time.perf_counter() - start
+    return {"requests": requests, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+
 # ---------------------------------------------------------------- sequential baselines
 
 
@@ -276,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = OPEN_PROMPTS
         print(f"{name}: {model_dir}", flush=True)
         entry = {"dir": str(model_dir), "ours": ours(model_dir, prompts, args.work, args.quick, max_tokens)}
+        entry["engine_direct_32"] = engine_direct(model_dir, prompts, 32 if args.quick else 64, max_tokens)
+        print(f"  engine alone, 32 slots, no HTTP: {entry['engine_direct_32']['tokens_per_s']} tok/s", flush=True)
         entry["transformers"] = transformers_sequential(model_dir, prompts, max_tokens)
         print(f"  transformers sequential: {entry['transformers']['tokens_per_s']} tok/s", flush=True)
         gguf = Path(ggufs[name]) if name in ggufs else export_f16(model_dir, args.work / f"{name}-f16.gguf")
@@ -287,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         by_c = {row["concurrency"]: row["tokens_per_s"] for row in entry["ours"]}
         entry["ratios"] = {"c32_over_c1": round(by_c[32] / by_c[1], 2), "c8_over_c1": round(by_c[8] / by_c[1], 2),
                            "c32_over_transformers": round(by_c[32] / entry["transformers"]["tokens_per_s"], 2),
-                           "c1_over_transformers": round(by_c[1] / entry["transformers"]["tokens_per_s"], 2)}
+                           "c1_over_transformers": round(by_c[1] / entry["transformers"]["tokens_per_s"], 2),
+                           "c32_over_engine_alone": round(by_c[32] / entry["engine_direct_32"]["tokens_per_s"], 2)}
         if isinstance(entry["llama_cpp"], dict):
             entry["ratios"]["c32_over_llama_cpp"] = round(by_c[32] / entry["llama_cpp"]["tokens_per_s"], 2)
         report["models"][name] = entry

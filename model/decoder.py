@@ -23,7 +23,7 @@ from itertools import count
 import torch
 
 from model.llama import Llama
-from model.sampling import Sampling, accept_drafts, pick, probabilities
+from model.sampling import Sampling, accept_drafts, accept_greedy, draw, probabilities
 from model.slots import SlotCache, forward_rows
 from model.speculative import DraftModel, PromptLookup
 
@@ -152,11 +152,11 @@ class BatchDecoder:
             seq.draft_filled = seq.filled if self.drafter is not None else 0
             if seq.filled == seq.prompt_len:
                 done.append((seq, row))
-        if done:
-            probs = probabilities(torch.cat([row for _, row in done]), [s.sampling for s, _ in done])
-            for (seq, _), p in zip(done, probs):
-                self._append(seq, [pick(p, seq.sampling, seq.generator)], events.setdefault(seq.id, Event(seq.id)))
-        return {s.id for s, _ in done}
+        started = [s for s, _ in done]
+        if started:
+            for seq, token in zip(started, next_tokens(torch.cat([row for _, row in done]), started)):
+                self._append(seq, [token], events.setdefault(seq.id, Event(seq.id)))
+        return {s.id for s in started}
 
     def _decode(self, seqs: list[Running], events: dict[int, Event]) -> None:
         ks = [min(self.k, s.budget - s.generated - 1) for s in seqs]
@@ -168,12 +168,20 @@ class BatchDecoder:
             proposals = [([], None)] * len(seqs)
         chunks = [s.tokens[s.filled:] + drafts for s, (drafts, _) in zip(seqs, proposals)]
         keep = [len(drafts) + 1 for drafts, _ in proposals]
-        logits = forward_rows(self.model, self.cache, [s.slot for s in seqs], [s.filled for s in seqs], chunks, keep)
-        settings = [s.sampling for s, n in zip(seqs, keep) for _ in range(n)]
-        probs = probabilities(torch.cat(logits), settings).split(keep)
+        logits = torch.cat(forward_rows(self.model, self.cache, [s.slot for s in seqs], [s.filled for s in seqs],
+                                        chunks, keep))
+        starts = [sum(keep[:i]) for i in range(len(seqs))]
+        choices = logits.argmax(-1).tolist()
+        sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
+        rows = [starts[i] + j for i in sampled for j in range(keep[i])]
+        probs = dict(zip(sampled, probabilities(logits[rows], [seqs[i].sampling for i in sampled for _ in
+                                                                range(keep[i])]).split([keep[i] for i in sampled])))
         self.stats["target_passes"] += 1
-        for seq, (drafts, proposal), p in zip(seqs, proposals, probs):
-            new, accepted = accept_drafts(p, drafts, proposal, seq.sampling, seq.generator)
+        for i, (seq, (drafts, proposal)) in enumerate(zip(seqs, proposals)):
+            if seq.sampling.greedy:
+                new, accepted = accept_greedy(drafts, choices[starts[i]:starts[i] + keep[i]])
+            else:
+                new, accepted = accept_drafts(probs[i], drafts, proposal, seq.generator)
             event = events.setdefault(seq.id, Event(seq.id))
             event.drafted += len(drafts)
             event.accepted += accepted
@@ -195,3 +203,15 @@ class BatchDecoder:
                 break
         if event.finish is not None:
             self.cancel(seq.id)
+
+
+def next_tokens(logits: torch.Tensor, seqs: Sequence[Running]) -> list[int]:
+    """One token per row: the argmax for greedy sequences (no distribution built), a draw from the
+    filtered distribution for the others."""
+    choices = logits.argmax(-1).tolist()
+    sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
+    if sampled:
+        probs = probabilities(logits[sampled], [seqs[i].sampling for i in sampled])
+        for i, p in zip(sampled, probs):
+            choices[i] = draw(p, seqs[i].generator)
+    return choices

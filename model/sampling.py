@@ -7,7 +7,8 @@ one uniform per token (inverse CDF), so a seeded request gives the same tokens w
 requests share its batch. `accept_drafts` is the speculative verification step: the standard
 rejection scheme (Leviathan et al. 2023, Chen et al. 2023), whose output tokens are distributed
 exactly as sampling from the target alone, and which at temperature 0 accepts a guess only when it
-is the target's argmax, so greedy speculative output is the target's greedy output token for token.
+is the target's argmax, so greedy speculative output is the target's greedy output token for token
+(`accept_greedy` does that from the argmaxes alone, without building distributions).
 """
 
 from __future__ import annotations
@@ -88,9 +89,19 @@ def pick(probs: torch.Tensor, setting: Sampling, generator: torch.Generator) -> 
     return int(probs.argmax()) if setting.greedy else draw(probs, generator)
 
 
+def accept_greedy(drafts: Sequence[int], choices: Sequence[int]) -> tuple[list[int], int]:
+    """Greedy verification: `choices` are the target's argmax after the last token and after each
+    draft; keep the drafts while they agree, then the target's own token."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == choices[accepted]:
+        accepted += 1
+    return list(drafts[:accepted]) + [choices[accepted]], accepted
+
+
 def accept_drafts(target: torch.Tensor, drafts: Sequence[int], proposal: torch.Tensor | None,
-                  setting: Sampling, generator: torch.Generator) -> tuple[list[int], int]:
-    """Verify drafted tokens; returns (the tokens to append, how many drafts were accepted).
+                  generator: torch.Generator) -> tuple[list[int], int]:
+    """Verify drafted tokens of a sampled sequence (greedy ones: `accept_greedy`); returns (the tokens to
+    append, how many drafts were accepted).
 
     `target` (len(drafts) + 1, vocab): the target's distributions after the last token and after
     each draft. `proposal` (len(drafts), vocab): the distributions the drafts were drawn from, or
@@ -100,15 +111,9 @@ def accept_drafts(target: torch.Tensor, drafts: Sequence[int], proposal: torch.T
     """
     for i, token in enumerate(drafts):
         p = target[i]
-        if setting.greedy:
-            accepted = int(p.argmax()) == token
-        else:
-            q_token = 1.0 if proposal is None else float(proposal[i, token])
-            u = float(torch.rand((), generator=generator, device=p.device))
-            accepted = q_token > 0 and u * q_token < float(p[token])
-        if not accepted:
-            if setting.greedy:
-                return list(drafts[:i]) + [int(p.argmax())], i
+        q_token = 1.0 if proposal is None else float(proposal[i, token])
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if not (q_token > 0 and u * q_token < float(p[token])):
             residual = p.clone()
             if proposal is None:
                 residual[token] = 0.0
@@ -117,4 +122,4 @@ def accept_drafts(target: torch.Tensor, drafts: Sequence[int], proposal: torch.T
             if float(residual.sum()) <= 0:  # p == q: nothing to correct, any draw from p is right
                 residual = p
             return list(drafts[:i]) + [draw(residual, generator)], i
-    return list(drafts) + [pick(target[len(drafts)], setting, generator)], len(drafts)
+    return list(drafts) + [draw(target[len(drafts)], generator)], len(drafts)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model.llama import Llama
-from model.sampling import pick, probabilities
+from model.sampling import draw, probabilities
 from model.slots import SlotCache, forward_rows
 
 
@@ -67,13 +67,17 @@ class DraftModel:
         active = [i for i, k in enumerate(ks) if k > 0]
         while active:
             chunks = [(seqs[i].tokens + drafts[i])[seqs[i].draft_filled:] for i in active]
-            logits = forward_rows(self.model, self.cache, [seqs[i].slot for i in active],
-                                  [seqs[i].draft_filled for i in active], chunks, [1] * len(active))
-            probs = probabilities(torch.cat(logits), [seqs[i].sampling for i in active])
+            logits = torch.cat(forward_rows(self.model, self.cache, [seqs[i].slot for i in active],
+                                            [seqs[i].draft_filled for i in active], chunks, [1] * len(active)))
+            choices = logits.argmax(-1).tolist()
             for row, i in enumerate(active):
                 seq = seqs[i]
                 seq.draft_filled += len(chunks[row])
-                drafts[i].append(pick(probs[row], seq.sampling, seq.generator))
-                dists[i].append(probs[row])
+                if seq.sampling.greedy:  # verified against the target's argmax: no distribution needed
+                    drafts[i].append(choices[row])
+                else:
+                    q = probabilities(logits[row:row + 1], [seq.sampling])[0]
+                    drafts[i].append(draw(q, seq.generator))
+                    dists[i].append(q)
             active = [i for i in active if len(drafts[i]) < ks[i]]
         return [(d, torch.stack(q) if q else None) for d, q in zip(drafts, dists)]

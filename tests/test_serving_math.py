@@ -126,14 +126,13 @@ def test_rejection_sampling_preserves_the_target_distribution():
     q = torch.tensor([0.1, 0.2, 0.3, 0.4])
     target = torch.stack([p, p])
     generator = torch.Generator().manual_seed(0)
-    setting = Sampling(temperature=1.0)
     n = 20000
     for proposal, guess in ((q, None), (None, 2)):
         counts = torch.zeros(4)
         accepted = 0
         for _ in range(n):
             draft = guess if guess is not None else int(torch.multinomial(q, 1, generator=generator))
-            tokens, a = accept_drafts(target, [draft], None if proposal is None else proposal[None], setting, generator)
+            tokens, a = accept_drafts(target, [draft], None if proposal is None else proposal[None], generator)
             counts[tokens[0]] += 1
             accepted += a
         assert (counts / n - p).abs().max() < 0.015, counts / n
