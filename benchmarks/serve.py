@@ -77,11 +77,12 @@ def grounded_prompts(count: int) -> list[str]:
 # ---------------------------------------------------------------- ours, through HTTP
 
 
-def start_server(model_dir: Path, port: int, log: Path, slots: int):
+def start_server(model_dir: Path, port: int, log: Path, slots: int, stream_interval: int):
     from servers import start, wait_http
 
     command = [str(Path(sys.executable).parent / "tinyllama"), "serve", "--model", str(model_dir), "--name", "bench",
-               "--port", str(port), "--slots", str(slots), "--max-waiting", "256", "--cpus", str(THREADS)]
+               "--port", str(port), "--slots", str(slots), "--max-waiting", "256", "--cpus", str(THREADS),
+               "--stream-interval", str(stream_interval)]
     proc = start(command, log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wait_http(f"http://127.0.0.1:{port}/health", 600, proc, log)
     return proc
@@ -132,19 +133,21 @@ async def http_load(url: str, prompts: list[str], concurrency: int, requests: in
             "tpot_p95_ms": round(percentile(tpot, 0.95) * 1000, 2) if tpot else None}
 
 
-def ours(model_dir: Path, prompts: list[str], work: Path, quick: bool, max_tokens: int) -> list[dict]:
+def ours(model_dir: Path, prompts: list[str], work: Path, quick: bool, max_tokens: int,
+         stream_interval: int = 1) -> list[dict]:
     from servers import free_port, stop
 
     port = free_port()
-    proc = start_server(model_dir, port, work / f"serve-{model_dir.name}.log", slots=32)
+    proc = start_server(model_dir, port, work / f"serve-{model_dir.name}.log", 32, stream_interval)
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(http_load(url, prompts, 2, 4, 8))  # warm-up: first allocations, first connections
         rows = []
         for concurrency in (1, 8, 32):
             requests = concurrency * (1 if quick else 2) if concurrency > 1 else (2 if quick else 8)
-            rows.append(asyncio.run(http_load(url, prompts, concurrency, requests, max_tokens)))
-            print(f"  ours      {model_dir.name:10s} c={concurrency:2d}: {rows[-1]['tokens_per_s']:7.1f} tok/s  "
+            rows.append({"stream_interval": stream_interval,
+                         **asyncio.run(http_load(url, prompts, concurrency, requests, max_tokens))})
+            print(f"  ours (interval {stream_interval}) {model_dir.name:10s} c={concurrency:2d}: {rows[-1]['tokens_per_s']:7.1f} tok/s  "
                   f"TTFT p50 {rows[-1]['ttft_p50_ms']} ms  TPOT p50 {rows[-1]['tpot_p50_ms']} ms", flush=True)
         return rows
     finally:
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, model_dir in models.items():
         prompts = OPEN_PROMPTS
         print(f"{name}: {model_dir}", flush=True)
-        entry = {"dir": str(model_dir), "ours": ours(model_dir, prompts, args.work, args.quick, max_tokens)}
+        entry = {"dir": str(model_dir), "ours": ours(model_dir, prompts, args.work, args.quick, max_tokens),
+                 "ours_stream_interval_4": ours(model_dir, prompts, args.work, args.quick, max_tokens, 4)}
         entry["engine_direct_32"] = engine_direct(model_dir, prompts, 32 if args.quick else 64, max_tokens)
         print(f"  engine alone, 32 slots, no HTTP: {entry['engine_direct_32']['tokens_per_s']} tok/s", flush=True)
         entry["transformers"] = transformers_sequential(model_dir, prompts, max_tokens)
@@ -313,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                            "c32_over_transformers": round(by_c[32] / entry["transformers"]["tokens_per_s"], 2),
                            "c1_over_transformers": round(by_c[1] / entry["transformers"]["tokens_per_s"], 2),
                            "c32_over_engine_alone": round(by_c[32] / entry["engine_direct_32"]["tokens_per_s"], 2)}
+        by_c4 = {row["concurrency"]: row["tokens_per_s"] for row in entry["ours_stream_interval_4"]}
+        entry["ratios"]["interval4_c32_over_c1"] = round(by_c4[32] / by_c4[1], 2)
         if isinstance(entry["llama_cpp"], dict):
             entry["ratios"]["c32_over_llama_cpp"] = round(by_c[32] / entry["llama_cpp"]["tokens_per_s"], 2)
+            entry["ratios"]["interval4_c32_over_llama_cpp"] = round(by_c4[32] / entry["llama_cpp"]["tokens_per_s"], 2)
         report["models"][name] = entry
     draft = args.draft if (args.draft / "model.safetensors").is_file() else None
     report["speculative"] = speculative(args.tiny, draft, max_tokens, 4 if args.quick else 16)

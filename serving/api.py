@@ -39,8 +39,8 @@ class Piece:
 
 
 class OpenAIService:
-    def __init__(self, served: ServedModel, engine: Engine):
-        self.served, self.engine = served, engine
+    def __init__(self, served: ServedModel, engine: Engine, stream_interval: int = 1):
+        self.served, self.engine, self.stream_interval = served, engine, stream_interval
         self.created = int(time.time())
 
     def models(self) -> dict:
@@ -117,22 +117,26 @@ class OpenAIService:
                              "choices": choices, "usage": _usage(usage)})
 
     async def _choice(self, index: int, request: Submitted, stops: list[str]) -> AsyncIterator[Piece]:
+        """The choice's final text in pieces: the first as soon as there is text (time to first token),
+        then every `stream_interval` tokens (vLLM's `--stream-interval`: fewer, larger chunks cost the
+        server less per token), and whatever is left when it ends."""
         text, stop = TextStream(self.served.tokenizer, request.prompt), StopFilter(stops, text=True)
         events = self.engine.stream(request)
+        held, held_tokens, started = "", 0, False
         try:
             async for event in events:
                 if event.finish == "error":
                     raise RuntimeError(f"the engine failed: {self.engine.error}")
-                delta = stop.push(text.push(event.tokens))
+                held += stop.push(text.push(event.tokens))
+                held_tokens += len(event.tokens)
                 if event.finish is not None and not stop.done:
-                    delta += stop.push(text.flush())
-                    delta += "" if stop.done else stop.flush()
-                if stop.done:
-                    yield Piece(index, delta, "stop", len(event.tokens))
-                    return
-                if delta or event.finish is not None or event.tokens:
-                    yield Piece(index, delta, event.finish, len(event.tokens))
-                if event.finish is not None:
+                    held += stop.push(text.flush())
+                    held += "" if stop.done else stop.flush()
+                finish = "stop" if stop.done else event.finish
+                if finish is not None or (held and (not started or held_tokens >= self.stream_interval)):
+                    yield Piece(index, held, finish, held_tokens)
+                    held, held_tokens, started = "", 0, started or bool(held)
+                if finish is not None:
                     return
         finally:
             await events.aclose()  # cancels the sequence unless it finished: a stop string, a disconnect

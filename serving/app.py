@@ -44,6 +44,7 @@ class ServeArgs(BaseModel):
     slots: int = Field(8, ge=1)                  # sequences decoding together
     max_waiting: int = Field(64, ge=0)           # sequences queued for a slot before 429
     prefill_chunk: int = Field(128, ge=1)        # prompt tokens prefilled per step
+    stream_interval: int = Field(1, ge=1)        # tokens per streamed chunk after the first
     cpus: int = Field(1, ge=1)                   # the replica's CPUs, and its torch threads
     lineage_file: str | None = None              # the deploy stage's lineage.json
 
@@ -115,7 +116,7 @@ class OpenAIServer:
             decoder = BatchDecoder(served.model, self.args.slots, prefill_chunk=self.args.prefill_chunk,
                                    draft=served.draft, k=self.args.draft_tokens)
             engine = Engine(decoder, self.args.max_waiting, self.args.cpus, serve_observer())
-            self.service = OpenAIService(served, engine)
+            self.service = OpenAIService(served, engine, self.args.stream_interval)
             logger.info("serving %s from %s (%d slots)", served.name, served.directory, self.args.slots)
         except Exception as exc:
             self.load_error = f"loading {self.args.model} failed: {exc}"

@@ -141,3 +141,23 @@ def test_deploy_stage_serves_checks_measures_and_stops(tmp_path, served_model_di
     assert checks["lineage"]["base_milestone"] == "1M" and checks["lineage"]["model_dir"] == str(served_model_dir.resolve())
     assert (tmp_path / "models" / "deploy" / "serve_config.yaml").is_file()
     assert {p.name for p in Path("/tmp").glob("tl-serve-*")} == before, "the stage left a Ray temp dir behind"
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_is_a_503_then_one_line_and_exit_2(tmp_path, served_model_dir):
+    """The replica loads in the background: /health answers 503 ("failed", with the reason) and
+    `tinyllama serve` ends with one error line naming the model (after Ray's own start-up lines)."""
+    import shutil
+
+    from servers import free_port
+
+    broken = tmp_path / "broken"
+    shutil.copytree(served_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([str(Path(sys.executable).parent / "tinyllama"), "serve", "--model", str(broken),
+                             "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tinyllama serve: error: --model: the server did not come up: loading") and str(broken) in last
+    assert "Traceback" not in result.stdout + result.stderr

@@ -3,7 +3,8 @@ started as users start it (`tinyllama serve`, Ray Serve underneath), one server 
 
 The server drafts by prompt lookup, so every greedy answer compared here with the target's own
 `model.generate.generate` also shows speculative decoding is exact end to end; 4 slots and 28
-queue places make 32 concurrent requests fit exactly and more overflow into 429s.
+queue places make 32 concurrent requests fit exactly and more overflow into 429s; it streams two
+tokens per chunk (the deploy stage's test covers the default of one).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def server(served_model_dir, tmp_path_factory):
     env = {**os.environ, API_KEY_ENV: API_KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [str(Path(sys.executable).parent / "tinyllama"), "serve", "--model", str(served_model_dir),
                "--name", NAME, "--port", str(port), "--api-key-env", API_KEY_ENV, "--draft", "prompt-lookup",
-               "--slots", str(SLOTS), "--max-waiting", str(WAITING), "--cpus", "2", "--metrics-port", str(metrics_port)]
+               "--slots", str(SLOTS), "--max-waiting", str(WAITING), "--cpus", "2", "--metrics-port", str(metrics_port),
+               "--stream-interval", "2"]
     proc = start(command, log, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 300, proc, log)
@@ -126,6 +128,8 @@ def test_completion_is_the_targets_greedy_text_and_streaming_equals_it(server, l
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    # --stream-interval 2: the first text at once, then chunks of at least two tokens
+    assert len([c for c in chunks if c.choices]) <= 2 + reply.usage.completion_tokens // 2
 
 
 def test_chat_uses_the_models_template_and_streams_the_same(server, local):

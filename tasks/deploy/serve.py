@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--slots", type=int, default=8, help="sequences decoding together")
     parser.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and the replica's torch threads")
+    parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                        help="tokens per streamed chunk after the first (larger: less overhead per token)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ references")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus metrics (Ray's, Serve's and the server's) at this port's /metrics")
@@ -46,7 +48,8 @@ def serve_args(args) -> dict:
         draft = str(resolve(draft, args.tracking_uri, "--draft").resolve())
     values = {"model": str(resolve(args.model, args.tracking_uri).resolve()), "name": args.name, "draft": draft,
               "draft_tokens": args.draft_tokens, "quant": args.quant, "api_key_env": args.api_key_env,
-              "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus}
+              "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus,
+              "stream_interval": args.stream_interval}
     if args.quant == "int8" and importlib.util.find_spec("model.quant") is None:
         raise UserError("--quant: int8 needs model/quant.py (the quantization work), which this build lacks")
     try:
