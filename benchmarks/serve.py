@@ -222,7 +222,7 @@ def llamacpp_sequential(gguf: Path, prompts: list[str], max_tokens: int) -> dict
         first = None
         for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
             first = first or time.perf_counter()
-            tokens += 1 if chunk["choices"][0]["text"] is not None else 0
+            tokens += chunk["choices"][0]["finish_reason"] is None  # one chunk per token, then an empty final one
         ttft.append(first - sent)
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
