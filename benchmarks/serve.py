@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the draft model for open prompts (default models/pretrain/100K; absent: skipped)")
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE",
                         help="F16 GGUF of a model (NAME tiny or 55m) for the llama.cpp baseline")
+    parser.add_argument("--models", default="tiny,55m", help="which of tiny,55m to serve (speculative: with tiny)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", type=Path, default=RESULTS / "serve-work")
@@ -293,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     ggufs = dict(item.split("=", 1) for item in args.gguf)
     max_tokens = 16 if args.quick else args.max_tokens
-    models = {"tiny": args.tiny}
-    if LLAMA2_TOKENIZER.is_file():
+    chosen = args.models.split(",")
+    models = {"tiny": args.tiny} if "tiny" in chosen else {}
+    if "55m" in chosen and LLAMA2_TOKENIZER.is_file():
         models["55m"] = bench_55m_dir(args.work)
     report: dict = {"threads": THREADS, "max_tokens": max_tokens, "load_before": os.getloadavg(), "models": {}}
     for name, model_dir in models.items():
@@ -323,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["ratios"]["c32_over_llama_cpp"] = round(by_c[32] / entry["llama_cpp"]["tokens_per_s"], 2)
             entry["ratios"]["interval4_c32_over_llama_cpp"] = round(by_c4[32] / entry["llama_cpp"]["tokens_per_s"], 2)
         report["models"][name] = entry
-    draft = args.draft if (args.draft / "model.safetensors").is_file() else None
-    report["speculative"] = speculative(args.tiny, draft, max_tokens, 4 if args.quick else 16)
+    if "tiny" in chosen:
+        draft = args.draft if (args.draft / "model.safetensors").is_file() else None
+        report["speculative"] = speculative(args.tiny, draft, max_tokens, 4 if args.quick else 16)
     report["load_after"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
