@@ -113,5 +113,12 @@ def deploy(params: Params) -> dict:
 
 
 def main(args) -> int:
-    deploy(load_params(args.params))
+    from tasks.logs import adopt_library_logging, stage_log
+
+    params = load_params(args.params)
+    with stage_log("deploy", params):
+        import ray.serve  # noqa: F401  (Ray and Serve attach their console handlers on import)
+
+        adopt_library_logging("ray", "ray.serve")
+        deploy(params)
     return 0
