@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 APPLICATION = "tinyllama"
 
@@ -45,7 +46,17 @@ def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = 
             serve.delete(APPLICATION)  # a cluster's Serve stays up for its other applications
         ray.shutdown()  # a local Ray takes its Serve with it
         if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            _remove(Path(temp_dir))
+
+
+def _remove(directory: Path, patience_s: float = 10.0) -> None:
+    """Delete Ray's temp dir. Ray's helper processes can still be flushing logs into it for a moment
+    after shutdown (all the more when a SIGTERM to the process group reached them too), so retry
+    until it stays gone."""
+    deadline = time.monotonic() + patience_s
+    while directory.exists() and time.monotonic() < deadline:
+        shutil.rmtree(directory, ignore_errors=True)
+        time.sleep(0.2)
 
 
 def wait_healthy(url: str, timeout: float) -> float:
