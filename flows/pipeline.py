@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.dag import Stage, load_stages
 from flows.repro import RAN, UP_TO_DATE
 from flows.report import artifact_key, read_metrics, run_ids, run_link, stage_markdown, summary
+from flows.serve import SERVE_LOG, deploy_to_cluster, how_to_serve, start_local, url
 from tasks.errors import UserError
 from tasks.files import write_atomic
 from tasks.params import Params, load_params
@@ -129,9 +130,27 @@ def activate_params(params_file: str | Path, root: Path) -> Params:
     return params
 
 
+@task(cache_policy=NO_CACHE)
+def publish(params: Params, root: str, ray_address: str | None, keep_serving: bool,
+            dashboard_address: str | None) -> str:
+    """Leave the champion served (a cluster: `serve deploy`; here: a background `tinyllama serve`)
+    or print the command that serves it (flows/serve.py)."""
+    if ray_address:
+        message = f"serving on the cluster at {deploy_to_cluster(params, Path(root), dashboard_address)}"
+    elif keep_serving:
+        pid = start_local(params, Path(root))
+        message = (f"serving at {url(params)} (pid {pid}, log {SERVE_LOG}); stop it with kill -TERM -- -{pid}")
+    else:
+        message = how_to_serve(params, Path(root))
+    print(message)
+    return message
+
+
 @flow(name="tinyllama-pipeline", log_prints=True)
-def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retries: int = 1) -> list[StageResult]:
-    """Run the DAG in dvc.yaml on the profile `params`; `ray_address` points the stages at a Ray cluster."""
+def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retries: int = 1,
+             keep_serving: bool = False, dashboard_address: str | None = None) -> list[StageResult]:
+    """Run the DAG in dvc.yaml on the profile `params`; `ray_address` points the stages at a Ray cluster
+    (and deploys the champion there for good), `keep_serving` leaves it served on this machine."""
     root = Path.cwd()
     profile = activate_params(params, root)
     stages = load_stages(root)
@@ -139,6 +158,8 @@ def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retrie
     for stage in stages:
         results.append(run_stage.with_options(retries=retries)(stage, str(root), ray_address, profile))
     print(summary(root, stages, results, tracking_uri(profile)))
+    if any(stage.name == "deploy" for stage in stages):
+        publish(profile, str(root), ray_address, keep_serving, dashboard_address)
     return results
 
 
@@ -162,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=ACTIVE_PARAMS, metavar="FILE", help="the profile (default: params.yaml)")
     parser.add_argument("--ray-address", default=None, help="a running Ray cluster (sets RAY_ADDRESS for the stages)")
     parser.add_argument("--retries", type=int, default=1, help="retries per stage after a crash (default: 1)")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the champion served on this machine")
+    parser.add_argument("--dashboard-address", default=None,
+                        help="the cluster's Ray dashboard for `serve deploy` (default: RAY_DASHBOARD_ADDRESS)")
     args = parser.parse_args(argv)
     try:
         load_params(args.params)  # fail in one line, before Prefect starts, on a bad profile
         with _patient_ephemeral_server():
-            pipeline(params=args.params, ray_address=args.ray_address, retries=args.retries)
+            pipeline(params=args.params, ray_address=args.ray_address, retries=args.retries,
+                     keep_serving=args.keep_serving, dashboard_address=args.dashboard_address)
     except UserError as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 2

@@ -182,3 +182,19 @@ def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool
     finally:
         _TRACKING.reset(token)
     return Rendered("".join(blocks), tuple(spans))
+
+
+def encode_rendered(tokenizer, text: str, bos_token: str = "<s>", eos_token: str = "</s>") -> list[int]:
+    """A rendered conversation → token ids, as transformers' tokenizer reads a template's output: the
+    `bos_token`/`eos_token` strings the template wrote are the BOS/EOS ids, everything else is text
+    (`tokenizer.encode` alone treats `</s>` as three characters). BOS comes first, once."""
+    ids: list[int] = []
+    for i, part in enumerate(text.split(eos_token)):
+        if i:
+            ids.append(tokenizer.eos_id)
+        for j, piece in enumerate(part.split(bos_token)):
+            if j:
+                ids.append(tokenizer.bos_id)
+            if piece:
+                ids += tokenizer.encode(piece)
+    return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id, *ids]

@@ -46,7 +46,8 @@ def rope_cache(config: LlamaConfig, seq_len: int, device=None) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), cast to x's dtype as HF does."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), or (batch, 1, seq, head_dim) for
+    per-row positions; cast to x's dtype as HF does."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -179,12 +180,22 @@ class Llama(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (batch, seq) token ids → final normed hidden states (batch, seq, dim)."""
+        """idx: (batch, seq) token ids → final normed hidden states (batch, seq, dim).
+
+        With a batch of slots as the cache (model/slots.py `SlotBatch`, which has per-row `positions`),
+        each row has its own positions and mask, and `pos`/`mask` are taken from it."""
         t = idx.shape[1]
-        limit = cache.max_len if cache is not None else self.config.max_seq_len
-        if pos + t > min(limit, self.config.max_seq_len):
-            raise ValueError(f"sequence of {pos + t} tokens exceeds the context of {min(limit, self.config.max_seq_len)}")
-        cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+        positions = getattr(cache, "positions", None)
+        if positions is not None:
+            positions = positions.clamp(max=self.config.max_seq_len - 1)  # padding: any angle will do
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            mask = cache.mask
+        else:
+            limit = cache.max_len if cache is not None else self.config.max_seq_len
+            if pos + t > min(limit, self.config.max_seq_len):
+                raise ValueError(f"sequence of {pos + t} tokens exceeds the context of "
+                                 f"{min(limit, self.config.max_seq_len)}")
+            cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)

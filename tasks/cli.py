@@ -21,6 +21,8 @@ COMMANDS = {
     "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
     "quantize": ("tasks.quantize.stage", "GGUF files for llama.cpp and int8 for our engine, measured like llama.cpp"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
+    "deploy": ("tasks.deploy.stage", "serve the champion on Ray Serve, check it with the openai client, stop it"),
+    "serve": ("tasks.deploy.serve", "the OpenAI-compatible server (Ray Serve) for a model dir or registry alias"),
 }
 
 

@@ -20,12 +20,15 @@ from model.files import (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_F
 from tasks.params import Params
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE",
-           "WEIGHTS_INDEX_FILE", "TOKENIZER_MODEL_FILE", "MANIFEST_FILE", "EVAL_TASKS_FILE", "MILESTONE_SEAL", "Layout", "is_uri", "resolve", "join",
-           "with_absolute_paths", "shard_location"]
+           "WEIGHTS_INDEX_FILE", "TOKENIZER_MODEL_FILE", "MANIFEST_FILE", "EVAL_TASKS_FILE", "MILESTONE_SEAL",
+           "SERVE_CONFIG_FILE", "LINEAGE_FILE", "Layout", "is_uri", "resolve", "join", "with_absolute_paths",
+           "shard_location"]
 
 MANIFEST_FILE = "manifest.json"        # {paths.data}/prepared/manifest.json
 EVAL_TASKS_FILE = "tasks.json"         # {paths.data}/eval/tasks.json: the tiny profile's eval task registry
 MILESTONE_SEAL = "milestone.json"      # written last into a milestone in a run's dir: its files' sha256
+SERVE_CONFIG_FILE = "serve_config.yaml"  # {paths.models}/deploy/: what `serve deploy` runs
+LINEAGE_FILE = "lineage.json"          # {paths.models}/deploy/: where the served weights came from
 LOGS_DIR = "logs"                      # per-stage log files (git-ignored)
 
 
@@ -141,6 +144,19 @@ class Layout:
     @property
     def quantized_dir(self) -> Path:
         return self.models / "quantized"
+
+    @property
+    def deploy_dir(self) -> Path:
+        """What the deploy stage writes besides its metrics: the Serve config and the lineage file."""
+        return self.models / "deploy"
+
+    @property
+    def serve_config(self) -> Path:
+        return self.deploy_dir / SERVE_CONFIG_FILE
+
+    @property
+    def lineage_file(self) -> Path:
+        return self.deploy_dir / LINEAGE_FILE
 
     # -- metrics, logs -----------------------------------------------------------------------------
     def metrics_file(self, stage: str) -> Path:

@@ -303,6 +303,30 @@ class MlflowParams(Section):
     experiment: str = "tinyllama-tiny"
 
 
+class DeployParams(Section):
+    """The served model and how it is served (tasks/deploy/, serving/app.py ServeArgs)."""
+
+    model: str | None = None            # a model dir or models:/NAME@ALIAS; null: the last pretrain milestone
+    draft: str | None = None            # a draft model dir, or "prompt-lookup"
+    draft_tokens: int = Field(4, ge=1, le=16)
+    quant: Literal["none", "int8"] = "none"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = None
+    num_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)  # above num_replicas: Serve autoscales between the two
+    cpus_per_replica: int = Field(2, ge=1)
+    slots: int = Field(8, ge=1)
+    max_waiting: int = Field(64, ge=0)
+    check_max_tokens: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.max_replicas < self.num_replicas:
+            raise ValueError(f"deploy.max_replicas ({self.max_replicas}) is below deploy.num_replicas ({self.num_replicas})")
+        return self
+
+
 class Params(Section):
     profile: str = "tiny"
     seed: int = 1337
@@ -315,6 +339,7 @@ class Params(Section):
     eval: EvalParams
     quantize: QuantizeParams = Field(default_factory=QuantizeParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    deploy: DeployParams = Field(default_factory=DeployParams)
 
     @model_validator(mode="after")
     def _cross_section(self):

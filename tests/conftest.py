@@ -247,3 +247,30 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- a servable chat model dir
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory, small_tokenizer_dir):
+    """A HF Llama dir as the pipeline's chat variants look: random micro weights (context 256),
+    the small tokenizer, the zephyr chat template in tokenizer_config.json, and config.json
+    `tinyllama` metadata naming a base milestone. What the serving tests serve."""
+    import json
+
+    import torch
+
+    from model.chat import template
+    from model.config import micro
+    from model.hf import save_hf
+    from model.llama import Llama
+
+    torch.manual_seed(21)
+    out = tmp_path_factory.mktemp("served") / "chat-model"
+    save_hf(Llama(micro().with_overrides(max_seq_len=256)), out, tokenizer_dir=small_tokenizer_dir,
+            metadata={"base_milestone": "1M", "variant": "test"})
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = template("zephyr").source
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out

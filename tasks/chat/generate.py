@@ -13,9 +13,6 @@ from pathlib import Path
 
 from tasks.errors import UserError
 
-_BYTE_PIECES = range(3, 3 + 256)  # Llama-2-style vocab: <0x00>..<0xFF> right after unk, bos, eos
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="HF Llama dir (config.json, "
                         "model.safetensors, tokenizer files), e.g. models/pretrain/1M")
@@ -71,6 +68,7 @@ def _load_tokenizer(directory: str, vocab_size: int):
 
 
 def main(args) -> int:
+    from model.detokenize import TextStream
     from model.generate import generate_stream, speculative_stream
 
     _check_args(args)
@@ -90,19 +88,10 @@ def main(args) -> int:
     else:
         stream = generate_stream(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                  args.seed, eos_id=tokenizer.eos_id)
-    # Decode prompt + completion each time and print what is new: SentencePiece pieces only become
-    # text (the space before a word, multi-byte characters) in context. A run of byte pieces is
-    # decoded as one UTF-8 sequence, so nothing is printed while the last token is a byte.
     sys.stdout.write(args.prompt)
-    ids = list(prompt)
-    prefix = len(tokenizer.decode(ids))
-    shown = 0
+    text = TextStream(tokenizer, prompt)
     for token in stream:
-        ids.append(token)
-        if token not in _BYTE_PIECES:
-            text = tokenizer.decode(ids)[prefix:]
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
-    sys.stdout.write(tokenizer.decode(ids)[prefix:][shown:] + "\n")
+        sys.stdout.write(text.push([token]))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
     return 0

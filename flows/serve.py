@@ -1,0 +1,67 @@
+"""After the DAG: leave the champion served, or say how to serve it (orchestration only).
+
+Everything here goes through commands a user could type: the deploy stage has written the Serve
+config and the lineage (which model it resolved), and
+- on a Ray cluster, Ray's own `serve deploy` hands that config to the cluster's dashboard
+  (`--dashboard-address`, else `RAY_DASHBOARD_ADDRESS`, else http://127.0.0.1:8265 on the head node),
+  where it stays up;
+- on this machine, when asked to keep it running, `tinyllama serve` starts as a background process
+  in its own session (stopped with SIGTERM to its process group, as the message says);
+- otherwise the flow prints the one command that starts it.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.files import read_json
+from tasks.layout import Layout
+from tasks.params import Params
+
+SERVE_LOG = Path(".services") / "serve.log"
+
+
+def serve_command(params: Params, root: Path) -> list[str]:
+    deploy = params.deploy
+    model = read_json(Layout.from_params(params, root).lineage_file, "written by the deploy stage")["model_ref"]
+    command = [".venv/bin/tinyllama", "serve", "--model", model, "--host", deploy.host, "--port", str(deploy.port)]
+    if deploy.draft:
+        command += ["--draft", deploy.draft]
+    if deploy.quant != "none":
+        command += ["--quant", deploy.quant]
+    if deploy.api_key_env:
+        command += ["--api-key-env", deploy.api_key_env]
+    return command
+
+
+def url(params: Params) -> str:
+    host = "127.0.0.1" if params.deploy.host in ("0.0.0.0", "::") else params.deploy.host
+    return f"http://{host}:{params.deploy.port}/v1"
+
+
+def deploy_to_cluster(params: Params, root: Path, dashboard_address: str | None) -> str:
+    """`serve deploy` the stage's config to a running cluster; returns the API URL."""
+    command = [str(Path(sys.executable).parent / "serve"), "deploy", str(Layout.from_params(params, root).serve_config)]
+    if dashboard_address:
+        command += ["--address", dashboard_address]
+    subprocess.run(command, check=True, cwd=root)
+    return url(params)
+
+
+def start_local(params: Params, root: Path) -> int:
+    """`tinyllama serve` in the background, logging to .services/serve.log; returns its PID."""
+    log = root / SERVE_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = serve_command(params, root)
+    command[0] = str(Path(sys.executable).parent / "tinyllama")
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(command, cwd=root, stdout=handle, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return process.pid
+
+
+def how_to_serve(params: Params, root: Path) -> str:
+    return f"serve the champion: {shlex.join(serve_command(params, root))}  (OpenAI API at {url(params)})"

@@ -1,0 +1,217 @@
+"""Continuous batching: many sequences decoding together, joining and leaving between steps.
+
+`BatchDecoder` owns a slot cache (model/slots.py) and the running sequences. Each `step()`:
+1. prefill: feeds up to `prefill_chunk` prompt tokens of the sequences still reading their prompt
+   (oldest first, a long prompt over several steps), in one forward, so a new request never stalls
+   the others for more than one chunk; a sequence whose prompt is complete gets its first token;
+2. decode: one forward over every other running sequence, each feeding its last token, or, when
+   speculating, its last token plus its drafted guesses (prompt lookup or a draft model), which the
+   target verifies in that same forward (`model.sampling.accept_drafts`).
+A sequence ends at EOS (finish "stop"; EOS is not emitted) or when its budget (max_new_tokens, or
+what the context leaves) is spent (finish "length"); `cancel` ends one at once. Either frees its slot
+for the next `add`. The scheduling policy (who waits, when to step) is the caller's: serving/engine.py,
+or model/generate.py for one sequence.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from model.llama import Llama
+from model.sampling import Sampling, accept_drafts, accept_greedy, draw, probabilities
+from model.slots import SlotCache, forward_rows
+from model.speculative import DraftModel, PromptLookup
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt_ids: empty prompt (start it with BOS)")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt_ids: token id {bad[0]} outside the vocabulary (size {vocab_size})")
+    if len(prompt) >= max_len:
+        raise ValueError(f"prompt_ids: {len(prompt)} tokens leave no room in max_seq_len={max_len}")
+    return prompt
+
+
+@dataclass
+class Running:
+    """One sequence in a slot. The target's cache holds `tokens[:filled]`, the draft's `tokens[:draft_filled]`."""
+
+    id: int
+    slot: int
+    tokens: list[int]
+    prompt_len: int
+    budget: int
+    sampling: Sampling
+    generator: torch.Generator
+    eos_id: int | None
+    filled: int = 0
+    draft_filled: int = 0
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class Event:
+    """What one step produced for one sequence: final new ids, and why it ended (None: still running)."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+    drafted: int = 0
+    accepted: int = 0
+
+
+class BatchDecoder:
+    def __init__(self, model: Llama, slots: int, max_len: int | None = None, prefill_chunk: int = 256,
+                 draft: Llama | PromptLookup | None = None, k: int = 4):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
+        limit = model.config.max_seq_len
+        if isinstance(draft, Llama):
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise ValueError(f"draft vocab_size: {draft.config.vocab_size} differs from the target's "
+                                 f"{model.config.vocab_size}")
+            limit = min(limit, draft.config.max_seq_len)
+        if draft is not None and k < 1:
+            raise ValueError(f"k: must be >= 1, got {k}")
+        self.model, self.k, self.prefill_chunk = model, k, prefill_chunk
+        self.max_len = min(max_len or limit, limit)
+        spare = max(prefill_chunk, k + 1)
+        self.cache = SlotCache.for_model(model, slots, self.max_len, spare)
+        self.lookup = draft if isinstance(draft, PromptLookup) else None
+        self.drafter = DraftModel(draft, slots, self.max_len, spare) if isinstance(draft, Llama) else None
+        self.slots = slots
+        self.free = list(range(slots))
+        self.running: dict[int, Running] = {}
+        self.stats = {"target_passes": 0, "drafted": 0, "accepted": 0}
+        self._ids = count()
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.k.device
+
+    def has_free_slot(self) -> bool:
+        return bool(self.free)
+
+    def add(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+            eos_id: int | None = 2) -> int:
+        """Start a sequence in the lowest free slot (so running rows stay contiguous); returns its id."""
+        prompt = check_prompt(prompt_ids, self.model.config.vocab_size, self.max_len)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if not self.free:
+            raise RuntimeError("no free slot: wait for a sequence to finish")
+        seq = Running(next(self._ids), heapq.heappop(self.free), prompt, len(prompt),
+                      min(max_new_tokens, self.max_len - len(prompt)), sampling, sampling.generator(self.device), eos_id)
+        self.running[seq.id] = seq
+        return seq.id
+
+    def cancel(self, seq_id: int) -> None:
+        """End a sequence now and free its slot (a no-op for one that already ended)."""
+        seq = self.running.pop(seq_id, None)
+        if seq is not None:
+            heapq.heappush(self.free, seq.slot)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        events: dict[int, Event] = {}
+        started = self._prefill(events)
+        decoding = [s for s in self.running.values() if s.filled == len(s.tokens) - 1 and s.id not in started]
+        if decoding:
+            self._decode(decoding, events)
+        return list(events.values())
+
+    def _prefill(self, events: dict[int, Event]) -> set[int]:
+        budget, batch = self.prefill_chunk, []
+        for seq in self.running.values():
+            if seq.filled < seq.prompt_len and budget > 0:
+                n = min(budget, seq.prompt_len - seq.filled)
+                batch.append((seq, seq.tokens[seq.filled:seq.filled + n]))
+                budget -= n
+        if not batch:
+            return set()
+        seqs = [s for s, _ in batch]
+        slots, starts, chunks = [s.slot for s in seqs], [s.filled for s in seqs], [c for _, c in batch]
+        logits = forward_rows(self.model, self.cache, slots, starts, chunks, [1] * len(batch))
+        if self.drafter is not None:
+            self.drafter.prefill(slots, starts, chunks)
+        self.stats["target_passes"] += 1
+        done = []
+        for seq, chunk, row in zip(seqs, chunks, logits):
+            seq.filled += len(chunk)
+            seq.draft_filled = seq.filled if self.drafter is not None else 0
+            if seq.filled == seq.prompt_len:
+                done.append((seq, row))
+        started = [s for s, _ in done]
+        if started:
+            for seq, token in zip(started, next_tokens(torch.cat([row for _, row in done]), started)):
+                self._append(seq, [token], events.setdefault(seq.id, Event(seq.id)))
+        return {s.id for s in started}
+
+    def _decode(self, seqs: list[Running], events: dict[int, Event]) -> None:
+        ks = [min(self.k, s.budget - s.generated - 1) for s in seqs]
+        if self.lookup is not None:
+            proposals = [(self.lookup.propose(s.tokens, k), None) for s, k in zip(seqs, ks)]
+        elif self.drafter is not None:
+            proposals = self.drafter.propose(seqs, ks)
+        else:
+            proposals = [([], None)] * len(seqs)
+        chunks = [s.tokens[s.filled:] + drafts for s, (drafts, _) in zip(seqs, proposals)]
+        keep = [len(drafts) + 1 for drafts, _ in proposals]
+        logits = torch.cat(forward_rows(self.model, self.cache, [s.slot for s in seqs], [s.filled for s in seqs],
+                                        chunks, keep))
+        starts = [sum(keep[:i]) for i in range(len(seqs))]
+        choices = logits.argmax(-1).tolist()
+        sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
+        rows = [starts[i] + j for i in sampled for j in range(keep[i])]
+        probs = dict(zip(sampled, probabilities(logits[rows], [seqs[i].sampling for i in sampled for _ in
+                                                                range(keep[i])]).split([keep[i] for i in sampled])))
+        self.stats["target_passes"] += 1
+        for i, (seq, (drafts, proposal)) in enumerate(zip(seqs, proposals)):
+            if seq.sampling.greedy:
+                new, accepted = accept_greedy(drafts, choices[starts[i]:starts[i] + keep[i]])
+            else:
+                new, accepted = accept_drafts(probs[i], drafts, proposal, seq.generator)
+            event = events.setdefault(seq.id, Event(seq.id))
+            event.drafted += len(drafts)
+            event.accepted += accepted
+            self.stats["drafted"] += len(drafts)
+            self.stats["accepted"] += accepted
+            seq.filled = len(seq.tokens) + accepted  # the fed guesses the target kept are valid cache entries
+            self._append(seq, new, event)
+            seq.draft_filled = min(seq.draft_filled, seq.filled)
+
+    def _append(self, seq: Running, tokens: list[int], event: Event) -> None:
+        for token in tokens:
+            if token == seq.eos_id:
+                event.finish = "stop"
+                break
+            seq.tokens.append(token)
+            event.tokens.append(token)
+            if seq.generated >= seq.budget:
+                event.finish = "length"
+                break
+        if event.finish is not None:
+            self.cancel(seq.id)
+
+
+def next_tokens(logits: torch.Tensor, seqs: Sequence[Running]) -> list[int]:
+    """One token per row: the argmax for greedy sequences (no distribution built), a draw from the
+    filtered distribution for the others."""
+    choices = logits.argmax(-1).tolist()
+    sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
+    if sampled:
+        probs = probabilities(logits[sampled], [seqs[i].sampling for i in sampled])
+        for i, p in zip(sampled, probs):
+            choices[i] = draw(p, seqs[i].generator)
+    return choices

@@ -1,0 +1,60 @@
+"""Prometheus metrics through Ray Serve's metrics API: Ray exports them with every Serve metric
+(its metrics agent's /metrics, `ray_` prefixed), tagged with deployment and replica, so a cluster's
+Prometheus scrapes them with no extra endpoint here.
+
+What an operator of an LLM server watches: requests running and waiting (saturation), tokens
+generated (throughput), time to first token and time per output token (latency the user feels),
+and the speculative acceptance rate (whether the draft is paying for itself).
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+from model.decoder import Event
+from serving.engine import Observer, Submitted
+
+_LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+def serve_observer() -> Observer:
+    """Metrics objects for this replica, fed by the engine thread."""
+    running = metrics.Gauge("tinyllama_requests_running", description="sequences in the running batch")
+    waiting = metrics.Gauge("tinyllama_requests_waiting", description="sequences waiting for a slot")
+    tokens = metrics.Counter("tinyllama_tokens_generated", description="completion tokens generated")
+    ttft = metrics.Histogram("tinyllama_time_to_first_token_seconds", description="submission to first token",
+                             boundaries=_LATENCY_BOUNDS)
+    tpot = metrics.Histogram("tinyllama_time_per_output_token_seconds",
+                             description="time per completion token after the first", boundaries=_LATENCY_BOUNDS)
+    drafted = metrics.Counter("tinyllama_spec_drafted_tokens", description="speculative tokens proposed")
+    accepted = metrics.Counter("tinyllama_spec_accepted_tokens", description="speculative tokens accepted")
+    rate = metrics.Gauge("tinyllama_spec_acceptance_rate", description="accepted / drafted since start")
+    totals = {"drafted": 0, "accepted": 0}
+
+    def on_step(n_running: int, n_waiting: int) -> None:
+        running.set(n_running)
+        waiting.set(n_waiting)
+
+    def on_events(events: list[tuple[Submitted, Event]], now: float) -> None:
+        step_tokens = step_drafted = step_accepted = 0
+        for request, event in events:
+            if event.tokens:
+                step_tokens += len(event.tokens)
+                if request.last_token_at is None:
+                    ttft.observe(now - request.submitted_at)
+                else:
+                    tpot.observe((now - request.last_token_at) / len(event.tokens))
+                request.last_token_at = now
+            step_drafted += event.drafted
+            step_accepted += event.accepted
+        if step_tokens:
+            tokens.inc(step_tokens)
+        if step_drafted:
+            drafted.inc(step_drafted)
+            totals["drafted"] += step_drafted
+            if step_accepted:
+                accepted.inc(step_accepted)
+                totals["accepted"] += step_accepted
+            rate.set(totals["accepted"] / totals["drafted"])
+
+    return Observer(on_step, on_events)

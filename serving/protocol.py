@@ -1,0 +1,153 @@
+"""The OpenAI API's request bodies, validated at the edge, and its error shape.
+
+Only what the engine honours is accepted: an unknown field, or a known one at a value we cannot
+honour (`logprobs`, non-zero penalties), is a 400 naming it rather than a silently different answer.
+Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`, so the official
+`openai` client raises its usual exceptions with our message.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 8
+
+
+class APIError(Exception):
+    """An error response: HTTP status, message, the request field it concerns, OpenAI's type/code."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             429: "rate_limit_exceeded", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """FastAPI's validation errors → one 400 naming the first bad field (`messages.0.content`)."""
+    error = errors[0]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_tag(str(part))]
+    if error.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
+    param = ".".join(loc) or None
+    message = error["msg"].removeprefix("Value error, ")
+    if error.get("type") == "missing":
+        message = "required field is missing"
+    elif error.get("type") == "extra_forbidden":
+        message = "unknown field (not supported by this server)"
+    return APIError(400, f"{param}: {message}" if param else message, param)
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the union member that failed in the location (`prompt.str`, `stop.list[str]`)."""
+    return part in ("str", "int", "float", "bool", "list", "dict", "none") or "[" in part
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Generation(BaseModel):
+    """The sampling fields both endpoints share (OpenAI's names and defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        if value != 0:
+            raise ValueError("not supported by this server (only 0)")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:
+            raise ValueError("not supported by this server")
+        return value
+
+    @model_validator(mode="after")
+    def _usage_needs_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("must be a non-empty string or a non-empty list of non-empty strings")
+        return prompts
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        if value:
+            raise ValueError("not supported by this server")
+        return value
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -1,0 +1,28 @@
+"""Which weights to serve: a local model dir, or a registry reference resolved to one.
+
+`models:/<name>@<alias>` and `models:/<name>/<version>` go through `tasks.registry.resolve_model`
+(the MLflow Model Registry work, issue #13), which downloads the version's HF dir into a cache when
+needed. Serving itself only ever sees a local dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.errors import UserError
+
+REGISTRY_PREFIX = "models:/"
+
+
+def resolve(ref: str, tracking_uri: str | None, field: str = "--model") -> Path:
+    if ref.startswith(REGISTRY_PREFIX):
+        try:
+            from tasks.registry import resolve_model
+        except ImportError:
+            raise UserError(f"{field}: {ref}: registry references need tasks/registry.py (the MLflow registry "
+                            "work), which this build lacks; pass a model dir") from None
+        return Path(resolve_model(ref, tracking_uri))
+    path = Path(ref)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{field}: {ref} is not a model dir (no config.json) nor a models:/NAME@ALIAS reference")
+    return path

@@ -1,0 +1,90 @@
+"""`tinyllama serve`: the OpenAI-compatible server on a local Ray, until Ctrl-C or SIGTERM.
+
+The same application `serve deploy CONFIG` runs on a cluster (serving/app.py `build_app`), started
+here with Ray sized to `--cpus` and Serve's proxy on `--host`/`--port` (127.0.0.1 by default: a
+server is only reachable from elsewhere when asked).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import threading
+
+from tasks.deploy.champion import resolve
+from tasks.errors import UserError
+
+PROMPT_LOOKUP = "prompt-lookup"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS",
+                        help="a HF Llama dir, or a registry reference (resolved through MLflow)")
+    parser.add_argument("--draft", default=None, metavar=f"DIR|{PROMPT_LOOKUP}",
+                        help="speculative decoding: a smaller model dir with the same vocabulary, or prompt lookup")
+    parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per step")
+    parser.add_argument("--quant", choices=("none", "int8"), default="none", help="weight-only int8 matmuls")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key-env", default=None, metavar="VAR",
+                        help="require 'Authorization: Bearer $VAR' on /v1 routes")
+    parser.add_argument("--name", default=None, help="the model id clients send (default: registry or dir name)")
+    parser.add_argument("--slots", type=int, default=8, help="sequences decoding together")
+    parser.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and the replica's torch threads")
+    parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                        help="tokens per streamed chunk after the first (larger: less overhead per token)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ references")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus metrics (Ray's, Serve's and the server's) at this port's /metrics")
+
+
+def serve_args(args) -> dict:
+    """The Serve application args (serving.app.ServeArgs) these flags mean; bad values name the flag."""
+    from serving.app import parse_args
+
+    draft = args.draft
+    if draft and draft != PROMPT_LOOKUP:
+        draft = str(resolve(draft, args.tracking_uri, "--draft").resolve())
+    values = {"model": str(resolve(args.model, args.tracking_uri).resolve()), "name": args.name, "draft": draft,
+              "draft_tokens": args.draft_tokens, "quant": args.quant, "api_key_env": args.api_key_env,
+              "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus,
+              "stream_interval": args.stream_interval}
+    if args.quant == "int8" and importlib.util.find_spec("model.quant") is None:
+        raise UserError("--quant: int8 needs model/quant.py (the quantization work), which this build lacks")
+    try:
+        parse_args(values)
+    except ValueError as exc:
+        flag = str(exc).split(":")[0].removeprefix("serve args.").replace("_", "-")
+        raise UserError(f"--{flag}: {str(exc).split(': ', 1)[1]}") from None
+    return values
+
+
+def main(args) -> int:
+    import os
+
+    from ray import serve
+
+    from serving.app import build_app
+    from tasks.deploy.ray_serve import APPLICATION, serve_session, wait_healthy
+
+    values = serve_args(args)
+    if args.api_key_env and not os.environ.get(args.api_key_env):
+        raise UserError(f"--api-key-env: environment variable {args.api_key_env} is not set")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    url = f"http://{args.host}:{args.port}"
+    with serve_session(args.cpus, args.host, args.port, metrics_port=args.metrics_port) as ray_dir:
+        if ray_dir:
+            print(f"Ray and replica logs: {ray_dir}/session_latest/logs", flush=True)
+        try:
+            serve.run(build_app(values), name=APPLICATION, route_prefix="/")
+            seconds = wait_healthy(f"{url}/health", timeout=600)
+        except (RuntimeError, TimeoutError) as exc:
+            raise UserError(f"--model: the server did not come up: {exc}") from None
+        print(f"serving {values['model']} at {url}/v1 (ready in {seconds:.1f} s); Ctrl-C or SIGTERM stops it",
+              flush=True)
+        stop.wait()
+        print("stopping", flush=True)
+    return 0

@@ -1,0 +1,163 @@
+"""The deploy stage, `tinyllama serve`'s argument checks, the Serve configs and the RayService manifest.
+
+Fast: the configs pass Ray Serve's own schema and name our application builder; bad flags and
+params are one line and exit 2. Slow: `tinyllama deploy` on a model dir, end to end (Ray's own
+`serve deploy`, the openai-client check, metrics/serve.json), leaving no Ray behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.cli import main as cli
+from tasks.params import load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(tmp_path, **deploy):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = {"data": str(tmp_path / "data"), "models": str(tmp_path / "models"),
+                    "metrics": str(tmp_path / "metrics")}
+    raw["deploy"].update(deploy)
+    return raw
+
+
+def test_serve_config_passes_rays_schema_and_builds_our_app(tmp_path, served_model_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    from tasks.deploy.stage import write_artifacts
+
+    params = parse_params(_params(tmp_path, model=str(served_model_dir), max_replicas=3, draft="prompt-lookup"))
+    path, config = write_artifacts(params)
+    assert yaml.safe_load(path.read_text()) == config
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app" and app.args["model"] == str(served_model_dir.resolve())
+    assert app.args["draft"] == "prompt-lookup"
+    (deployment,) = app.deployments
+    assert deployment.autoscaling_config == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    lineage = json.loads((tmp_path / "models" / "deploy" / "lineage.json").read_text())
+    assert lineage == {"model_ref": str(served_model_dir), "model_dir": str(served_model_dir.resolve())}
+
+
+def test_every_profile_has_a_valid_deploy_section():
+    for profile in ("params.yaml", "configs/tinyllama-1.1b.yaml"):
+        deploy = load_params(ROOT / profile).deploy
+        assert deploy.host and deploy.slots >= 1
+    assert load_params(ROOT / "configs/tinyllama-1.1b.yaml").deploy.model == "models:/tinyllama-chat@champion"
+
+
+def test_rayservice_manifest_runs_our_application_builder():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app"
+    from serving.app import parse_args
+
+    args = parse_args(app.args)
+    assert args.api_key_env == "TINYLLAMA_API_KEY" and args.cpus == app.deployments[0].ray_actor_options.num_cpus
+    job = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayjob.yaml").read_text())
+    image = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    cluster = service["spec"]["rayClusterConfig"]
+    images = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]]
+    images += [c["image"] for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    assert set(images) == {image} and cluster["rayVersion"] == job["spec"]["rayClusterSpec"]["rayVersion"]
+
+
+def test_build_app_rejects_bad_args_naming_the_field():
+    from serving.app import build_app
+
+    with pytest.raises(ValueError, match="serve args.slots"):
+        build_app({"model": "/x", "slots": 0})
+    with pytest.raises(ValueError, match="serve args.colour"):
+        build_app({"model": "/x", "colour": "red"})
+
+
+def test_serve_cli_bad_input_is_one_line_and_exit_2(tmp_path, served_model_dir, capsys):
+    cases = [
+        (["--model", str(tmp_path / "nope")], "--model: " + str(tmp_path / "nope") + " is not a model dir"),
+        (["--model", str(served_model_dir), "--slots", "0"], "--slots: Input should be greater than or equal to 1"),
+        (["--model", str(served_model_dir), "--draft", str(tmp_path)], "--draft: "),
+        (["--model", str(served_model_dir), "--api-key-env", "TINYLLAMA_SURELY_UNSET"],
+         "--api-key-env: environment variable TINYLLAMA_SURELY_UNSET is not set"),
+    ]
+    for extra, message in cases:
+        assert cli(["serve", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_deploy_without_a_model_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params(tmp_path, model=str(tmp_path / "missing"))))
+    assert cli(["deploy", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "deploy.model: " in err and "not a model dir" in err and err.count("\n") == 1
+    assert not (tmp_path / "models" / "deploy").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_without_a_cluster_the_flow_prints_the_command_that_serves(tmp_path):
+    from flows.serve import how_to_serve
+    from tasks.deploy.stage import write_artifacts
+
+    milestone = tmp_path / "models" / "pretrain" / "1M"
+    milestone.mkdir(parents=True)
+    (milestone / "config.json").write_text("{}")
+    params = parse_params(_params(tmp_path, port=8123))
+    write_artifacts(params)
+    message = how_to_serve(params, tmp_path)
+    assert f".venv/bin/tinyllama serve --model {milestone} --host 127.0.0.1 --port 8123" in message
+    assert "http://127.0.0.1:8123/v1" in message
+
+
+@pytest.mark.slow
+def test_deploy_stage_serves_checks_measures_and_stops(tmp_path, served_model_dir):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params(tmp_path, model=str(served_model_dir),
+                                                                 check_max_tokens=16)))
+    before = {p.name for p in Path("/tmp").glob("tl-serve-*")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([str(Path(sys.executable).parent / "tinyllama"), "deploy", "--params",
+                             str(tmp_path / "params.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "metrics" / "serve.json").read_text())
+    assert 0 < metrics["time_to_ready_s"] < 300 and 0 < metrics["ttft_s"] < 10
+    assert metrics["tokens_per_s"]["1"] > 0 and metrics["tokens_per_s"]["8"] > 0
+    checks = metrics["checks"]
+    assert checks["stream_equal"] is True and checks["bad_request"] == 400
+    assert checks["chat_finish_reason"] in ("stop", "length")
+    assert checks["lineage"]["base_milestone"] == "1M" and checks["lineage"]["model_dir"] == str(served_model_dir.resolve())
+    assert (tmp_path / "models" / "deploy" / "serve_config.yaml").is_file()
+    assert {p.name for p in Path("/tmp").glob("tl-serve-*")} == before, "the stage left a Ray temp dir behind"
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_is_a_503_then_one_line_and_exit_2(tmp_path, served_model_dir):
+    """The replica loads in the background: /health answers 503 ("failed", with the reason) and
+    `tinyllama serve` ends with one error line naming the model (after Ray's own start-up lines)."""
+    import shutil
+
+    from servers import free_port
+
+    broken = tmp_path / "broken"
+    shutil.copytree(served_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([str(Path(sys.executable).parent / "tinyllama"), "serve", "--model", str(broken),
+                             "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tinyllama serve: error: --model: the server did not come up: loading") and str(broken) in last
+    assert "Traceback" not in result.stdout + result.stderr

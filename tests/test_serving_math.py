@@ -1,0 +1,179 @@
+"""The math of serving (model/slots.py, decoder.py, sampling.py, speculative.py, stops.py, detokenize.py):
+batched decoding equals decoding each sequence alone, speculative decoding is exact when greedy and
+distribution-preserving when sampling, prompt lookup finds what it should."""
+
+import pytest
+import torch
+
+from model.decoder import BatchDecoder
+from model.detokenize import TextStream
+from model.generate import generate, speculative_generate
+from model.sampling import Sampling, accept_drafts, probabilities
+from model.slots import SlotCache, forward_rows
+from model.speculative import PromptLookup
+from model.stops import StopFilter
+from test_generate import draft, target  # noqa: F401  (the same random micro target and smaller draft)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = [[1, 17, 250, 31, 400, 9], [1, 5], [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311],
+           [1, 42, 42, 42], [1, 88, 7, 88, 7, 88, 7, 88], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+REPETITIVE = [1, 20, 21, 22, 23, 24, 20, 21, 22, 23, 24, 20, 21, 22]
+
+
+def run_all(decoder: BatchDecoder, jobs: list[tuple[list[int], int, Sampling]], eos_id=None) -> list[list[int]]:
+    """Continuous batching as a server does it: add whenever a slot is free, step until all finish."""
+    outputs: list[list[int]] = [[] for _ in jobs]
+    owner, pending = {}, list(enumerate(jobs))
+    while pending or decoder.running:
+        while pending and decoder.has_free_slot():
+            i, (prompt, n, sampling) = pending.pop(0)
+            owner[decoder.add(prompt, n, sampling, eos_id)] = i
+        for event in decoder.step():
+            outputs[owner[event.seq_id]] += event.tokens
+    return outputs
+
+
+def test_slot_forward_matches_a_full_forward_per_row(target):
+    """Rows of different lengths, fed in ragged chunks at their own positions, give each sequence's
+    own logits (what the model computes on that sequence alone, without a cache)."""
+    cache = SlotCache.for_model(target, slots=3, max_len=32, spare=16)
+    seqs = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    with torch.no_grad():
+        first = forward_rows(target, cache, [2, 0, 1], [0, 0, 0], [s[:3] for s in seqs], [3, 3, 3])
+        rest = forward_rows(target, cache, [2, 0, 1], [3, 3, 3], [s[3:] for s in seqs], [len(s) - 3 for s in seqs])
+        for seq, a, b in zip(seqs, first, rest):
+            full = target(torch.tensor([seq]))[0]
+            torch.testing.assert_close(torch.cat([a, b]), full, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_decoding_equals_each_sequence_alone(target):
+    """Fewer slots than requests (they join as others leave), a prefill chunk smaller than most
+    prompts (long ones prefill over several steps while others decode): same tokens as alone."""
+    lengths = [20, 7, 15, 30, 3, 12]
+    expected = [generate(target, p, n, eos_id=None) for p, n in zip(PROMPTS, lengths)]
+    decoder = BatchDecoder(target, slots=3, prefill_chunk=5)
+    assert run_all(decoder, [(p, n, Sampling()) for p, n in zip(PROMPTS, lengths)]) == expected
+    assert sorted(decoder.free) == [0, 1, 2] and not decoder.running
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(target):
+    settings = Sampling(temperature=1.0, top_p=0.9, seed=5)
+    alone = run_all(BatchDecoder(target, slots=1), [(PROMPTS[0], 25, settings)])[0]
+    crowd = [(p, 25, Sampling(temperature=0.8, seed=i)) for i, p in enumerate(PROMPTS[1:])]
+    together = run_all(BatchDecoder(target, slots=4, prefill_chunk=4), crowd[:2] + [(PROMPTS[0], 25, settings)] + crowd[2:])
+    assert together[2] == alone
+    assert generate(target, PROMPTS[0], 25, temperature=1.0, top_p=0.9, seed=5, eos_id=None) == alone
+
+
+def test_eos_budget_context_and_cancel(target):
+    decoder = BatchDecoder(target, slots=2, max_len=16)
+    full = generate(target, PROMPTS[0], 10, eos_id=None)
+    stopped = decoder.add(PROMPTS[0], 10, eos_id=full[3])
+    context = decoder.add(PROMPTS[0], 100, eos_id=None)  # 16 - 6 = 10 tokens fit
+    finished = {}
+    while decoder.running:
+        for event in decoder.step():
+            finished.setdefault(event.seq_id, []).extend(event.tokens)
+            if event.finish:
+                finished[(event.seq_id, "finish")] = event.finish
+    assert finished[stopped] == full[:full.index(full[3])] and finished[(stopped, "finish")] == "stop"
+    assert finished[context] == full and finished[(context, "finish")] == "length"
+    victim = decoder.add(PROMPTS[1], 50, eos_id=None)
+    decoder.step()
+    decoder.cancel(victim)
+    assert not decoder.running and sorted(decoder.free) == [0, 1]
+    with pytest.raises(ValueError, match="prompt_ids: 16 tokens leave no room"):
+        decoder.add(list(range(1, 17)), 1)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculative_greedy_equals_target_greedy_in_a_batch(target, draft, k):
+    lengths = [20, 7, 15, 30, 3, 12]
+    jobs = [(p, n, Sampling()) for p, n in zip(PROMPTS + [REPETITIVE], lengths + [25])]
+    expected = [generate(target, p, n, eos_id=None) for p, n, _ in jobs]
+    for proposer in (draft, PromptLookup()):
+        decoder = BatchDecoder(target, slots=3, prefill_chunk=6, draft=proposer, k=k)
+        assert run_all(decoder, jobs) == expected
+        assert decoder.stats["drafted"] > 0
+
+
+def test_prompt_lookup_speeds_up_input_grounded_text(target):
+    """A prompt the model will copy from: most guesses are accepted, so far fewer target passes."""
+    copy_prompt = [1] + list(range(40, 60)) * 2 + list(range(40, 45))
+    greedy = generate(target, copy_prompt, 30, eos_id=None)
+    stats = {}
+    assert speculative_generate(target, PromptLookup(), copy_prompt, 30, k=4, eos_id=None, stats=stats) == greedy
+    if stats["accepted"] == 0:
+        pytest.skip("this random model does not continue the pattern")
+    assert stats["target_passes"] < 30
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    lookup = PromptLookup(max_ngram=3)
+    assert lookup.propose([5, 6, 7, 8, 9, 1, 5, 6, 7], 3) == [8, 9, 1]
+    assert lookup.propose([5, 6, 7, 8, 5, 6, 7, 2, 5, 6, 7], 2) == [2, 5]      # the latest occurrence
+    assert lookup.propose([1, 2, 3, 9, 3], 4) == [9, 3]                        # falls back to a 1-gram
+    assert lookup.propose([1, 2, 3, 4], 4) == []                               # nothing repeats
+    assert lookup.propose([3, 3], 0) == []
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    """Leviathan et al.: drafts drawn from q, accepted with min(1, p/q), else resampled from
+    max(0, p - q): the emitted token is distributed as p. Checked on a 4-token vocabulary for a
+    draft model (q) and for prompt lookup (a fixed guess, q one-hot)."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    target = torch.stack([p, p])
+    generator = torch.Generator().manual_seed(0)
+    n = 20000
+    for proposal, guess in ((q, None), (None, 2)):
+        counts = torch.zeros(4)
+        accepted = 0
+        for _ in range(n):
+            draft = guess if guess is not None else int(torch.multinomial(q, 1, generator=generator))
+            tokens, a = accept_drafts(target, [draft], None if proposal is None else proposal[None], generator)
+            counts[tokens[0]] += 1
+            accepted += a
+        assert (counts / n - p).abs().max() < 0.015, counts / n
+        expected_rate = float(torch.minimum(p, q).sum()) if proposal is not None else float(p[guess])
+        assert abs(accepted / n - expected_rate) < 0.015
+
+
+def test_sampled_speculative_decoding_is_seed_reproducible(target, draft):
+    kwargs = dict(max_new_tokens=20, k=3, eos_id=None, temperature=0.9, top_p=0.95, seed=4)
+    a = speculative_generate(target, draft, PROMPTS[0], **kwargs)
+    assert a == speculative_generate(target, draft, PROMPTS[0], **kwargs) and len(a) == 20
+    assert a != speculative_generate(target, draft, PROMPTS[0], **{**kwargs, "seed": 5})
+
+
+def test_probabilities_apply_each_rows_own_settings():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]] * 4)
+    settings = [Sampling(), Sampling(temperature=1.0), Sampling(temperature=1.0, top_k=2),
+                Sampling(temperature=0.5, top_p=0.7)]
+    probs = probabilities(logits, settings)
+    assert probs[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(probs[1], logits[1].softmax(-1))
+    torch.testing.assert_close(probs[2], torch.tensor([*logits[2, :2].softmax(-1).tolist(), 0.0, 0.0, 0.0]))
+    sharp = (logits[3] / 0.5).softmax(-1)  # 0.84, 0.11, ...: 0.84 >= 0.7, so only the top token
+    assert probs[3].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0] and sharp[0] > 0.7
+
+
+def test_stop_filter_on_text_holds_back_a_forming_stop_string():
+    stop = StopFilter(["<|im_end|>", "\n\n"], text=True)
+    assert stop.push("Hello <|im") == "Hello "
+    assert stop.push("_e") == ""
+    assert stop.push("xtra\n") == "<|im_extra"
+    assert stop.push("\nmore") == "" and stop.done
+
+
+def test_text_stream_releases_whole_characters(small_tokenizer_dir):
+    from model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(small_tokenizer_dir)
+    prompt = tokenizer.encode("Say:", bos=True)
+    completion = tokenizer.encode(" héllo wörld ✓ done")
+    stream = TextStream(tokenizer, prompt)
+    pieces = [stream.push([t]) for t in completion] + [stream.flush()]
+    assert "".join(pieces) == tokenizer.decode(prompt + completion)[len(tokenizer.decode(prompt)):]
+    assert all("\ufffd" not in piece for piece in pieces)
