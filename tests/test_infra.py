@@ -85,6 +85,47 @@ def test_kuberay_rayjob_structure_and_16_gpus():
     assert len(_kuberay_images()) == 1
 
 
+def _fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """First-fit, largest bundles first: can every bundle sit whole on one node?"""
+    free = [dict(node) for node in nodes]
+    for bundle in sorted(bundles, key=lambda b: -sum(b.values())):
+        node = next((n for n in free if all(n.get(k, 0) >= v for k, v in bundle.items())), None)
+        if node is None:
+            return False
+        for key, amount in bundle.items():
+            node[key] -= amount
+    return True
+
+
+def _kuberay_nodes() -> list[dict[str, float]]:
+    import json
+
+    nodes = []
+    for group in _yaml("kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        resources = {"CPU": float(container["resources"]["limits"]["cpu"]),
+                     "GPU": float(group["rayStartParams"].get("num-gpus", 0)),
+                     **json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))}
+        nodes += [resources] * group["maxReplicas"]
+    return nodes
+
+
+def test_both_cluster_recipes_host_the_profiles_training_workers_and_their_evals():
+    """What the pretrain stage reserves before training (tasks.ray_cluster.training_bundles: 16 training
+    workers with "trainer", one milestone eval with "evaluator") fits the Ray cluster config and the KubeRay
+    job at full size; without the eval node group it would not (the 17th-GPU problem)."""
+    from tasks.params import load_params
+    from tasks.ray_cluster import training_bundles
+
+    bundles = training_bundles(load_params(ROOT / "configs" / "tinyllama-1.1b.yaml"))
+    assert len(bundles) == GPUS + 1
+    node_types = _yaml("ray/cluster-16gpu.yaml")["available_node_types"]
+    ray_nodes = [dict(spec["resources"]) for spec in node_types.values() for _ in range(spec.get("max_workers", 1))]
+    for nodes in (ray_nodes, _kuberay_nodes()):
+        assert _fits(bundles, nodes)
+        assert not _fits(bundles, [n for n in nodes if "evaluator" not in n])
+
+
 def _compose_tool() -> list[str] | None:
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
