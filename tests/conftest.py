@@ -169,6 +169,21 @@ def local_ray():
             os.environ[key] = value
 
 
+def train_worker_processes():
+    """Ray Train's worker processes among this test process's descendants (Ray titles them
+    `ray::RayTrainWorker...`): what a fault-tolerance test SIGKILLs."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:  # exited (or a zombie) while we looked
+            continue
+    return found
+
+
 # ---------------------------------------------------------------- evaluation: items and micro models
 
 

@@ -26,13 +26,12 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import pretrain_params
+from conftest import pretrain_params, train_worker_processes
 from servers import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
@@ -85,16 +84,6 @@ def _params_file(workspace: Path, bucket: str, runs: str, **train) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path
 
-
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 def _s3():
@@ -199,7 +188,7 @@ def test_faults_on_shared_storage_end_in_the_uninterrupted_weights(workspace):
     def kill_a_worker():
         while time.monotonic() < deadline and not set(_checkpoints(f"{bucket}/runs")) - before:
             time.sleep(0.2)
-        workers = _train_workers()
+        workers = train_worker_processes()
         if workers:
             workers[-1].send_signal(signal.SIGKILL)
             killed.append(workers[-1].pid)

@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import pretrain_params, write_prepared
+from conftest import pretrain_params, train_worker_processes, write_prepared
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +61,6 @@ def reference(tmp_path_factory, local_ray):
     return _final_weights(root)
 
 
-def _train_workers() -> list[psutil.Process]:
-    """Ray Train's worker processes among ours (Ray titles them `ray::RayTrainWorker...`)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:  # exited (or a zombie) while we looked
-            continue
-    return found
-
 
 def test_killed_worker_resumes_to_identical_weights(reference, tmp_path, monkeypatch, local_ray):
     from tasks.pretrain.run import pretrain
@@ -84,7 +73,7 @@ def test_killed_worker_resumes_to_identical_weights(reference, tmp_path, monkeyp
     deadline = time.time() + 300
     while not _checkpoints(tmp_path) and time.time() < deadline:
         time.sleep(0.05)
-    workers = _train_workers()
+    workers = train_worker_processes()
     assert len(workers) == 2, "no training worker to kill"
     assert not (tmp_path / "models" / "pretrain" / FINAL).exists(), "the run finished before the kill"
     victim = workers[-1]
