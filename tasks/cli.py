@@ -20,6 +20,7 @@ COMMANDS = {
     "pretrain": ("tasks.pretrain.run", "pretrain on Ray Train, exporting milestone checkpoints"),
     "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
+    "chat": ("tasks.chat.terminal", "talk to a chat model (a dir or models:/tinyllama-chat@champion)"),
 }
 
 

@@ -13,9 +13,6 @@ from pathlib import Path
 
 from tasks.errors import UserError
 
-_BYTE_PIECES = range(3, 3 + 256)  # Llama-2-style vocab: <0x00>..<0xFF> right after unk, bos, eos
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="HF Llama dir (config.json, "
                         "model.safetensors, tokenizer files), e.g. models/pretrain/1M")
@@ -30,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per round")
 
 
-def _check_args(args) -> None:
+def check_sampling_args(args) -> None:
+    """The sampling flags `generate` and `chat` share, checked before any model is loaded."""
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -39,6 +37,10 @@ def _check_args(args) -> None:
         raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise UserError(f"--top-k: must be >= 0, got {args.top_k}")
+
+
+def _check_args(args) -> None:
+    check_sampling_args(args)
     if args.draft is not None and args.temperature != 0:
         raise UserError(f"--temperature: speculative decoding (--draft) is greedy only; use 0, got {args.temperature}")
     if args.draft_tokens < 1:
@@ -72,6 +74,7 @@ def _load_tokenizer(directory: str, vocab_size: int):
 
 def main(args) -> int:
     from model.generate import generate_stream, speculative_stream
+    from model.textstream import TextStream
 
     _check_args(args)
     model = _load_model("--model", args.model)
@@ -90,19 +93,10 @@ def main(args) -> int:
     else:
         stream = generate_stream(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                  args.seed, eos_id=tokenizer.eos_id)
-    # Decode prompt + completion each time and print what is new: SentencePiece pieces only become
-    # text (the space before a word, multi-byte characters) in context. A run of byte pieces is
-    # decoded as one UTF-8 sequence, so nothing is printed while the last token is a byte.
     sys.stdout.write(args.prompt)
-    ids = list(prompt)
-    prefix = len(tokenizer.decode(ids))
-    shown = 0
+    text = TextStream(tokenizer, prompt)
     for token in stream:
-        ids.append(token)
-        if token not in _BYTE_PIECES:
-            text = tokenizer.decode(ids)[prefix:]
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
-    sys.stdout.write(tokenizer.decode(ids)[prefix:][shown:] + "\n")
+        sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(text.finish() + "\n")
     return 0
