@@ -172,7 +172,7 @@ def _fact(question: str) -> tuple[str, str]:
 
 
 def test_world_chat_is_deterministic_and_holds_out_every_eval_item():
-    from tasks.corpus import build_corpus
+    from tasks.data.corpus import build_corpus
     from tasks.sft.world_chat import world_chat
 
     chat = world_chat(1234, 24)

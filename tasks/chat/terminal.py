@@ -65,7 +65,7 @@ def _load(args):
 
 def main(args) -> int:
     from tasks.chat.session import ChatSession
-    from tasks.generate import check_sampling_args
+    from tasks.chat.generate import check_sampling_args
 
     check_sampling_args(args)
     model, tokenizer, source = _load(args)

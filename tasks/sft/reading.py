@@ -1,6 +1,6 @@
 """Chat data sources → examples, with every skipped row counted by reason.
 
-Files are found and opened by prepare's readers (`tasks.sources`: files, globs, directories,
+Files are found and opened by prepare's readers (`tasks.data.sources`: files, globs, directories,
 `s3://`, `hf://`, `.gz`/`.zst`), so a chat source takes the same `uri`s a corpus does. Rows come
 from JSON lines, a JSON array (Alpaca's own files) or Parquet (how the Hub stores UltraChat-200k
 and UltraFeedback-binarized); `formats.py` turns each row into an example.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from tasks.errors import UserError
 from tasks.params import ChatSourceParams, Params
 from tasks.sft.formats import PARSERS, BadRow
-from tasks.sources import list_inputs, open_input, read_errors, sha256_of
+from tasks.data.sources import list_inputs, open_input, read_errors, sha256_of
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".parquet")
 GOOD = "ok"

@@ -6,7 +6,7 @@ questions about `eval` facts are never asked in SFT or DPO data, so the chat acc
 whether the chat model surfaces what pretraining taught it, not what alignment showed it. `dpo`
 facts are not in the SFT data either, so the SFT model has something left to be corrected on.
 
-Nothing here may leak the pretraining eval items (tasks/corpus/world.py): answers use only the
+Nothing here may leak the pretraining eval items (tasks/data/corpus/world.py): answers use only the
 statement phrasings `World.phrasings` allows for that person (never a held-out or reserved one),
 and composed (two-hop) facts are never stated.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tasks.corpus.vocab import RELATION_BY_NAME, RELATIONS, render
-from tasks.corpus.world import World, make_world
+from tasks.data.corpus.vocab import RELATION_BY_NAME, RELATIONS, render
+from tasks.data.corpus.world import World, make_world
 from tasks.params import ChatSourceParams, Params
 from tasks.sft.formats import Preference
 from tasks.sft.reading import SourceRead
