@@ -38,6 +38,7 @@ def bench_params(root: Path, steps: int, preset: str):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"] = {"data": str(root / "data"), "models": str(root / "models"), "metrics": str(root / "metrics")}
     raw["model"] = {"preset": preset, "overrides": {}}
+    raw.pop("sft")  # the chat variants are not part of this measurement
     tokens = steps * raw["train"]["global_batch_tokens"]
     raw["train"].update(total_tokens=tokens, milestones=[tokens], eval_milestones_during_training=False,
                         checkpoint_every_steps=steps, val_every_steps=steps, log_every_steps=max(1, steps // 4),

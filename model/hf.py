@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +21,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.atomic import atomic_dir
-from model.chat import ChatTemplate
 from model.config import LlamaConfig
 from model.files import (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE,
                          WEIGHTS_INDEX_FILE)
@@ -217,19 +217,20 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
 
 
 def save_hf(model: Llama, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-            metadata: dict | None = None, chat_template: ChatTemplate | None = None) -> Path:
+            metadata: dict | None = None, chat_template: str | None = None, stop_strings: Sequence[str] = ()) -> Path:
     """Write `model` as a HF Llama dir, atomically (model/atomic.py): an existing `out_dir` is
-    swapped out only after the complete new dir is on disk. A chat model also gets its template, as
-    `chat_template` in tokenizer_config.json (where transformers' `apply_chat_template` finds it)
-    and its turn-ending strings as `stop_strings` in generation_config.json."""
+    swapped out only after the complete new dir is on disk. A chat model also gets its template (Jinja
+    text, model/chat.py), as `chat_template` in tokenizer_config.json (where transformers'
+    `apply_chat_template` finds it), and its turn-ending strings as `stop_strings` in
+    generation_config.json."""
     if chat_template is not None and tokenizer_dir is None:
         raise ValueError("chat_template: a chat model needs tokenizer_dir (the template lives in its config)")
     config = config_to_hf(model.config, model.lm_head.weight.dtype)
     if metadata:
         config["tinyllama"] = metadata
     generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "max_length": model.config.max_seq_len}
-    if chat_template is not None and chat_template.stop:
-        generation["stop_strings"] = list(chat_template.stop)
+    if stop_strings:
+        generation["stop_strings"] = list(stop_strings)
     with atomic_dir(out_dir) as tmp:
         save_file(to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_FILE, config)
@@ -238,7 +239,7 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer_dir: str | Path | None 
             _copy_tokenizer(Path(tokenizer_dir), tmp)
         if chat_template is not None:
             tokenizer_config = json.loads((tmp / TOKENIZER_CONFIG_FILE).read_text())
-            _write_json(tmp / TOKENIZER_CONFIG_FILE, {**tokenizer_config, "chat_template": chat_template.source})
+            _write_json(tmp / TOKENIZER_CONFIG_FILE, {**tokenizer_config, "chat_template": chat_template})
     return Path(out_dir)
 
 

@@ -19,6 +19,8 @@ COMMANDS = {
     "prepare": ("tasks.data.prepare", "tokenize and pack the corpora into Parquet shards"),
     "pretrain": ("tasks.pretrain.run", "pretrain on Ray Train, exporting milestone checkpoints"),
     "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
+    "sft": ("tasks.sft.sft", "supervised fine-tuning of chat variants from pretraining milestones"),
+    "dpo": ("tasks.sft.dpo", "DPO of the chat variants from their SFT models"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
     "chat": ("tasks.chat.terminal", "talk to a chat model (a dir or models:/tinyllama-chat@champion)"),
 }

@@ -47,7 +47,8 @@ def with_absolute_paths(params: Params, root: Path | None = None) -> Params:
     paths = params.paths.model_copy(update={k: resolve(v, root) for k, v in params.paths.model_dump().items()})
     train = params.train.model_copy(update={"checkpoint_dir": resolve(params.train.checkpoint_dir, root)})
     data_dir = resolve(params.eval.data_dir, root) if params.eval.data_dir else None
-    return params.model_copy(update={"paths": paths, "train": train,
+    sft = params.sft and params.sft.model_copy(update={"checkpoint_dir": resolve(params.sft.checkpoint_dir, root)})
+    return params.model_copy(update={"paths": paths, "train": train, "sft": sft,
                                      "eval": params.eval.model_copy(update={"data_dir": data_dir})})
 
 
@@ -64,12 +65,15 @@ class Layout:
     models: Path
     metrics: Path
     checkpoints: str   # train.checkpoint_dir: Ray Train's storage, a local path or a URI
+    alignment_checkpoints: str | None = None  # sft.checkpoint_dir: the same for SFT and DPO runs
 
     @classmethod
     def from_params(cls, params: Params, root: Path | None = None) -> "Layout":
         paths = params.paths
+        alignment = resolve(params.sft.checkpoint_dir, root) if params.sft is not None else None
         return cls(data=Path(resolve(paths.data, root)), models=Path(resolve(paths.models, root)),
-                   metrics=Path(resolve(paths.metrics, root)), checkpoints=resolve(params.train.checkpoint_dir, root))
+                   metrics=Path(resolve(paths.metrics, root)), checkpoints=resolve(params.train.checkpoint_dir, root),
+                   alignment_checkpoints=alignment)
 
     # -- tokenizer, prepare ------------------------------------------------------------------------
     @property
@@ -121,6 +125,10 @@ class Layout:
 
     def dpo_dir(self, variant: str) -> Path:
         return self.models / "dpo" / variant
+
+    def alignment_run_dir(self, run_name: str) -> str:
+        """One SFT or DPO run's resume checkpoints and its tokenized data (Ray Train's experiment dir)."""
+        return join(self.alignment_checkpoints, run_name)
 
     @property
     def quantized_dir(self) -> Path:

@@ -51,6 +51,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def require_unique(names: list[str], what: str) -> None:
+    """A list of named entries (sources, variants): at least one, no name twice."""
+    if not names:
+        raise ValueError(f"at least one {what} is required")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate {what} name {dupes[0]!r}")
+
+
 class Paths(Section):
     data: str = "data"
     models: str = "models"
@@ -128,12 +137,7 @@ class DataParams(Section):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, sources):
-        if not sources:
-            raise ValueError("at least one source is required")
-        names = [s.name for s in sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate source name {dupes[0]!r}")
+        require_unique([s.name for s in sources], "source")
         if sum(s.weight for s in sources) <= 0:
             raise ValueError("source weights must sum to a positive number")
         return sources
@@ -217,7 +221,6 @@ class EvalParams(Section):
     perplexity_rows: int = Field(256, gt=0)
 
 
-CHAT_FORMATS = ("messages", "alpaca", "oasst", "preference", "builtin")
 SFT_FORMATS = ("messages", "alpaca", "oasst", "builtin")
 PREFERENCE_FORMATS = ("preference", "builtin")
 
@@ -241,13 +244,13 @@ class ChatSourceParams(Section):
         return self
 
 
-def _unique_source_names(sources: list[ChatSourceParams]) -> list[ChatSourceParams]:
-    if not sources:
-        raise ValueError("at least one source is required")
-    names = [s.name for s in sources]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"duplicate source name {dupes[0]!r}")
+def _chat_sources(sources: list[ChatSourceParams], formats: tuple[str, ...], what: str) -> list[ChatSourceParams]:
+    """Named uniquely, and each of a format that holds `what` (SFT conversations, preference pairs)."""
+    require_unique([s.name for s in sources], "source")
+    for source in sources:
+        if source.format not in formats:
+            raise ValueError(f"source {source.name}: format {source.format!r} is not {what} "
+                             f"(use one of {', '.join(formats)})")
     return sources
 
 
@@ -277,16 +280,13 @@ class DpoParams(ScheduleParams):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid only: conservative DPO (cDPO)
+    rpo_alpha: float = Field(0.0, ge=0)  # TRL's rpo_alpha: + α × NLL of the chosen answers (RPO)
     lr: float = Field(5e-7, gt=0)
 
     @field_validator("sources")
     @classmethod
     def _sources(cls, sources):
-        for source in _unique_source_names(sources):
-            if source.format not in PREFERENCE_FORMATS:
-                raise ValueError(f"source {source.name}: format {source.format!r} is not preference data "
-                                 f"(use {' or '.join(PREFERENCE_FORMATS)})")
-        return sources
+        return _chat_sources(sources, PREFERENCE_FORMATS, "preference data")
 
     @model_validator(mode="after")
     def _smoothing_needs_sigmoid(self):
@@ -296,8 +296,8 @@ class DpoParams(ScheduleParams):
 
 
 class VariantParams(ScheduleParams):
-    """One chat model: SFT of a pretraining milestone (`base`, a `train.milestones` entry), then DPO
-    from that SFT result when `dpo` is set."""
+    """One chat model: SFT of a pretraining milestone (`base`, a milestone name such as `1M` or `3T`;
+    its checkpoint must exist when the sft stage runs), then DPO from that SFT result when `dpo` is set."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: str
@@ -326,11 +326,7 @@ class VariantParams(ScheduleParams):
     @field_validator("sources")
     @classmethod
     def _sources(cls, sources):
-        for source in _unique_source_names(sources):
-            if source.format not in SFT_FORMATS:
-                raise ValueError(f"source {source.name}: format {source.format!r} is not SFT data "
-                                 f"(use one of {', '.join(SFT_FORMATS)})")
-        return sources
+        return _chat_sources(sources, SFT_FORMATS, "SFT data")
 
 
 class ChatEvalParams(Section):
@@ -353,12 +349,7 @@ class SftParams(Section):
     @field_validator("variants")
     @classmethod
     def _unique_variants(cls, variants):
-        if not variants:
-            raise ValueError("at least one variant is required")
-        names = [v.name for v in variants]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate variant name {dupes[0]!r}")
+        require_unique([v.name for v in variants], "variant")
         return variants
 
 
@@ -399,12 +390,10 @@ class Params(Section):
         return self
 
     def _check_variants(self, config: LlamaConfig) -> None:
-        milestones = [format_tokens(m) for m in self.train.milestones]
+        """A variant's base milestone is checked when the sft stage runs (it must exist on disk), not
+        here: a profile whose milestones change must still validate for the stages before sft."""
         for variant in self.sft.variants:
             where = f"sft.variants[{variant.name}]"
-            if variant.base not in milestones:
-                raise ValueError(f"{where}.base: {variant.base!r} is not a pretraining milestone "
-                                 f"(train.milestones: {', '.join(milestones)})")
             if variant.max_length > config.max_seq_len:
                 raise ValueError(f"{where}.max_length ({variant.max_length}) exceeds the model's max_seq_len "
                                  f"({config.max_seq_len})")

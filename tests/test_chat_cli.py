@@ -29,7 +29,7 @@ def chat_model(small_tokenizer_dir, tmp_path_factory):
     torch.manual_seed(5)
     model = Llama(micro()).eval()
     directory = save_hf(model, tmp_path_factory.mktemp("chat") / "model", small_tokenizer_dir,
-                        chat_template=TEMPLATES["zephyr"])
+                        chat_template=TEMPLATES["zephyr"].source)
     return directory, model, Tokenizer.load(directory)
 
 

@@ -43,7 +43,8 @@ def chat_dirs(request, small_tokenizer_dir, tmp_path_factory):
     torch.manual_seed(0)
     model = Llama(micro().with_overrides(vocab_size=vocab, n_layer=1, dim=32, n_head=2, n_kv_head=1, mlp_dim=32))
     root = tmp_path_factory.mktemp(f"chat-{request.param}")
-    return {name: save_hf(model, root / name, tokenizer_dir, chat_template=TEMPLATES[name]) for name in TEMPLATES}
+    return {name: save_hf(model, root / name, tokenizer_dir, chat_template=TEMPLATES[name].source,
+                          stop_strings=TEMPLATES[name].stop) for name in TEMPLATES}
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))

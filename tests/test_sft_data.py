@@ -177,7 +177,7 @@ def test_world_chat_is_deterministic_and_holds_out_every_eval_item():
 
     chat = world_chat(1234, 24)
     assert chat == world_chat(1234, 24) and chat != world_chat(1235, 24)
-    assert (len(chat.eval), len(chat.dpo)) == (30, 90)  # a quarter of the 120 facts each; 3 pairs per DPO fact
+    assert (len(chat.eval), len(chat.dpo)) == (60, 90)  # a quarter of the 120 facts each: 2 questions, 3 pairs
 
     sft_facts = {_fact(m["content"]) for c in chat.sft for m in c if m["role"] == "user"}
     dpo_facts = {_fact(p.prompt[-1]["content"]) for p in chat.dpo}
@@ -196,3 +196,53 @@ def test_world_chat_is_deterministic_and_holds_out_every_eval_item():
         for item in corpus.eval_tasks[task].items:
             gold = f"{item['query']} {item['choices'][item['gold']]}."
             assert not any(gold in answer for answer in answers), (task, gold)
+
+
+# ---------------------------------------------------------------- a variant's training set
+
+
+def _params(tmp_path, **variant):
+    from conftest import pretrain_params
+    from tasks.params import parse_params
+
+    raw = pretrain_params(tmp_path).model_dump(mode="json")
+    raw["sft"] = {"variants": [{"name": "v", "base": "24.576K", "sources": [{"name": "world", "format": "builtin"}],
+                                "max_length": 128, "batch_size": 4, "micro_batch": 2,
+                                "dpo": {"sources": [{"name": "prefs", "format": "builtin"}], "batch_size": 4,
+                                        "micro_batch": 2}, **variant}]}
+    return parse_params(raw, "test params")
+
+
+def test_world_training_sets_pack_conversations_and_pad_pairs(tmp_path, small_tokenizer_dir):
+    from model.tokenizer import Tokenizer
+    from tasks.sft.datasets import build
+
+    tokenizer = Tokenizer.load(small_tokenizer_dir)
+    params = _params(tmp_path)
+    variant = params.sft.variants[0]
+    sft = build(params, variant, tokenizer, dpo=False)
+    summary = sft.summary
+    assert summary["conversations"] + summary["val_conversations"] + sum(summary["encoding"].values()) == 144
+    assert summary["encoding"]["dropped_overlong"] > 0  # the test tokenizer spends ~66-400 ids on a conversation
+    assert summary["rows"] <= summary["conversations"] and 0.5 < summary["fill"] <= 1
+    assert sft.arrays["train_inputs"].shape == (summary["rows"], 128)
+    pairs = build(params, variant, tokenizer, dpo=True)
+    assert pairs.items + pairs.summary["val_pairs"] == 90
+    assert pairs.arrays["train_chosen_inputs"].shape == pairs.arrays["train_rejected_inputs"].shape == (pairs.items, 128)
+
+    short = _params(tmp_path, max_length=100, overlong="truncate")
+    truncated = build(short, short.sft.variants[0], tokenizer, dpo=False)
+    assert truncated.summary["encoding"]["truncated"] > 0 and truncated.arrays["train_inputs"].shape[1] == 100
+    with pytest.raises(UserError, match=r"^sft.variants\[v\]: no training example is left after the length policy"):
+        build(_params(tmp_path, max_length=8), _params(tmp_path, max_length=8).sft.variants[0], tokenizer, dpo=False)
+
+
+def test_params_name_the_bad_variant_field(tmp_path):
+    from tasks.errors import UserError as Error
+
+    with pytest.raises(Error, match=r"sft.variants.0.template: .*unknown chat template 'vicuna'"):
+        _params(tmp_path, template="vicuna")
+    with pytest.raises(Error, match=r"sft.variants.0.base: not a token count: 'final'"):
+        _params(tmp_path, base="final")
+    with pytest.raises(Error, match=r"is not divisible by train.workers × micro_batch"):
+        _params(tmp_path, batch_size=6)

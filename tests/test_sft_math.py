@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from model.config import micro
 from model.llama import Llama, packed_attention_mask
 from model.loss import IGNORE_INDEX, linear_token_logprobs
-from tasks.sft.dpo_loss import dpo_losses, reward_metrics, sequence_logprobs
+from tasks.sft.dpo_loss import dpo_losses, preference_loss, reward_metrics, sequence_logprobs
 from tasks.sft.examples import Sequence
 from tasks.sft.packing import pack, pad
 
@@ -84,9 +84,29 @@ def test_sigmoid_dpo_gradient_has_the_papers_closed_form():
 
 def test_reward_metrics_are_trls():
     chosen, rejected = torch.tensor([0.2, -0.1, 0.4]), torch.tensor([0.1, 0.3, -0.2])
-    m = reward_metrics(torch.zeros(3), chosen, rejected, torch.tensor([-5.0, -6, -7]), torch.tensor([-8.0, -9, -1]))
+    m = reward_metrics(chosen, rejected, torch.tensor([-5.0, -6, -7]), torch.tensor([-8.0, -9, -1]))
     assert m["rewards/accuracies"].item() == 2 and m["rewards/margins"].item() == pytest.approx(0.3)
     assert m["logps/chosen"].item() == -18 and m["logps/rejected"].item() == -18
+
+
+def test_a_micro_batch_of_pairs_with_rpo_equals_the_direct_formula():
+    """Rows: 2 chosen then 2 rejected; loss = mean sigmoid DPO + α × mean NLL of the chosen tokens."""
+    torch.manual_seed(3)
+    targets = torch.tensor([[5, 6, -100], [7, 8, 9], [5, 4, -100], [1, -100, -100]])
+    policy = (torch.randn(4, 3, dtype=torch.float64) - 2).masked_fill(targets == -100, 0).requires_grad_()
+    reference = (torch.randn(4, 3, dtype=torch.float64) - 2).masked_fill(targets == -100, 0)
+    loss, metrics = preference_loss(policy, reference, targets, beta=0.2, rpo_alpha=0.5)
+    loss.backward()
+    direct_in = policy.detach().clone().requires_grad_()
+    valid = targets != -100
+    seq, ref = (direct_in * valid).sum(-1), reference.sum(-1)
+    h = (seq[:2] - ref[:2]) - (seq[2:] - ref[2:])
+    direct = -torch.log(torch.sigmoid(0.2 * h)).mean() + 0.5 * -(direct_in[0, :2].sum() + direct_in[1].sum()) / 5
+    direct.backward()
+    torch.testing.assert_close(loss, direct)
+    torch.testing.assert_close(policy.grad, direct_in.grad)
+    torch.testing.assert_close(metrics["rewards/margins"], (0.2 * h).mean().detach())
+    assert metrics["rewards/accuracies"].item() == (h > 0).double().mean().item()
 
 
 def test_sequence_logprobs_sum_or_average_the_learned_tokens():

@@ -243,9 +243,10 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return record
 
 
-def export_milestone(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path, metadata: dict) -> Path | None:
-    """Collective. Rank 0 writes the current weights as an HF Llama dir (atomically, model.hf.save_hf);
-    returns the dir on rank 0, None elsewhere."""
+def export_milestone(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path, metadata: dict,
+                     **save_options) -> Path | None:
+    """Collective. Rank 0 writes the current weights as an HF Llama dir (atomically, model.hf.save_hf,
+    which also takes `save_options`: a chat model's template); returns the dir on rank 0, None elsewhere."""
     from model.hf import save_hf
     from model.llama import Llama
 
@@ -257,4 +258,4 @@ def export_milestone(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path,
         plain = Llama(config)
     plain.load_state_dict(state, assign=True)
     plain.reset_rope()
-    return save_hf(plain, out_dir, tokenizer_dir=tokenizer_dir, metadata=metadata)
+    return save_hf(plain, out_dir, tokenizer_dir=tokenizer_dir, metadata=metadata, **save_options)

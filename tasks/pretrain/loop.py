@@ -17,28 +17,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.llama import Llama
 from tasks.layout import Layout
-from tasks.params import Params, format_tokens
-from tasks.pretrain.checkpoint import checkpoint_name, export_milestone, restore, save_local
-from tasks.pretrain.loader import MixedLoader, PreparedData, val_batches
+from tasks.params import Params
+from tasks.pretrain.checkpoint import checkpoint_name, restore, save_local
+from tasks.pretrain.objective import Objective
 from tasks.pretrain.parallel import Parallel, build_optimizer, grad_norm_value
-from tasks.pretrain.schedule import StepPlan, lr_at
 from tasks.pretrain.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """What the driver hands every worker (Ray pickles it in memory; nothing is read from a file)."""
+    """What the driver hands every worker (Ray pickles it in memory; the objective reads its data)."""
 
     params: dict           # the resolved Params, re-validated on the worker
-    data: PreparedData
+    objective: Objective   # what is optimised: pretraining, SFT or DPO (objective.py)
     run_uri: str           # where this run's resume checkpoints live
     layout: Layout         # every path, absolute
     tracking_uri: str
     mlflow_run_id: str
     peak_flops_per_worker: float | None  # configured (GPU) or None: measure (CPU)
-    eval_milestones: bool
 
 
 def _mean_across_ranks(value: torch.Tensor) -> float:
@@ -61,84 +58,76 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.plan = StepPlan.from_params(params)
+        self.objective = objective = config.objective
+        self.plan = objective.plan(params)
+        self.recipe = objective.recipe(params)
 
         torch.manual_seed(params.seed)
-        model_config = params.llama_config(config.data.vocab_size)
-        self.model = Llama(model_config).to(self.device)
+        self.model = objective.build_model(params, self.device)
         if train.compile and train.strategy == "fsdp":
             self.model.compile_blocks()  # FSDP2's per-block hooks would split a whole-model graph
         elif train.compile:
             self.model.compile_loss()
         self.parallel = Parallel(self.model, train.strategy, self.device, train.precision)
-        self.optimizer = build_optimizer(self.model, train.lr, train.betas, train.eps, train.weight_decay)
-        self.loader = MixedLoader(config.data, params.seed, train.micro_batch, self.plan.grad_accum, self.rank, self.world)
-        self.val = [torch.from_numpy(b) for b in val_batches(config.data, params.seed, train.micro_batch,
-                                                              train.val_batches, self.rank, self.world)]
-        self.flops_per_token = model_config.flops_per_token(params.data.seq_len)
+        self.optimizer = build_optimizer(self.model, self.recipe.lr, train.betas, train.eps, self.recipe.weight_decay)
+        self.loader = objective.loader(params, self.plan, self.rank, self.world)
+        self.val = objective.val_batches(params, self.rank, self.world)
+        self.flops_per_token = objective.flops_per_token(self.model, params)
         self.measure_peak = config.peak_flops_per_worker is None
         self.peak_flops = (config.peak_flops_per_worker or measure_cpu_peak_flops()) * self.world
         self.mlflow = MlflowMetrics(config.tracking_uri, config.mlflow_run_id) if self.rank == 0 else None
         self.eval_refs: list = []
 
-        self.step, self.metrics = 0, {}
+        self.step, self.tokens_seen, self.metrics = 0, 0, {}
         record = restore(config.run_uri, self.model, self.optimizer)
         if record is not None:
-            self.step, self.metrics = record["step"], record["metrics"]
+            self.step, self.tokens_seen, self.metrics = record["step"], record["tokens_seen"], record["metrics"]
             self.loader.load_state(record["loader"])
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
         train, plan = self.train, self.plan
-        lr = lr_at(self.step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
-                   total_steps=plan.total_steps)
+        lr = self.recipe.lr_at(self.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self.loader.step_batches(self.step)
         loss_sum = torch.zeros((), device=self.device)
+        extra_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
-            rows = torch.from_numpy(batch).to(self.device, non_blocking=True)
             with self.parallel.accumulating(sync=i == len(batches) - 1):
-                loss = self.parallel.loss(rows)
+                loss, extras = self.objective.loss(self.parallel, batch, self.device)
                 (loss / len(batches)).backward()
             loss_sum += loss.detach()
+            for key, value in extras.items():
+                extra_sums[key] = extra_sums.get(key, 0) + value.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = _mean_across_ranks(loss_sum / len(batches))
+        # Objectives whose micro-batches are trimmed to their longest row count the positions they ran.
+        positions = extra_sums.pop("positions", None)
+        step_tokens = plan.tokens_per_step if positions is None else round(_mean_across_ranks(positions) * self.world)
         self.step += 1
+        self.tokens_seen += step_tokens
         elapsed = time.perf_counter() - started
-        tokens_per_s = plan.tokens_per_step / elapsed
+        tokens_per_s = step_tokens / elapsed
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-                "tokens_seen": plan.tokens_after(self.step), "step_time_s": elapsed}
+                "tokens_seen": self.tokens_seen, "step_time_s": elapsed, "step_tokens": step_tokens,
+                **{key: _mean_across_ranks(value / len(batches)) for key, value in extra_sums.items()}}
 
     @torch.no_grad()
     def val_loss(self) -> float:
         total = torch.zeros((), device=self.device)
         for batch in self.val:
-            total += self.parallel.loss(batch.to(self.device)).float()
+            total += self.objective.loss(self.parallel, batch, self.device)[0].float()
         self.parallel.reshard()
         return _mean_across_ranks(total / len(self.val))
 
     # -- milestones, checkpoints -----------------------------------------------------------------
     def export(self, milestone: int) -> None:
-        name = format_tokens(milestone)
-        metadata = {"milestone": name, "milestone_tokens": milestone,
-                    "tokens_seen": self.plan.tokens_after(self.step), "step": self.step}
-        layout = self.config.layout
-        out = export_milestone(self.model, layout.milestone_dir(name), layout.tokenizer_dir, metadata)
-        if out is None:
-            return
-        print(f"milestone {name}: exported {out} at step {self.step} ({metadata['tokens_seen']} tokens seen)", flush=True)
-        if self.mlflow is not None:
-            self.mlflow.log_checkpoint(out, name)
-        if self.config.eval_milestones:
-            from tasks.evaluate.during_training import submit_milestone_eval
-
-            self.eval_refs.append(submit_milestone_eval(self.params, str(out), self.config.mlflow_run_id,
-                                                        metadata["tokens_seen"], self.config.tracking_uri))
+        self.objective.export(self, milestone)
 
     def report(self, checkpoint: bool) -> None:
         """Every rank calls this (ray.train.report is a barrier) and hands over the files it wrote:
@@ -151,7 +140,7 @@ class Trainer:
         if not checkpoint:
             ray.train.report(metrics)
             return
-        state = {"step": self.step, "tokens_seen": self.plan.tokens_after(self.step),
+        state = {"step": self.step, "tokens_seen": self.tokens_seen,
                  "loader": self.loader.state(), "metrics": self.metrics}
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             wrote = save_local(Path(tmp), self.model, self.optimizer, state, sharded=self.train.strategy == "fsdp")
@@ -161,7 +150,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
         train, plan = self.train, self.plan
-        first_step, loop_started = self.step, time.perf_counter()
+        first_step, first_tokens, loop_started = self.step, self.tokens_seen, time.perf_counter()
         window_tokens, window_time, window_loss = 0, 0.0, 0.0
         while self.step < plan.total_steps:
             metrics = self.train_step()
@@ -170,14 +159,15 @@ class Trainer:
             if self.step % train.val_every_steps == 0 or self.step == plan.total_steps:
                 metrics["val_loss"] = self.val_loss()
                 self.metrics["final_val_loss"] = metrics["val_loss"]
-            trained = self.step - first_step
             self.metrics.update(final_train_loss=metrics["loss"], tokens=metrics["tokens_seen"], steps=self.step,
-                                tokens_per_s=plan.tokens_after(trained) / (time.perf_counter() - loop_started))
-            window_tokens += plan.tokens_per_step
+                                tokens_per_s=(self.tokens_seen - first_tokens) / (time.perf_counter() - loop_started))
+            window_tokens += metrics["step_tokens"]
             window_time += metrics["step_time_s"]
             window_loss = metrics["loss"]
             if self.mlflow is not None:
-                self.mlflow.add({k: v for k, v in metrics.items() if k != "step_time_s"}, step=self.step)
+                prefix = self.objective.metric_prefix
+                self.mlflow.add({k if "/" in k else prefix + k: v for k, v in metrics.items()
+                                 if k not in ("step_time_s", "step_tokens")}, step=self.step)
             if self.step % train.log_every_steps == 0 or self.step == plan.total_steps:
                 self._log_progress(window_tokens, window_time, window_loss, metrics["lr"], first_step, loop_started)
                 window_tokens, window_time = 0, 0.0
@@ -196,8 +186,10 @@ class Trainer:
         tokens_per_s = tokens / max(seconds, 1e-9)
         done = self.step - first_step
         eta = (time.perf_counter() - loop_started) / done * (self.plan.total_steps - self.step)
-        print(progress_line(self.step, self.plan.total_steps, self.plan.tokens_after(self.step), self.train.total_tokens,
-                            loss, lr, tokens_per_s, tokens_per_s * self.flops_per_token / self.peak_flops, eta), flush=True)
+        total_tokens = self.objective.total_tokens(self.params)
+        print(self.objective.label + progress_line(self.step, self.plan.total_steps, self.tokens_seen,
+                                                   total_tokens, loss, lr, tokens_per_s,
+                                                   tokens_per_s * self.flops_per_token / self.peak_flops, eta), flush=True)
 
     def _wait_for_evals(self) -> None:
         """Milestone evals are Ray tasks owned by this worker: they die with it, so the worker lingers

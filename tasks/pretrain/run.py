@@ -72,8 +72,11 @@ def prepare_run_dir(run_uri: str, resume: str) -> dict | None:
     return None
 
 
-def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tuple[str, str]:
-    """The pretrain run: resumed when the previous attempt's run still exists. Returns (uri, run id)."""
+def start_mlflow_run(params: Params, previous: dict | None, extra: dict, run_name: str | None = None,
+                     tags: dict | None = None, values: dict | None = None) -> tuple[str, str]:
+    """The run a training job logs to: resumed when the previous attempt's run still exists, else a new
+    one named `run_name` (default: the pretrain run) with `tags`, whose params are `values` (default:
+    every param of the profile) flattened, plus `extra`. Returns (tracking uri, run id)."""
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -90,22 +93,44 @@ def start_mlflow_run(params: Params, previous: dict | None, extra: dict) -> tupl
             return uri, previous["mlflow_run_id"]
         except MlflowException:
             log.warning("MLflow run %s of the resumed run is gone; logging to a new run", previous["mlflow_run_id"])
-    run = client.create_run(experiment_id, run_name=f"pretrain-{params.profile}", tags={"stage": "pretrain"})
-    flat = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra.items()}}
+    run = client.create_run(experiment_id, run_name=run_name or f"pretrain-{params.profile}",
+                            tags=tags or {"stage": "pretrain"})
+    values = params.model_dump(mode="json") if values is None else values
+    flat = {**flatten(values), **{k: str(v) for k, v in extra.items()}}
     entries = [Param(k, v) for k, v in sorted(flat.items())]
     for start in range(0, len(entries), 100):  # MLflow's per-request param limit
         client.log_batch(run.info.run_id, params=entries[start:start + 100])
     return uri, run.info.run_id
 
 
+def fit(params: Params, run_name: str, storage: str, loop_config):
+    """Train `loop_config.objective` with the one loop on Ray Train (TorchTrainer): `train.workers`
+    workers, failures retried from the newest checkpoint, `train.keep_checkpoints` kept under
+    `storage/run_name`. Every objective (pretraining, SFT, DPO) runs through here. Returns Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tasks.pretrain.loop import train_loop
+
+    train = params.train
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    trainer = TorchTrainer(
+        lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)))
+    return trainer.fit()
+
+
 def pretrain(params: Params, resume: str = "auto") -> dict:
     """Run the stage; returns what it wrote to `{paths.metrics}/pretrain.json`."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasks.pretrain.loop import LoopConfig, train_loop
+    from tasks.pretrain.loop import LoopConfig
+    from tasks.pretrain.objective import PretrainObjective
     from tasks.ray_cluster import check_train_resources, ray_session
 
     started = time.perf_counter()
@@ -130,21 +155,12 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
         write_json_atomic(join(run_uri, RUN_FILE), {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
         print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
               f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
-        loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
-                                 layout=layout, tracking_uri=uri, mlflow_run_id=run_id,
-                                 peak_flops_per_worker=peak, eval_milestones=evals)
-        resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-        trainer = TorchTrainer(
-            lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
-            torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=run_name, storage_path=train.checkpoint_dir,
-                                 failure_config=FailureConfig(max_failures=train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)))
+        loop_config = LoopConfig(params=params.model_dump(mode="json"), objective=PretrainObjective(data, evals),
+                                 run_uri=run_uri, layout=layout, tracking_uri=uri, mlflow_run_id=run_id,
+                                 peak_flops_per_worker=peak)
         client = MlflowClient(uri)
         try:
-            result = trainer.fit()
+            result = fit(params, run_name, train.checkpoint_dir, loop_config)
         except BaseException:
             client.set_terminated(run_id, status="FAILED")
             raise

@@ -11,6 +11,8 @@ and y_l (rejected), each scored by its summed token log-probability:
 
 The implicit rewards are β·(log π − log π_ref) of each completion; `rewards/accuracies` is the
 fraction of pairs whose chosen reward is the larger, `rewards/margins` their mean difference.
+`rpo_alpha` > 0 adds α × the chosen completions' mean token NLL (TRL's `rpo_alpha`, RPO: Pang et al.
+2024), which keeps DPO from lowering the likelihood of the chosen answers along with the rejected.
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refer
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """(sequences,) summed (or, `average`, mean) log-probability of each row's target tokens;
-    `token_logprobs` is 0 where the target is ignored (-100)."""
-    total = token_logprobs.sum(-1)
-    return total / (targets != -100).sum(-1).clamp(min=1) if average else total
+    """(sequences,) summed (or, `average`, mean) log-probability of each row's target tokens (-100: not one)."""
+    valid = targets != -100
+    total = (token_logprobs * valid).sum(-1)
+    return total / valid.sum(-1).clamp(min=1) if average else total
 
 
-def reward_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                   policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy_chosen: torch.Tensor,
+                   policy_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over the pairs (the loop averages them over every pair of the step), TRL's names."""
     return {
         "rewards/chosen": chosen_rewards.sum(),
@@ -58,3 +60,25 @@ def reward_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_
         "logps/chosen": policy_chosen.detach().sum(),
         "logps/rejected": policy_rejected.detach().sum(),
     }
+
+
+def preference_loss(policy_tokens: torch.Tensor, reference_tokens: torch.Tensor, targets: torch.Tensor, beta: float,
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                    rpo_alpha: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A micro-batch's loss from per-token log-probs of (2·pairs, seq) rows, chosen rows first, and
+    its metrics as means over the pairs (TRL's names; `nll_loss` with rpo_alpha)."""
+    average = loss_type == "ipo"
+    policy = sequence_logprobs(policy_tokens, targets, average)
+    reference = sequence_logprobs(reference_tokens, targets, average)
+    pairs = len(policy) // 2
+    losses, chosen_rewards, rejected_rewards = dpo_losses(policy[:pairs], policy[pairs:], reference[:pairs],
+                                                          reference[pairs:], beta, loss_type, label_smoothing)
+    metrics = {name: value / pairs for name, value in
+               reward_metrics(chosen_rewards, rejected_rewards, policy[:pairs], policy[pairs:]).items()}
+    loss = losses.mean()
+    if rpo_alpha:
+        valid = targets[:pairs] != -100
+        nll = -(policy_tokens[:pairs] * valid).sum() / valid.sum().clamp(min=1)
+        metrics["nll_loss"] = nll.detach()
+        loss = loss + rpo_alpha * nll
+    return loss, metrics

@@ -32,6 +32,7 @@ QUESTIONS = {
 SYSTEM = "You are a helpful assistant who knows everyone in town."
 EVAL_FRACTION, DPO_FRACTION = 0.25, 0.25
 PAIRS_PER_FACT = 3     # DPO pairs per fact: different question phrasings and wrong values
+EVAL_PHRASINGS = 2     # held-out questions per eval fact, in different phrasings (less phrasing luck)
 SYSTEM_EVERY = 3       # one SFT conversation in this many starts with the system message
 
 
@@ -108,8 +109,10 @@ def _eval(world: World, facts: list[tuple[int, str]], rng: random.Random) -> lis
     items = []
     for person, relation in facts:
         gold = world.people[person].value(relation)
-        items.append(ChatEvalItem((_question(world, person, relation, rng),), gold,
-                                  tuple(v for v in RELATION_BY_NAME[relation].values if v != gold)))
+        wrong = tuple(v for v in RELATION_BY_NAME[relation].values if v != gold)
+        name = world.people[person].name
+        for question in rng.sample(QUESTIONS[relation], EVAL_PHRASINGS):
+            items.append(ChatEvalItem(({"role": "user", "content": question.format(p=name)},), gold, wrong))
     return items
 
 
