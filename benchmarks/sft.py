@@ -22,7 +22,15 @@ Rounds alternate the order of the contenders; medians are reported.
 
 reads what the stages themselves logged: the per-step `tokens_per_s` of the pretrain run and
 `sft/tokens_per_s` of each variant's run (same Ray Train loop, same workers), medians over the steady
-steps (the first two and the last, which validates, checkpoints and exports, left out).
+steps (the first two and the last, which validates, checkpoints and exports, left out). Those stages
+run minutes apart and with different batches, so for the comparison itself:
+
+  .venv/bin/python benchmarks/sft.py --ray --tokenizer models/tokenizer [--steps 30]
+
+runs, in one Ray session, pretraining (synthetic prepared rows) and SFT (the world chat set, packed)
+of the tiny preset through the stages' own code (`tasks.pretrain.run.pretrain`, `tasks.sft.driver.
+train_job`: the one Ray Train loop, 2 workers × 1 thread) with the same shapes: 2 workers × 8 rows
+× 256 positions per step. Order pretrain, SFT, pretrain, SFT; steady per-step medians from MLflow.
 """
 
 from __future__ import annotations
@@ -110,6 +118,64 @@ def from_run(root: Path) -> dict:
     return report
 
 
+def ray_comparison(tokenizer_dir: Path, steps: int) -> dict:
+    """Steady tokens/s of pretraining and packed SFT through the same Ray Train loop, same shapes."""
+    import os
+    import tempfile
+
+    import torch
+    from mlflow import MlflowClient
+
+    sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+    from conftest import write_prepared
+    from pretrain import bench_params
+
+    from model.hf import save_hf
+    from model.llama import Llama
+    from tasks.layout import Layout, with_absolute_paths
+    from tasks.params import parse_params
+    from tasks.pretrain.run import pretrain
+    from tasks.ray_cluster import ray_session
+    from tasks.sft.driver import plan_jobs, train_job
+
+    rates: dict[str, list[float]] = {"pretrain": [], "sft": []}
+    with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
+        root = Path(tmp)
+        params = bench_params(root, steps, "tiny")
+        config = params.llama_config()
+        write_prepared(root / "data", root / "models" / "tokenizer",
+                       {s.name: 1 + 2 * i for i, s in enumerate(params.data.sources)}, seq_len=params.data.seq_len,
+                       vocab_size=config.vocab_size, train_rows=4 * steps * 16, val_rows=256,
+                       rows_per_shard=params.data.rows_per_shard)
+        torch.manual_seed(0)
+        save_hf(Llama(config), root / "models" / "pretrain" / "1", tokenizer_dir, metadata={"tokens_seen": 0})
+        raw = params.model_dump(mode="json")
+        variant = {"name": "bench", "base": "1", "sources": [{"name": "world", "format": "builtin"}], "lr": 1e-4,
+                   "max_length": params.data.seq_len, "batch_size": 16, "micro_batch": 8, "val_fraction": 0.0}
+        raw["sft"] = {"checkpoint_dir": str(root / "checkpoints-sft"), "variants": [variant]}
+        sft_params = with_absolute_paths(parse_params(raw, "benchmark"))
+        layout = Layout.from_params(sft_params)
+        rows = plan_jobs(sft_params, layout, "sft")[0].data.items
+        variant["epochs"] = steps * 16 / rows  # the same number of steps as pretraining
+        raw["sft"]["variants"] = [variant]
+        sft_params = with_absolute_paths(parse_params(raw, "benchmark"))
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+        client = MlflowClient()
+        with ray_session(params):
+            for _ in range(2):
+                metrics = pretrain(params, resume="never")
+                rates["pretrain"].append(steady_median(client, metrics["mlflow_run_id"], "tokens_per_s"))
+                (job,) = plan_jobs(sft_params, layout, "sft")
+                trained = train_job(sft_params, layout, job, parent_run=None, resume="never")
+                rates["sft"].append(steady_median(client, trained["mlflow_run_id"], "sft/tokens_per_s"))
+    pretrain_rate, sft_rate = statistics.median(rates["pretrain"]), statistics.median(rates["sft"])
+    print(f"same loop, same shapes (2 workers × 8 × {params.data.seq_len} per step): pretraining "
+          f"{pretrain_rate:,.0f} tok/s, packed SFT {sft_rate:,.0f} tok/s: {sft_rate / pretrain_rate:.3f} "
+          f"(runs: {[round(r) for r in rates['pretrain']]} / {[round(r) for r in rates['sft']]})")
+    return {"pretrain_tokens_per_s": round(pretrain_rate), "sft_tokens_per_s": round(sft_rate),
+            "ratio": round(sft_rate / pretrain_rate, 3), "runs": {k: [round(r) for r in v] for k, v in rates.items()}}
+
+
 def main() -> int:
     import torch
 
@@ -126,10 +192,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "sft.json")
     parser.add_argument("--from-run", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--ray", action="store_true", help="pretraining vs SFT through the same Ray Train loop")
+    parser.add_argument("--steps", type=int, default=30, help="--ray: optimizer steps of each run")
     args = parser.parse_args()
-    if args.from_run is not None:
+    if args.from_run is not None or args.ray:
+        result = from_run(args.from_run) if args.from_run is not None else ray_comparison(args.tokenizer, args.steps)
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.with_name("sft_from_run.json").write_text(json.dumps(from_run(args.from_run), indent=1))
+        args.json.with_name("sft_from_run.json" if args.from_run else "sft_ray.json").write_text(json.dumps(result, indent=1))
         return 0
     rounds = 1 if args.quick else args.rounds
     torch.set_num_threads(args.threads)
