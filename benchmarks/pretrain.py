@@ -41,6 +41,7 @@ def bench_params(root: Path, steps: int, preset: str, **train):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"] = {"data": str(root / "data"), "models": str(root / "models"), "metrics": str(root / "metrics")}
     raw["model"] = {"preset": preset, "overrides": {}}
+    raw.pop("sft")  # the chat variants are not part of this measurement
     tokens = steps * raw["train"]["global_batch_tokens"]
     raw["train"].update(total_tokens=tokens, milestones=[tokens], eval_milestones_during_training=False,
                         checkpoint_every_steps=steps, val_every_steps=steps, log_every_steps=max(1, steps // 4),
@@ -62,11 +63,12 @@ def _loop_config(params, root: Path):
     from tasks.layout import with_absolute_paths
     from tasks.pretrain.loader import open_prepared
     from tasks.pretrain.loop import LoopConfig
+    from tasks.pretrain.objective import PretrainObjective
 
     params = with_absolute_paths(params)
-    return LoopConfig(params=params.model_dump(mode="json"), data=open_prepared(params), run_uri=str(root / "bare-run"),
-                      tokenizer_files={}, tracking_uri=None, mlflow_run_id="", peak_flops_per_worker=None,
-                      eval_inputs=None, console=None)
+    return LoopConfig(params=params.model_dump(mode="json"), objective=PretrainObjective(open_prepared(params), None),
+                      run_uri=str(root / "bare-run"), tokenizer_files={}, tracking_uri=None, mlflow_run_id="",
+                      peak_flops_per_worker=None, console=None)
 
 
 def _bare_worker(rank: int, world: int, port: int, config, steps: int, device: str, out: str) -> None:

@@ -47,7 +47,9 @@ def read_metrics(root: Path, stage: Stage) -> dict[str, dict]:
 
 
 def run_ids(metrics: dict[str, dict]) -> list[str]:
-    return sorted({str(m["mlflow_run_id"]) for m in metrics.values() if isinstance(m, dict) and m.get("mlflow_run_id")})
+    """Every `mlflow_run_id` in the metrics, at any depth (the alignment stages keep one per variant)."""
+    return sorted({str(v) for m in metrics.values() if isinstance(m, dict)
+                   for k, v in flatten(m).items() if k.rsplit(".", 1)[-1] == "mlflow_run_id" and v})
 
 
 def mlflow_ui_url() -> str:

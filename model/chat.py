@@ -20,6 +20,10 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -98,31 +102,43 @@ def stop_strings(source: str) -> tuple[str, ...]:
     return ("<|im_end|>",) if "<|im_end|>" in source else ()
 
 
+class MessagesError(ValueError):
+    """A conversation no template can render; `reason` is the kind of problem, for skip counts."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def check_messages(messages: Sequence[dict], field: str = "messages", *, final_assistant: bool = False) -> None:
     """A conversation every template renders: an optional system message first, then user and
     assistant turns alternating from a user turn, each with non-empty text. `final_assistant`
-    also requires an assistant turn last (a training example). Errors name the message and field."""
+    also requires an assistant turn last (a training example). Errors (`MessagesError`, a
+    `ValueError`) name the message and field; their `reason` is one of `not_a_list`, `bad_message`,
+    `bad_role`, `empty_content`, `roles_out_of_order`, `no_assistant_turn`."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"{field}: must be a non-empty list of messages")
+        raise MessagesError(f"{field}: must be a non-empty list of messages", "not_a_list")
     expected = "user"
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise ValueError(f"{where}: must be an object with 'role' and 'content'")
+            raise MessagesError(f"{where}: must be an object with 'role' and 'content'", "bad_message")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ValueError(f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}")
+            raise MessagesError(f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}", "bad_role")
         if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"{where}.content: must be a non-empty string")
+            raise MessagesError(f"{where}.content: must be a non-empty string", "empty_content")
         if role == "system":
             if i != 0:
-                raise ValueError(f"{where}.role: a system message may only come first")
+                raise MessagesError(f"{where}.role: a system message may only come first", "roles_out_of_order")
             continue
         if role != expected:
-            raise ValueError(f"{where}.role: expected {expected!r} (turns alternate user/assistant), got {role!r}")
+            raise MessagesError(f"{where}.role: expected {expected!r} (turns alternate user/assistant), "
+                                f"got {role!r}", "roles_out_of_order")
         expected = "assistant" if role == "user" else "user"
     if final_assistant and messages[-1].get("role") != "assistant":
-        raise ValueError(f"{field}: the last message must be the assistant's (nothing to learn otherwise)")
+        raise MessagesError(f"{field}: the last message must be the assistant's (nothing to learn otherwise)",
+                            "no_assistant_turn")
 
 
 @dataclass(frozen=True)
@@ -184,17 +200,21 @@ def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool
     return Rendered("".join(blocks), tuple(spans))
 
 
-def encode_rendered(tokenizer, text: str, bos_token: str = "<s>", eos_token: str = "</s>") -> list[int]:
-    """A rendered conversation → token ids, as transformers' tokenizer reads a template's output: the
-    `bos_token`/`eos_token` strings the template wrote are the BOS/EOS ids, everything else is text
-    (`tokenizer.encode` alone treats `</s>` as three characters). BOS comes first, once."""
-    ids: list[int] = []
-    for i, part in enumerate(text.split(eos_token)):
-        if i:
-            ids.append(tokenizer.eos_id)
-        for j, piece in enumerate(part.split(bos_token)):
-            if j:
-                ids.append(tokenizer.bos_id)
-            if piece:
-                ids += tokenizer.encode(piece)
-    return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id, *ids]
+@dataclass(frozen=True)
+class ChatTokens:
+    ids: tuple[int, ...]
+    assistant: tuple[bool, ...]  # per token: written by the assistant (where training puts its loss)
+
+
+def tokenize(tokenizer: Tokenizer, rendered: Rendered) -> ChatTokens:
+    """Token ids of a rendered conversation (`Tokenizer.encode_chat`: as transformers encodes it)
+    and which of them the assistant wrote: every token overlapping an assistant span, the rule of
+    transformers' `return_assistant_tokens_mask`, so a piece straddling a span edge is learned."""
+    ids, offsets = tokenizer.encode_chat(rendered.text)
+    spans, span = rendered.assistant_spans, 0
+    assistant = []
+    for start, end in offsets:
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        assistant.append(span < len(spans) and end > spans[span][0])
+    return ChatTokens(tuple(ids), tuple(assistant))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from safetensors.torch import save_file
 
 from model.atomic import atomic_dir
 from model.config import LlamaConfig
-from model.files import CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from model.files import (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE,
+                         WEIGHTS_INDEX_FILE)
 from model.llama import Llama
 
 BOS_ID, EOS_ID = 1, 2
@@ -170,6 +172,17 @@ def read_hf_config(directory: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
+def read_chat_template(directory: str | Path) -> str | None:
+    """The Jinja chat template a chat model dir carries (tokenizer_config.json), None for a base model."""
+    path = Path(directory) / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("chat_template")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
 def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
     """Load a HF Llama dir (ours or one saved by transformers; single file or sharded) from safetensors."""
     directory = Path(directory)
@@ -204,19 +217,29 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
 
 
 def save_hf(model: Llama, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-            metadata: dict | None = None) -> Path:
+            metadata: dict | None = None, chat_template: str | None = None, stop_strings: Sequence[str] = ()) -> Path:
     """Write `model` as a HF Llama dir, atomically (model/atomic.py): an existing `out_dir` is
-    swapped out only after the complete new dir is on disk."""
+    swapped out only after the complete new dir is on disk. A chat model also gets its template (Jinja
+    text, model/chat.py), as `chat_template` in tokenizer_config.json (where transformers'
+    `apply_chat_template` finds it), and its turn-ending strings as `stop_strings` in
+    generation_config.json."""
+    if chat_template is not None and tokenizer_dir is None:
+        raise ValueError("chat_template: a chat model needs tokenizer_dir (the template lives in its config)")
     config = config_to_hf(model.config, model.lm_head.weight.dtype)
     if metadata:
         config["tinyllama"] = metadata
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "max_length": model.config.max_seq_len}
+    if stop_strings:
+        generation["stop_strings"] = list(stop_strings)
     with atomic_dir(out_dir) as tmp:
         save_file(to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_FILE, config)
-        _write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-                                                   "max_length": model.config.max_seq_len})
+        _write_json(tmp / GENERATION_CONFIG_FILE, generation)
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp)
+        if chat_template is not None:
+            tokenizer_config = json.loads((tmp / TOKENIZER_CONFIG_FILE).read_text())
+            _write_json(tmp / TOKENIZER_CONFIG_FILE, {**tokenizer_config, "chat_template": chat_template})
     return Path(out_dir)
 
 

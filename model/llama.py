@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import LlamaConfig
-from model.loss import linear_cross_entropy
+from model.loss import linear_cross_entropy, linear_token_logprobs
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +75,16 @@ class KVCache:
         self.k[layer, :, :, pos:end] = k
         self.v[layer, :, :, pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def packed_attention_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean mask for rows that pack several sequences, each starting at
+    position 0: causal inside a sequence, nothing across sequences (block-diagonal), so a packed
+    sequence sees exactly what it would see alone."""
+    sequence = (positions == 0).cumsum(-1)
+    same = sequence[:, :, None] == sequence[:, None, :]
+    causal = torch.ones(positions.shape[-1], positions.shape[-1], dtype=torch.bool, device=positions.device).tril()
+    return (same & causal)[:, None]
 
 
 def parallel_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -179,41 +189,56 @@ class Llama(nn.Module):
         self.rope_cos, self.rope_sin = rope_cache(self.config, self.config.max_seq_len, device)
 
     def hidden_states(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (batch, seq) token ids → final normed hidden states (batch, seq, dim).
 
+        `positions` (batch, seq): packed rows (SFT), several sequences per row, each restarting at
+        position 0; RoPE uses these positions and attention stays inside each sequence.
         With a batch of slots as the cache (model/slots.py `SlotBatch`, which has per-row `positions`),
         each row has its own positions and mask, and `pos`/`mask` are taken from it."""
         t = idx.shape[1]
-        positions = getattr(cache, "positions", None)
-        if positions is not None:
-            positions = positions.clamp(max=self.config.max_seq_len - 1)  # padding: any angle will do
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        slot_positions = getattr(cache, "positions", None)
+        if slot_positions is not None:
+            slot_positions = slot_positions.clamp(max=self.config.max_seq_len - 1)  # padding: any angle will do
+            cos, sin = self.rope_cos[slot_positions][:, None], self.rope_sin[slot_positions][:, None]
             mask = cache.mask
         else:
             limit = cache.max_len if cache is not None else self.config.max_seq_len
             if pos + t > min(limit, self.config.max_seq_len):
                 raise ValueError(f"sequence of {pos + t} tokens exceeds the context of "
                                  f"{min(limit, self.config.max_seq_len)}")
-            cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+            if positions is None:
+                cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+            else:
+                cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+                mask = packed_attention_mask(positions)
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, mask)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (batch, seq) token ids → logits (batch, seq, vocab). `pos` is where idx starts in `cache`."""
-        return self.lm_head(self.hidden_states(idx, pos, cache, mask))
+        return self.lm_head(self.hidden_states(idx, pos, cache, mask, positions))
 
-    def loss(self, rows: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, rows: torch.Tensor, targets: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross entropy, without materialising the logits (model/loss.py).
 
         `rows` alone: packed rows of seq_len + 1 ids (inputs rows[:, :-1], targets rows[:, 1:]).
         With `targets` (same shape as `rows`, -100 = ignore, e.g. SFT prompt tokens): rows are the inputs.
+        `positions`: see `hidden_states` (packed SFT rows).
         """
         inputs, targets = (rows[:, :-1], rows[:, 1:]) if targets is None else (rows, targets)
-        return linear_cross_entropy(self.hidden_states(inputs), self.lm_head.weight, targets)
+        return linear_cross_entropy(self.hidden_states(inputs, positions=positions), self.lm_head.weight, targets)
+
+    def token_logprobs(self, inputs: torch.Tensor, targets: torch.Tensor,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq) log-probability of each target token (0 where the target is -100), without
+        materialising the logits; what DPO sums into sequence log-probabilities."""
+        hidden = self.hidden_states(inputs, positions=positions)
+        return linear_token_logprobs(hidden, self.lm_head.weight, targets).view(targets.shape)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` tokens (default: max_seq_len)."""

@@ -1,4 +1,5 @@
-"""Next-token cross entropy fused with the output projection, computed in row chunks.
+"""Next-token cross entropy (and per-token log-probabilities, for DPO) fused with the output
+projection, computed in row chunks.
 
 Why: with a 32000-token vocabulary the logits of one micro-batch (batch × seq × vocab, fp32)
 are hundreds of MB to GBs (8 × 2048 rows: 2 GB), and a plain `lm_head` + `cross_entropy` keeps
@@ -109,3 +110,63 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                 ignore_index=IGNORE_INDEX, reduction="sum")
                 for i in range(0, hidden.shape[0], chunk))
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Per-token log p(target) of `hidden @ weight.T`, chunked like `_LinearCrossEntropy`. Unlike a
+    mean loss, the upstream gradient differs per token (DPO weighs each sequence by its own sigmoid),
+    so the gradient cannot be formed in the forward pass: backward recomputes each chunk's logits
+    (one extra matmul) rather than keeping them alive between the passes."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk = chunk
+        return _token_logprobs(hidden, weight, targets, chunk)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, weight, targets = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+            valid = t != IGNORE_INDEX
+            # d log p(t) / d logits = onehot(t) - softmax, scaled by the upstream gradient of each row.
+            grad = torch.softmax((h @ weight.t()).float(), dim=-1).neg_()
+            grad.scatter_add_(1, torch.where(valid, t, 0)[:, None], torch.ones_like(grad[:, :1]))
+            grad = grad.mul_((grad_output[start:start + ctx.chunk].float() * valid)[:, None]).to(hidden.dtype)
+            if want_hidden:
+                grad_hidden[start:start + ctx.chunk] = grad @ weight
+            if want_weight:
+                grad_weight.addmm_(grad.t(), h)
+        return grad_hidden, grad_weight, None, None
+
+
+def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        t = targets[start:start + chunk]
+        valid = t != IGNORE_INDEX
+        logits = (hidden[start:start + chunk] @ weight.t()).float()
+        picked = logits.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
+        out[start:start + chunk] = (picked - torch.logsumexp(logits, dim=-1)) * valid
+    return out
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int | None = None) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] per position, fp32, 0 where the target is IGNORE_INDEX.
+
+    hidden: (..., dim); weight: (vocab, dim); targets: (...) int64 → (N,) with N = targets.numel().
+    Equals `F.log_softmax((hidden @ weight.T).float(), -1).gather(-1, targets)` at the valid positions.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"targets: {targets.shape[0]} positions for {hidden.shape[0]} hidden rows")
+    chunk = chunk or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearTokenLogprobs.apply(hidden, weight, targets, chunk)
+    return _token_logprobs(hidden, weight, targets, chunk)

@@ -19,6 +19,7 @@ This module knows nothing of params or stages: callers pass plain values and get
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -199,7 +200,7 @@ class Tokenizer:
 
     Text is always text: `<s>` written in a document encodes as the characters `<`, `s`, `>`
     (as SentencePiece does), so corpus content can never inject a BOS/EOS; those come only from
-    `bos=`/`eos=`.
+    `bos=`/`eos=`. The one exception is `encode_chat`, for text a chat template rendered.
     """
 
     def __init__(self, backend, model_bytes: bytes):
@@ -217,6 +218,34 @@ class Tokenizer:
         """Unpickling (process pools, Ray) rebuilds the backend without `encode_special_tokens`."""
         self.__dict__.update(state)
         self._backend.encode_special_tokens = True
+
+    @functools.cached_property
+    def _chat_backend(self):
+        """The same tokenizer, but matching `<s>`/`</s>` in text as BOS/EOS, as transformers does."""
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_str(self._backend.to_str())
+        backend.encode_special_tokens = False
+        return backend
+
+    @functools.cached_property
+    def byte_ids(self) -> frozenset[int]:
+        """The byte-fallback pieces `<0x00>`..`<0xFF>`: a run of them is one UTF-8 sequence, text only
+        once it ends."""
+        return frozenset(i for piece, i in self._backend.get_vocab().items()
+                         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
+
+    def encode_chat(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets) of text a chat template rendered, exactly as transformers'
+        `tokenizer(text)` encodes it: the `<s>`/`</s>` the template wrote are BOS/EOS, and BOS comes
+        first, added unless the text starts with it (the Llama 2 template writes its own; adding
+        another would be transformers' known double-BOS). BOS first because pretraining put it
+        before every document. Offsets are (0, 0) for an added BOS."""
+        encoding = self._chat_backend.encode(text, add_special_tokens=False)
+        ids, offsets = list(encoding.ids), list(encoding.offsets)
+        if not ids or ids[0] != self.bos_id:
+            ids, offsets = [self.bos_id] + ids, [(0, 0)] + offsets
+        return ids, offsets
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":

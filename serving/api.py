@@ -2,8 +2,8 @@
 
 Kept apart from the Ray Serve wiring (serving/app.py) so what a response contains is readable in
 one place. Each choice is one engine sequence; its tokens become text as they are final
-(model/detokenize.py), and stop strings (the request's and the model's `stop_strings`) end it
-without ever being sent (model/stops.py), after which the sequence is cancelled at once.
+and stop strings (the request's and the model's `stop_strings`) end it without ever being sent
+(model/textstream.py), after which the sequence is cancelled at once.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from model.chat import check_messages, encode_rendered, render
-from model.detokenize import TextStream
+from model.chat import check_messages, render
 from model.sampling import Sampling
-from model.stops import StopFilter
+from model.textstream import TextStream
 from serving.engine import Engine, QueueFull, Submitted
 from serving.loader import ServedModel
 from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -65,7 +64,7 @@ class OpenAIService:
             param = where.replace("[", ".").replace("]", "")
             raise APIError(400, f"{param}: {reason}", param) from None
         text = render(self.served.chat_template, messages, add_generation_prompt=True).text
-        return await self._respond(body, [encode_rendered(self.served.tokenizer, text)], "chat.completion",
+        return await self._respond(body, [self.served.tokenizer.encode_chat(text)[0]], "chat.completion",
                                    "chatcmpl", "messages")
 
     def _encode_text(self, text: str) -> list[int]:
@@ -120,19 +119,18 @@ class OpenAIService:
         """The choice's final text in pieces: the first as soon as there is text (time to first token),
         then every `stream_interval` tokens (vLLM's `--stream-interval`: fewer, larger chunks cost the
         server less per token), and whatever is left when it ends."""
-        text, stop = TextStream(self.served.tokenizer, request.prompt), StopFilter(stops, text=True)
+        text = TextStream(self.served.tokenizer, request.prompt, stops)
         events = self.engine.stream(request)
         held, held_tokens, started = "", 0, False
         try:
             async for event in events:
                 if event.finish == "error":
                     raise RuntimeError(f"the engine failed: {self.engine.error}")
-                held += stop.push(text.push(event.tokens))
+                held += text.push(*event.tokens)
                 held_tokens += len(event.tokens)
-                if event.finish is not None and not stop.done:
-                    held += stop.push(text.flush())
-                    held += "" if stop.done else stop.flush()
-                finish = "stop" if stop.done else event.finish
+                if event.finish is not None:
+                    held += text.finish()
+                finish = "stop" if text.done else event.finish
                 if finish is not None or (held and (not started or held_tokens >= self.stream_interval)):
                     yield Piece(index, held, finish, held_tokens)
                     held, held_tokens, started = "", 0, started or bool(held)

@@ -19,8 +19,11 @@ COMMANDS = {
     "prepare": ("tasks.data.prepare", "tokenize and pack the corpora into Parquet shards"),
     "pretrain": ("tasks.pretrain.run", "pretrain on Ray Train, exporting milestone checkpoints"),
     "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
+    "sft": ("tasks.sft.sft", "supervised fine-tuning of chat variants from pretraining milestones"),
+    "dpo": ("tasks.sft.dpo", "DPO of the chat variants from their SFT models"),
     "quantize": ("tasks.quantize.stage", "GGUF files for llama.cpp and int8 for our engine, measured like llama.cpp"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
+    "chat": ("tasks.chat.terminal", "talk to a chat model (a dir or models:/tinyllama-chat@champion)"),
     "deploy": ("tasks.deploy.stage", "serve the champion on Ray Serve, check it with the openai client, stop it"),
     "serve": ("tasks.deploy.serve", "the OpenAI-compatible server (Ray Serve) for a model dir or registry alias"),
 }

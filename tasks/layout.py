@@ -52,7 +52,8 @@ def with_absolute_paths(params: Params, root: Path | None = None) -> Params:
                                             if v is not None})
     train = params.train.model_copy(update={"checkpoint_dir": resolve(params.train.checkpoint_dir, root)})
     data_dir = resolve(params.eval.data_dir, root) if params.eval.data_dir else None
-    return params.model_copy(update={"paths": paths, "train": train,
+    sft = params.sft and params.sft.model_copy(update={"checkpoint_dir": resolve(params.sft.checkpoint_dir, root)})
+    return params.model_copy(update={"paths": paths, "train": train, "sft": sft,
                                      "eval": params.eval.model_copy(update={"data_dir": data_dir})})
 
 
@@ -76,13 +77,15 @@ class Layout:
     metrics: Path
     checkpoints: str      # train.checkpoint_dir: runs' dirs (checkpoints, milestones), a local path or a URI
     shared: str | None    # paths.shared: a URI every node reaches, or None (one machine)
+    alignment_checkpoints: str | None = None  # sft.checkpoint_dir: the same for SFT and DPO runs
 
     @classmethod
     def from_params(cls, params: Params, root: Path | None = None) -> "Layout":
         paths = params.paths
+        alignment = resolve(params.sft.checkpoint_dir, root) if params.sft is not None else None
         return cls(data=Path(resolve(paths.data, root)), models=Path(resolve(paths.models, root)),
                    metrics=Path(resolve(paths.metrics, root)), checkpoints=resolve(params.train.checkpoint_dir, root),
-                   shared=paths.shared)
+                   shared=paths.shared, alignment_checkpoints=alignment)
 
     # -- tokenizer, prepare ------------------------------------------------------------------------
     @property
@@ -140,6 +143,10 @@ class Layout:
 
     def dpo_dir(self, variant: str) -> Path:
         return self.models / "dpo" / variant
+
+    def alignment_run_dir(self, run_name: str) -> str:
+        """One SFT or DPO run's dir: resume checkpoints, its tokenized data and the exported model."""
+        return join(self.alignment_checkpoints, run_name)
 
     @property
     def quantized_dir(self) -> Path:

@@ -51,6 +51,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def require_unique(names: list[str], what: str) -> None:
+    """A list of named entries (sources, variants): at least one, no name twice."""
+    if not names:
+        raise ValueError(f"at least one {what} is required")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate {what} name {dupes[0]!r}")
+
+
 class Paths(Section):
     data: str = "data"
     models: str = "models"
@@ -139,12 +148,7 @@ class DataParams(Section):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, sources):
-        if not sources:
-            raise ValueError("at least one source is required")
-        names = [s.name for s in sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate source name {dupes[0]!r}")
+        require_unique([s.name for s in sources], "source")
         if sum(s.weight for s in sources) <= 0:
             raise ValueError("source weights must sum to a positive number")
         return sources
@@ -298,6 +302,138 @@ class QuantizeParams(Section):
         return self
 
 
+SFT_FORMATS = ("messages", "alpaca", "oasst", "builtin")
+PREFERENCE_FORMATS = ("preference", "builtin")
+
+
+class ChatSourceParams(Section):
+    """Chat data: `messages` ({"messages": [...]} rows, UltraChat-200k's layout), `alpaca`
+    ({"instruction", "input", "output"}), `oasst` (OpenAssistant message trees, flattened to the
+    best-ranked path), `preference` ({"prompt", "chosen", "rejected"}, UltraFeedback-binarized's
+    layout) or `builtin` (generated from the embedded world, `data.builtin`). `uri`: a file, glob or
+    directory of .jsonl/.json/.parquet (.gz/.zst), local, `s3://` or `hf://datasets/...`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    format: Literal["messages", "alpaca", "oasst", "preference", "builtin"]
+    uri: str = ""
+    limit: int | None = Field(None, gt=0)  # read only the first N rows
+
+    @model_validator(mode="after")
+    def _uri_or_builtin(self):
+        if self.format != "builtin" and not self.uri:
+            raise ValueError(f"uri is required for format '{self.format}' (source {self.name})")
+        return self
+
+
+def _chat_sources(sources: list[ChatSourceParams], formats: tuple[str, ...], what: str) -> list[ChatSourceParams]:
+    """Named uniquely, and each of a format that holds `what` (SFT conversations, preference pairs)."""
+    require_unique([s.name for s in sources], "source")
+    for source in sources:
+        if source.format not in formats:
+            raise ValueError(f"source {source.name}: format {source.format!r} is not {what} "
+                             f"(use one of {', '.join(formats)})")
+    return sources
+
+
+class ScheduleParams(Section):
+    """One optimisation recipe (TRL's names): epochs over the data, peak lr, warmup as a fraction of
+    the steps, then `schedule` down to `min_lr`; `batch_size` sequences (DPO: pairs) per step,
+    `micro_batch` of them per worker per micro step (accumulation is derived)."""
+
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, gt=0)
+    micro_batch: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _min_below_peak(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class DpoParams(ScheduleParams):
+    sources: list[ChatSourceParams]
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid only: conservative DPO (cDPO)
+    rpo_alpha: float = Field(0.0, ge=0)  # TRL's rpo_alpha: + α × NLL of the chosen answers (RPO)
+    lr: float = Field(5e-7, gt=0)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, sources):
+        return _chat_sources(sources, PREFERENCE_FORMATS, "preference data")
+
+    @model_validator(mode="after")
+    def _smoothing_needs_sigmoid(self):
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only, not {self.loss_type!r}")
+        return self
+
+
+class VariantParams(ScheduleParams):
+    """One chat model: SFT of a pretraining milestone (`base`, a milestone name such as `1M` or `3T`;
+    its checkpoint must exist when the sft stage runs), then DPO from that SFT result when `dpo` is set."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str
+    template: str = "zephyr"
+    sources: list[ChatSourceParams]
+    max_length: int = Field(2048, gt=1)
+    packing: bool = True
+    overlong: Literal["truncate", "drop"] = "drop"
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    dpo: DpoParams | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, name):
+        from model.chat import TEMPLATES
+
+        if name not in TEMPLATES:
+            raise ValueError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})")
+        return name
+
+    @field_validator("base")
+    @classmethod
+    def _base_is_a_token_count(cls, base):
+        return format_tokens(parse_tokens(base))
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, sources):
+        return _chat_sources(sources, SFT_FORMATS, "SFT data")
+
+
+class ChatEvalParams(Section):
+    """The held-out chat accuracy: greedy answers to questions whose gold answer they must contain.
+    `builtin`: questions about the embedded world that no SFT or DPO example asks; else a JSON lines
+    file of {"messages": [... ending with a user turn], "answer": str}."""
+
+    source: str = "builtin"
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+
+
+class SftParams(Section):
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)  # of a source's rows, before training
+    registered_model: str = Field("tinyllama-chat", pattern=r"^[A-Za-z0-9_.-]+$")
+    chat_eval: ChatEvalParams = Field(default_factory=ChatEvalParams)
+    checkpoint_dir: str = "checkpoints/sft"  # resume checkpoints (Ray Train storage), outside DVC outputs
+    variants: list[VariantParams]
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variants(cls, variants):
+        require_unique([v.name for v in variants], "variant")
+        return variants
+
+
 class MlflowParams(Section):
     tracking_uri: str | None = None
     experiment: str = "tinyllama-tiny"
@@ -338,6 +474,7 @@ class Params(Section):
     plan: PlanParams = Field(default_factory=PlanParams)
     eval: EvalParams
     quantize: QuantizeParams = Field(default_factory=QuantizeParams)
+    sft: SftParams | None = None
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
 
@@ -355,7 +492,25 @@ class Params(Section):
         for name in self.tokenizer.train_sources:
             if name not in names:
                 raise ValueError(f"tokenizer.train_sources: {name!r} is not a data.sources name ({', '.join(sorted(names))})")
+        if self.sft is not None:
+            self._check_variants(config)
         return self
+
+    def _check_variants(self, config: LlamaConfig) -> None:
+        """A variant's base milestone is checked when the sft stage runs (it must exist on disk), not
+        here: a profile whose milestones change must still validate for the stages before sft."""
+        for variant in self.sft.variants:
+            where = f"sft.variants[{variant.name}]"
+            if variant.max_length > config.max_seq_len:
+                raise ValueError(f"{where}.max_length ({variant.max_length}) exceeds the model's max_seq_len "
+                                 f"({config.max_seq_len})")
+            for recipe, field in ((variant, where), (variant.dpo, f"{where}.dpo")):
+                if recipe is None:
+                    continue
+                per_step = self.train.workers * recipe.micro_batch
+                if recipe.batch_size % per_step:
+                    raise ValueError(f"{field}.batch_size ({recipe.batch_size}) is not divisible by train.workers × "
+                                     f"micro_batch = {self.train.workers} × {recipe.micro_batch} = {per_step}")
 
     def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
         """The architecture; `vocab_size` from the prepared tokenizer wins over the preset's."""

@@ -123,6 +123,7 @@ def pretrain_params(root, **train_overrides):
     raw["data"]["seq_len"] = 64
     raw["data"]["sources"] = [{"name": "alpha", "format": "builtin", "builtin_part": "text", "weight": 0.7},
                               {"name": "beta", "format": "builtin", "builtin_part": "code", "weight": 0.3}]
+    raw.pop("sft")  # its variants name the tiny profile's milestones; tests that align add their own
     raw["tokenizer"]["train_sources"] = ["alpha", "beta"]
     raw["train"].update(workers=2, micro_batch=4, global_batch_tokens=1024, total_tokens=24 * 1024,
                         milestones=[5 * 1024, 24 * 1024], lr=3e-3, min_lr=3e-4, warmup_steps=3,

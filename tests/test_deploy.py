@@ -114,7 +114,7 @@ def test_without_a_cluster_the_flow_prints_the_command_that_serves(tmp_path):
     milestone = tmp_path / "models" / "pretrain" / "1M"
     milestone.mkdir(parents=True)
     (milestone / "config.json").write_text("{}")
-    params = parse_params(_params(tmp_path, port=8123))
+    params = parse_params(_params(tmp_path, port=8123, model=None))  # null: the last milestone
     write_artifacts(params)
     message = how_to_serve(params, tmp_path)
     assert f".venv/bin/tinyllama serve --model {milestone} --host 127.0.0.1 --port 8123" in message

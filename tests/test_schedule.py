@@ -43,3 +43,9 @@ def test_cluster_plan_matches_the_recipe():
     plan = StepPlan.from_params(load_params(ROOT / "configs" / "tinyllama-1.1b.yaml"))
     assert (plan.tokens_per_step, plan.grad_accum, plan.total_steps) == (2_097_152, 8, 1_430_512)
     assert plan.milestone_step(105_000_000_000) == 50_068
+
+
+def test_linear_and_constant_shapes_after_the_same_warmup():
+    kw = dict(lr=2e-5, min_lr=0.0, warmup_steps=2, total_steps=12)
+    assert [lr_at(s, shape="linear", **kw) for s in (0, 1, 2, 7, 12)] == pytest.approx([1e-5, 2e-5, 2e-5, 1e-5, 0.0])
+    assert [lr_at(s, shape="constant", **kw) for s in (0, 5, 11)] == pytest.approx([1e-5, 2e-5, 2e-5])

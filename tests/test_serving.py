@@ -102,9 +102,9 @@ def greedy_text(local, prompt_ids: list[int], max_tokens: int) -> str:
 
 
 def chat_ids(local, messages: list[dict]) -> list[int]:
-    from model.chat import encode_rendered, render, template
+    from model.chat import render, template
 
-    return encode_rendered(local[1], render(template("zephyr").source, messages, add_generation_prompt=True).text)
+    return local[1].encode_chat(render(template("zephyr").source, messages, add_generation_prompt=True).text)[0]
 
 
 def test_health_and_models_with_lineage(server):

@@ -1,4 +1,4 @@
-"""The math of serving (model/slots.py, decoder.py, sampling.py, speculative.py, stops.py, detokenize.py):
+"""The math of serving (model/slots.py, decoder.py, sampling.py, speculative.py, stops.py, textstream.py):
 batched decoding equals decoding each sequence alone, speculative decoding is exact when greedy and
 distribution-preserving when sampling, prompt lookup finds what it should."""
 
@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from model.decoder import BatchDecoder
-from model.detokenize import TextStream
 from model.generate import generate, speculative_generate
 from model.sampling import Sampling, accept_drafts, probabilities
 from model.slots import SlotCache, forward_rows
 from model.speculative import PromptLookup
-from model.stops import StopFilter
+from model.textstream import TextStream
 from test_generate import draft, target  # noqa: F401  (the same random micro target and smaller draft)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -159,14 +158,6 @@ def test_probabilities_apply_each_rows_own_settings():
     assert probs[3].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0] and sharp[0] > 0.7
 
 
-def test_stop_filter_on_text_holds_back_a_forming_stop_string():
-    stop = StopFilter(["<|im_end|>", "\n\n"], text=True)
-    assert stop.push("Hello <|im") == "Hello "
-    assert stop.push("_e") == ""
-    assert stop.push("xtra\n") == "<|im_extra"
-    assert stop.push("\nmore") == "" and stop.done
-
-
 def test_text_stream_releases_whole_characters(small_tokenizer_dir):
     from model.tokenizer import Tokenizer
 
@@ -174,6 +165,6 @@ def test_text_stream_releases_whole_characters(small_tokenizer_dir):
     prompt = tokenizer.encode("Say:", bos=True)
     completion = tokenizer.encode(" héllo wörld ✓ done")
     stream = TextStream(tokenizer, prompt)
-    pieces = [stream.push([t]) for t in completion] + [stream.flush()]
+    pieces = [stream.push(t) for t in completion] + [stream.finish()]
     assert "".join(pieces) == tokenizer.decode(prompt + completion)[len(tokenizer.decode(prompt)):]
     assert all("\ufffd" not in piece for piece in pieces)

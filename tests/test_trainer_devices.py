@@ -23,12 +23,13 @@ def _trainer(root: Path, device: str, precision: str):
     from tasks.layout import with_absolute_paths
     from tasks.pretrain.loader import open_prepared
     from tasks.pretrain.loop import LoopConfig, Placement, Trainer
+    from tasks.pretrain.objective import PretrainObjective
 
     params = with_absolute_paths(pretrain_params(root, strategy="fsdp", precision=precision, workers=1,
                                                  global_batch_tokens=512, use_gpu=device == "cuda"))
-    config = LoopConfig(params=params.model_dump(mode="json"), data=open_prepared(params), run_uri=str(root / "run"),
-                        tokenizer_files={"tokenizer.json": b"{}"}, tracking_uri=None, mlflow_run_id="",
-                        peak_flops_per_worker=1e12, eval_inputs=None, console=None)
+    config = LoopConfig(params=params.model_dump(mode="json"), objective=PretrainObjective(open_prepared(params), None),
+                        run_uri=str(root / "run"), tokenizer_files={"tokenizer.json": b"{}"}, tracking_uri=None,
+                        mlflow_run_id="", peak_flops_per_worker=1e12, console=None)
     return Trainer(config, Placement.from_process_group(torch.device(device)))
 
 

@@ -1,1 +1,2 @@
-"""Talking to a checkpoint from the terminal: `tinyllama generate` (a completion)."""
+"""Talking to models from the terminal: `tinyllama generate` (a completion) and `tinyllama chat`
+(a conversation with a chat model)."""

@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per round")
 
 
-def _check_args(args) -> None:
+def check_sampling_args(args) -> None:
+    """The sampling flags `generate` and `chat` share, checked before any model is loaded."""
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -36,6 +37,10 @@ def _check_args(args) -> None:
         raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise UserError(f"--top-k: must be >= 0, got {args.top_k}")
+
+
+def _check_args(args) -> None:
+    check_sampling_args(args)
     if args.draft is not None and args.temperature != 0:
         raise UserError(f"--temperature: speculative decoding (--draft) is greedy only; use 0, got {args.temperature}")
     if args.draft_tokens < 1:
@@ -70,6 +75,7 @@ def _load_tokenizer(directory: str, vocab_size: int):
 def main(args) -> int:
     from model.detokenize import TextStream
     from model.generate import generate_stream, speculative_stream
+    from model.textstream import TextStream
 
     _check_args(args)
     model = _load_model("--model", args.model)
@@ -91,7 +97,7 @@ def main(args) -> int:
     sys.stdout.write(args.prompt)
     text = TextStream(tokenizer, prompt)
     for token in stream:
-        sys.stdout.write(text.push([token]))
+        sys.stdout.write(text.push(token))
         sys.stdout.flush()
-    sys.stdout.write(text.flush() + "\n")
+    sys.stdout.write(text.finish() + "\n")
     return 0

@@ -19,6 +19,7 @@ decides whether there are too many.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -91,33 +92,37 @@ def resolve_inputs(source: SourceParams) -> list[str]:
     `uri` may be a file, a directory (searched recursively for the format's extensions) or a
     glob; `s3://` and other fsspec protocols work the same way as local paths.
     """
+    paths = list_inputs(source.uri, where(source, "uri"), _EXTENSIONS[source.format])
+    if source.format == "starcoderdata" and source.languages:
+        paths = _language_subset(source, paths)
+    return paths
+
+
+def list_inputs(uri: str, field: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The files a uri names (a file, a directory searched for `suffixes`, or a glob; local or any
+    fsspec protocol), sorted; `UserError`s name `field`."""
     import fsspec
 
-    uri = source.uri
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as exc:
-        raise UserError(f"{where(source, 'uri')}: cannot open {uri!r}: {exc}") from None
+        raise UserError(f"{field}: cannot open {uri!r}: {exc}") from None
     try:
         if _GLOB_CHARS & set(path):
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
             if not paths:
-                raise UserError(f"{where(source, 'uri')}: no files match {uri!r}")
+                raise UserError(f"{field}: no files match {uri!r}")
         elif fs.isdir(path):
-            suffixes = _EXTENSIONS[source.format]
             paths = [p for p in fs.find(path) if p.endswith(suffixes)]
             if not paths:
-                raise UserError(f"{where(source, 'uri')}: no {'/'.join(suffixes)} files under {uri!r}")
+                raise UserError(f"{field}: no {'/'.join(suffixes)} files under {uri!r}")
         elif fs.isfile(path):
             paths = [path]
         else:
-            raise UserError(f"{where(source, 'uri')}: file not found: {uri!r}")
+            raise UserError(f"{field}: file not found: {uri!r}")
     except (OSError, PermissionError) as exc:
-        raise UserError(f"{where(source, 'uri')}: cannot list {uri!r}: {exc}") from None
-    paths = sorted(paths)
-    if source.format == "starcoderdata" and source.languages:
-        paths = _language_subset(source, paths)
-    return [_as_given(fs, source.uri, p) for p in paths]
+        raise UserError(f"{field}: cannot list {uri!r}: {exc}") from None
+    return [_as_given(fs, uri, p) for p in sorted(paths)]
 
 
 def _as_given(fs, uri: str, path: str) -> str:
@@ -170,6 +175,17 @@ class _HashingReader(io.RawIOBase):
         return self.sha256.hexdigest()
 
 
+@contextlib.contextmanager
+def open_input(uri: str) -> Iterator[tuple[io.BufferedIOBase, _HashingReader]]:
+    """(decompressed stream, hashing reader) of one input: `.zst`/`.gz` by extension, local or any
+    fsspec protocol; `hashing.drain()` at the end gives the sha256 of the stored bytes."""
+    import fsspec
+
+    with fsspec.open(uri, "rb") as raw:
+        hashing = _HashingReader(raw)
+        yield _decompressed(uri, hashing), hashing
+
+
 def _decompressed(uri: str, hashing: _HashingReader):
     if uri.endswith(".zst"):
         import zstandard
@@ -213,14 +229,14 @@ def _unreadable(source: SourceParams, uri: str, exc: Exception) -> UserError:
     return UserError(f"{where(source, 'uri')}: cannot read {uri}: {type(exc).__name__}: {exc}".splitlines()[0])
 
 
-def _read_errors():
+def read_errors() -> tuple[type[Exception], ...]:
     import pyarrow
     import zstandard
 
     return (OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException)
 
 
-def _sha256_of(uri: str) -> str:
+def sha256_of(uri: str) -> str:
     import fsspec
 
     digest = hashlib.sha256()
@@ -257,15 +273,11 @@ class SourceReader:
                     yield from self._parquet_chunks(uri)
                 else:
                     yield from self._stream_chunks(uri)
-            except _read_errors() as exc:
+            except read_errors() as exc:
                 raise _unreadable(self.source, uri, exc) from None
 
     def _stream_chunks(self, uri: str) -> Iterator[Chunk]:
-        import fsspec
-
-        with fsspec.open(uri, "rb") as raw:
-            hashing = _HashingReader(raw)
-            stream = _decompressed(uri, hashing)
+        with open_input(uri) as (stream, hashing):
             batches = _line_blocks(stream) if self.source.format != "text" else \
                 _batched(_text_records(stream, self.source.text_unit))
             reported, first = 0, True
@@ -288,7 +300,7 @@ class SourceReader:
             total, size = max(parquet.metadata.num_rows, 1), self.sizes[uri]
             for index, batch in enumerate(parquet.iter_batches(batch_size=128, columns=[column])):
                 yield Chunk(batch.column(0).to_pylist(), size * batch.num_rows // total, uri, index == 0)
-        self.input_sha256[uri] = _sha256_of(uri)
+        self.input_sha256[uri] = sha256_of(uri)
 
     def _builtin_chunks(self) -> Iterator[Chunk]:
         digest = hashlib.sha256()

@@ -16,11 +16,8 @@ REGISTRY_PREFIX = "models:/"
 
 def resolve(ref: str, tracking_uri: str | None, field: str = "--model") -> Path:
     if ref.startswith(REGISTRY_PREFIX):
-        try:
-            from tasks.registry import resolve_model
-        except ImportError:
-            raise UserError(f"{field}: {ref}: registry references need tasks/registry.py (the MLflow registry "
-                            "work), which this build lacks; pass a model dir") from None
+        from tasks.registry import resolve_model
+
         return Path(resolve_model(ref, tracking_uri))
     path = Path(ref)
     if not (path / "config.json").is_file():

@@ -224,10 +224,11 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def export_milestone(model: torch.nn.Module, run_uri: str, name: str, tokenizer_dir: Path,
-                     metadata: dict) -> Path | None:
-    """Collective. Rank 0 writes the current weights as an HF Llama dir (model.hf.save_hf) into a local
-    temp dir and publishes it as the sealed `milestones/<name>/` of the run; returns that local dir on
-    rank 0 (the caller logs it, then deletes it), None elsewhere."""
+                     metadata: dict, **save_options) -> Path | None:
+    """Collective. Rank 0 writes the current weights as an HF Llama dir (model.hf.save_hf, which also
+    takes `save_options`: a chat model's template) into a local temp dir and publishes it as the sealed
+    `milestones/<name>/` of the run; returns that local dir on rank 0 (the caller logs it, then deletes
+    it), None elsewhere."""
     from model.hf import save_hf
     from model.llama import Llama
 
@@ -239,13 +240,19 @@ def export_milestone(model: torch.nn.Module, run_uri: str, name: str, tokenizer_
     plain.load_state_dict(state, assign=True)
     plain.reset_rope()
     local = save_hf(plain, Path(tempfile.mkdtemp(prefix=f"milestone-{name}-")) / name, tokenizer_dir=tokenizer_dir,
-                    metadata=metadata)
+                    metadata=metadata, **save_options)
+    publish_milestone(local, run_uri, name, metadata)
+    return local
+
+
+def publish_milestone(local: Path, run_uri: str, name: str, metadata: dict) -> None:
+    """A local HF dir as the sealed `milestones/<name>/` of a run: files first, the seal last, so a crash
+    in between leaves a milestone `fetch_milestone` refuses."""
     target = join(run_uri, MILESTONES_DIR, name)
     remove_tree(target)
     record = seal_record(local, **metadata)
     upload(local, target, list(record["files"]))
     write_json_atomic(join(target, MILESTONE_SEAL), record)
-    return local
 
 
 def milestone_uri(run_uri: str, name: str) -> str:

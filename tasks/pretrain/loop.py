@@ -10,27 +10,20 @@ that loses a worker and resumes ends with the same weights as one that never fai
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from model.llama import Llama
-from tasks.params import Params, format_tokens
-from tasks.pretrain.checkpoint import export_milestone, milestone_uri, restore, save_checkpoint
-from tasks.pretrain.loader import MixedLoader, PreparedData, val_batches
+from tasks.params import Params
+from tasks.pretrain.checkpoint import restore, save_checkpoint
+from tasks.pretrain.objective import Objective
 from tasks.pretrain.parallel import Parallel, build_optimizer, grad_norm_value
-from tasks.pretrain.schedule import StepPlan, lr_at
 from tasks.pretrain.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
 from tasks.ray_cluster import Console
-
-if TYPE_CHECKING:
-    from tasks.evaluate.scoring import EvalInputs
 
 
 @dataclass(frozen=True)
@@ -38,13 +31,12 @@ class LoopConfig:
     """What the driver hands every worker (Ray pickles it in memory; nothing is read from a file)."""
 
     params: dict           # the resolved Params, re-validated on the worker
-    data: PreparedData
+    objective: Objective   # what is optimised: pretraining, SFT or DPO (objective.py)
     run_uri: str           # the run's dir (checkpoints, milestones): a local path or a URI every node reaches
     tokenizer_files: dict[str, bytes]  # copied into every milestone; shipped, as workers may not see the driver's disk
     tracking_uri: str | None  # None: no MLflow (a bare benchmark run)
     mlflow_run_id: str
     peak_flops_per_worker: float | None  # configured (GPU) or None: measure (CPU)
-    eval_inputs: EvalInputs | None  # what milestone evals score with (gathered by the driver); None: no evals
     console: Console | None  # lines for the person watching the stage (progress, milestones, evals); None: print
 
 
@@ -90,22 +82,22 @@ class Trainer:
             torch.cuda.set_device(self.device.index if self.device.index is not None else torch.cuda.current_device())
         else:
             torch.use_deterministic_algorithms(True)
-        self.plan = StepPlan.from_params(params)
+        self.objective = objective = config.objective
+        self.plan = objective.plan(params)
+        self.recipe = objective.recipe(params)
 
         torch.manual_seed(params.seed)
-        model_config = params.llama_config(config.data.vocab_size)
-        self.model = Llama(model_config).to(self.device)
+        self.model = objective.build_model(params, self.device)
         if train.compile and train.strategy == "fsdp":
             self.model.compile_blocks()  # FSDP2's per-block hooks would split a whole-model graph
         elif train.compile:
             self.model.compile_loss()
         self.parallel = Parallel(self.model, train.strategy, self.device, train.precision,
                                  train.activation_checkpointing)
-        self.optimizer = build_optimizer(self.model, train.lr, train.betas, train.eps, train.weight_decay)
-        self.loader = MixedLoader(config.data, params.seed, train.micro_batch, self.plan.grad_accum, self.rank, self.world)
-        self.val = [torch.from_numpy(b) for b in val_batches(config.data, params.seed, train.micro_batch,
-                                                              train.val_batches, self.rank, self.world)]
-        self.flops_per_token = model_config.flops_per_token(params.data.seq_len)
+        self.optimizer = build_optimizer(self.model, self.recipe.lr, train.betas, train.eps, self.recipe.weight_decay)
+        self.loader = objective.loader(params, self.plan, self.rank, self.world)
+        self.val = objective.val_batches(params, self.rank, self.world)
+        self.flops_per_token = objective.flops_per_token(self.model, params)
         self.measure_peak = config.peak_flops_per_worker is None
         self.peak_flops = (config.peak_flops_per_worker or measure_cpu_peak_flops()) * self.world
         self.mlflow = (MlflowMetrics(config.tracking_uri, config.mlflow_run_id)
@@ -113,70 +105,59 @@ class Trainer:
         self.eval_refs: list = []
 
         self._tokenizer: Path | None = None
-        self.step, self.metrics = 0, {}
+        self.step, self.tokens_seen, self.metrics = 0, 0, {}
         record = restore(config.run_uri, self.model, self.optimizer, say=self.say)
         if record is not None:
-            self.step, self.metrics = record["step"], record["metrics"]
+            self.step, self.tokens_seen, self.metrics = record["step"], record["tokens_seen"], record["metrics"]
             self.loader.load_state(record["loader"])
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
         train, plan = self.train, self.plan
-        lr = lr_at(self.step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
-                   total_steps=plan.total_steps)
+        lr = self.recipe.lr_at(self.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self.loader.step_batches(self.step)
         loss_sum = torch.zeros((), device=self.device)
+        extra_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
-            rows = torch.from_numpy(batch).to(self.device, non_blocking=True)
             with self.parallel.accumulating(sync=i == len(batches) - 1):
-                loss = self.parallel.loss(rows)
+                loss, extras = self.objective.loss(self.parallel, batch, self.device)
                 (loss / len(batches)).backward()
             loss_sum += loss.detach()
+            for key, value in extras.items():
+                extra_sums[key] = extra_sums.get(key, 0) + value.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = _mean_across_ranks(loss_sum / len(batches))
+        # Objectives whose micro-batches are trimmed to their longest row count the positions they ran.
+        positions = extra_sums.pop("positions", None)
+        step_tokens = plan.tokens_per_step if positions is None else round(_mean_across_ranks(positions) * self.world)
         self.step += 1
+        self.tokens_seen += step_tokens
         elapsed = time.perf_counter() - started
-        tokens_per_s = plan.tokens_per_step / elapsed
+        tokens_per_s = step_tokens / elapsed
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-                "tokens_seen": plan.tokens_after(self.step), "step_time_s": elapsed}
+                "tokens_seen": self.tokens_seen, "step_time_s": elapsed, "step_tokens": step_tokens,
+                **{key: _mean_across_ranks(value / len(batches)) for key, value in extra_sums.items()}}
 
     @torch.no_grad()
     def val_loss(self) -> float:
         total = torch.zeros((), device=self.device)
         for batch in self.val:
-            total += self.parallel.loss(batch.to(self.device)).float()
+            total += self.objective.loss(self.parallel, batch, self.device)[0].float()
         self.parallel.reshard()
         return _mean_across_ranks(total / len(self.val))
 
     # -- milestones, checkpoints -----------------------------------------------------------------
     def export(self, milestone: int) -> None:
-        """Collective: the milestone into the run's dir (the stage copies it to {paths.models} at the end),
-        logged to MLflow and handed to a milestone eval."""
-        name = format_tokens(milestone)
-        metadata = {"milestone": name, "milestone_tokens": milestone,
-                    "tokens_seen": self.plan.tokens_after(self.step), "step": self.step}
-        local = export_milestone(self.model, self.config.run_uri, name, self._tokenizer_dir(), metadata)
-        if local is None:
-            return
-        uri = milestone_uri(self.config.run_uri, name)
-        self.say(f"milestone {name}: exported {uri} at step {self.step} ({metadata['tokens_seen']} tokens seen)")
-        if self.mlflow is not None:
-            self.mlflow.log_checkpoint(local, name)
-        shutil.rmtree(local.parent, ignore_errors=True)
-        if self.config.eval_inputs is not None:
-            from tasks.evaluate.during_training import submit_milestone_eval
+        """Collective: what the objective writes when `milestone` tokens are reached."""
+        self.objective.export(self, milestone)
 
-            self.eval_refs.append(submit_milestone_eval(self.params, self.config.eval_inputs, uri,
-                                                        self.config.mlflow_run_id, metadata["tokens_seen"],
-                                                        self.config.tracking_uri, self.config.console))
-
-    def _tokenizer_dir(self) -> Path:
+    def tokenizer_dir(self) -> Path:
         """The shipped tokenizer files, written once into this worker's own temp dir."""
         if self._tokenizer is None:
             self._tokenizer = Path(tempfile.mkdtemp(prefix="tokenizer-"))
@@ -190,7 +171,7 @@ class Trainer:
         import ray.train
 
         if checkpoint:
-            state = {"step": self.step, "tokens_seen": self.plan.tokens_after(self.step),
+            state = {"step": self.step, "tokens_seen": self.tokens_seen,
                      "loader": self.loader.state(), "metrics": self.metrics}
             save_checkpoint(self.config.run_uri, self.step, self.model, self.optimizer, state,
                             sharded=self.train.strategy == "fsdp", keep=self.train.keep_checkpoints)
@@ -199,7 +180,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
         train, plan = self.train, self.plan
-        first_step, loop_started = self.step, time.perf_counter()
+        first_step, first_tokens, loop_started = self.step, self.tokens_seen, time.perf_counter()
         window_tokens, window_time, window_loss = 0, 0.0, 0.0
         while self.step < plan.total_steps:
             metrics = self.train_step()
@@ -208,14 +189,15 @@ class Trainer:
             if self.step % train.val_every_steps == 0 or self.step == plan.total_steps:
                 metrics["val_loss"] = self.val_loss()
                 self.metrics["final_val_loss"] = metrics["val_loss"]
-            trained = self.step - first_step
             self.metrics.update(final_train_loss=metrics["loss"], tokens=metrics["tokens_seen"], steps=self.step,
-                                tokens_per_s=plan.tokens_after(trained) / (time.perf_counter() - loop_started))
-            window_tokens += plan.tokens_per_step
+                                tokens_per_s=(self.tokens_seen - first_tokens) / (time.perf_counter() - loop_started))
+            window_tokens += metrics["step_tokens"]
             window_time += metrics["step_time_s"]
             window_loss = metrics["loss"]
             if self.mlflow is not None:
-                self.mlflow.add({k: v for k, v in metrics.items() if k != "step_time_s"}, step=self.step)
+                prefix = self.objective.metric_prefix
+                self.mlflow.add({k if "/" in k else prefix + k: v for k, v in metrics.items()
+                                 if k not in ("step_time_s", "step_tokens")}, step=self.step)
             if self.step % train.log_every_steps == 0 or self.step == plan.total_steps:
                 self._log_progress(window_tokens, window_time, window_loss, metrics["lr"], first_step, loop_started)
                 window_tokens, window_time = 0, 0.0
@@ -235,8 +217,8 @@ class Trainer:
         tokens_per_s = tokens / max(seconds, 1e-9)
         done = self.step - first_step
         eta = (time.perf_counter() - loop_started) / done * (self.plan.total_steps - self.step)
-        self.say(progress_line(
-            self.step, self.plan.total_steps, self.plan.tokens_after(self.step), self.train.total_tokens, loss, lr,
+        self.say(self.objective.label + progress_line(
+            self.step, self.plan.total_steps, self.tokens_seen, self.objective.total_tokens(self.params), loss, lr,
             tokens_per_s, tokens_per_s * self.flops_per_token / self.peak_flops, eta))
 
     def _wait_for_evals(self) -> None:

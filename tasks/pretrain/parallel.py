@@ -15,15 +15,21 @@ from torch import nn
 from model.llama import Llama
 
 
-class _LossModule(nn.Module):
-    """DDP only syncs gradients of work done through its own `forward`, so the loss goes through one."""
+TRAINING_METHODS = ("loss", "token_logprobs")
+"""What training calls on the model instead of `forward`: the objectives' losses (pretraining and SFT
+use `loss`, DPO `token_logprobs`); each goes through the data-parallel wrapper."""
+
+
+class _Methods(nn.Module):
+    """DDP only syncs gradients of work done through its own `forward`, so training's model calls go
+    through one: `forward("loss", rows)` is `model.loss(rows)`."""
 
     def __init__(self, model: Llama):
         super().__init__()
         self.model = model
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(rows)
+    def forward(self, method: str, *args, **kwargs) -> torch.Tensor:
+        return getattr(self.model, method)(*args, **kwargs)
 
 
 class Parallel:
@@ -57,19 +63,24 @@ class Parallel:
             for block in model.layers:
                 fully_shard(block, mesh=mesh, mp_policy=policy)
             fully_shard(model, mesh=mesh, mp_policy=policy)
-            register_fsdp_forward_method(model, "loss")  # `loss`, not `forward`, is what training calls
-            self._loss = model.loss
+            for method in TRAINING_METHODS:  # these, not `forward`, are what training calls
+                register_fsdp_forward_method(model, method)
+            self._call = lambda method, *args, **kwargs: getattr(model, method)(*args, **kwargs)
         else:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [device.index] if device.type == "cuda" else None
-            self._loss = DistributedDataParallel(_LossModule(model), device_ids=device_ids)
+            self._call = self._ddp = DistributedDataParallel(_Methods(model), device_ids=device_ids)
 
-    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+    def call(self, method: str, *args, **kwargs) -> torch.Tensor:
+        """`model.<method>(...)` through the data-parallel wrapper, under autocast when training in bf16."""
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else nullcontext())
         with autocast:
-            return self._loss(rows)
+            return self._call(method, *args, **kwargs)
+
+    def loss(self, *args, **kwargs) -> torch.Tensor:
+        return self.call("loss", *args, **kwargs)
 
     def reshard(self) -> None:
         """After forward-only passes (validation). FSDP2 leaves the root module's parameters gathered
@@ -90,7 +101,7 @@ class Parallel:
             finally:
                 self.model.set_requires_gradient_sync(True)
         else:
-            with self._loss.no_sync():
+            with self._ddp.no_sync():
                 yield
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 from tasks.files import exists, read_json, remove_tree, write_json_atomic
 from tasks.layout import TOKENIZER_FILES, Layout, join, with_absolute_paths
@@ -65,9 +66,11 @@ def previous_run(run_uri: str, resume: str) -> tuple[dict | None, dict | None]:
     return record, complete
 
 
-def start_mlflow_run(params: Params, run_name: str, previous: dict | None, extra: dict) -> tuple[str, str]:
-    """The pretrain run (named `run_name`): resumed when the previous attempt's run still exists.
-    Returns (uri, run id)."""
+def start_mlflow_run(params: Params, run_name: str, previous: dict | None, extra: dict, tags: dict | None = None,
+                     values: dict | None = None) -> tuple[str, str]:
+    """The run a training job logs to: resumed when the previous attempt's run still exists, else a new
+    one named `run_name` with `tags` (default: the pretrain stage's), whose params are `values` (default:
+    every param of the profile) flattened, plus `extra`. Returns (tracking uri, run id)."""
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
     from tasks.tracking import client as mlflow_client
@@ -83,8 +86,9 @@ def start_mlflow_run(params: Params, run_name: str, previous: dict | None, extra
             return uri, previous["mlflow_run_id"]
         except MlflowException:
             log.warning("MLflow run %s of the resumed run is gone; logging to a new run", previous["mlflow_run_id"])
-    run = client.create_run(experiment_id, run_name=run_name, tags={"stage": "pretrain"})
-    flat = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra.items()}}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {"stage": "pretrain"})
+    values = params.model_dump(mode="json") if values is None else values
+    flat = {**flatten(values), **{k: str(v) for k, v in extra.items()}}
     entries = [Param(k, v) for k, v in sorted(flat.items())]
     for start in range(0, len(entries), 100):  # MLflow's per-request param limit
         client.log_batch(run.info.run_id, params=entries[start:start + 100])
@@ -160,22 +164,44 @@ def _eval_inputs(params: Params):
     return collect_inputs(params)
 
 
-def _tokenizer_files(layout: Layout) -> dict[str, bytes]:
-    return {name: (layout.tokenizer_dir / name).read_bytes() for name in TOKENIZER_FILES
-            if (layout.tokenizer_dir / name).is_file()}
+def tokenizer_files(directory: Path) -> dict[str, bytes]:
+    """The tokenizer files of a dir, shipped to the workers in memory (they may not see this disk)."""
+    return {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def fit(params: Params, loop_config) -> dict:
+    """Train `loop_config.objective` with the one loop on Ray Train (TorchTrainer) in the run's dir
+    `loop_config.run_uri`: `train.workers` workers, failures retried from the newest valid checkpoint.
+    Every objective (pretraining, SFT, DPO) runs through here. Returns the metrics sealed into the
+    final checkpoint; raises when training failed for good (after `train.max_failures` restarts)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tasks.pretrain.loop import train_loop
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
+    train = params.train
+    storage, name = loop_config.run_uri.rstrip("/").rsplit("/", 1)
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    trainer = TorchTrainer(
+        lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=train.max_failures)))
+    trainer.fit()
+    return last_checkpoint_metrics(loop_config.run_uri)
 
 
 def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, recipe: str, run_uri: str,
            previous: dict | None, console) -> dict:
     """Ray Train over the run's dir, resuming from its newest valid checkpoint; returns the metrics."""
     from mlflow.entities import Metric
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasks.pretrain.loop import LoopConfig, train_loop
+    from tasks.pretrain.loop import LoopConfig
+    from tasks.pretrain.objective import PretrainObjective
     from tasks.tracking import client as mlflow_client
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
     train = params.train
     peak = params.plan.peak_tflops_per_worker * 1e12 if train.use_gpu else None
     extra = {"derived.total_steps": plan.total_steps, "derived.grad_accum": plan.grad_accum,
@@ -186,20 +212,13 @@ def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, r
     write_json_atomic(join(run_uri, RUN_FILE), {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
     print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
           f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
-    loop_config = LoopConfig(params=params.model_dump(mode="json"), data=data, run_uri=run_uri,
-                             tokenizer_files=_tokenizer_files(layout), tracking_uri=uri, mlflow_run_id=run_id,
-                             peak_flops_per_worker=peak, eval_inputs=_eval_inputs(params), console=console)
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-    trainer = TorchTrainer(
-        lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_uri.rstrip("/").rsplit("/", 1)[-1], storage_path=train.checkpoint_dir,
-                             failure_config=FailureConfig(max_failures=train.max_failures)))
+    loop_config = LoopConfig(params=params.model_dump(mode="json"),
+                             objective=PretrainObjective(data, _eval_inputs(params)), run_uri=run_uri,
+                             tokenizer_files=tokenizer_files(layout.tokenizer_dir), tracking_uri=uri,
+                             mlflow_run_id=run_id, peak_flops_per_worker=peak, console=console)
     client = mlflow_client(uri)
     try:
-        trainer.fit()  # raises when training failed for good (after `train.max_failures` restarts)
-        reported = last_checkpoint_metrics(run_uri)
+        reported = fit(params, loop_config)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

@@ -39,13 +39,16 @@ class StepPlan:
         return [m for m in self.milestones if steps_before < self.milestone_step(m) <= steps_after]
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int, shape: str = "cosine") -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over `warmup_steps`
-    steps, then a half cosine from `lr` down to `min_lr` at `total_steps` (TinyLlama / nanoGPT)."""
+    steps, then from `lr` down to `min_lr` at `total_steps`: a half cosine (TinyLlama / nanoGPT, and
+    TRL's default for SFT and DPO), a straight line (`linear`), or not at all (`constant`)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     decay_steps = total_steps - warmup_steps
-    if decay_steps <= 0:
+    if decay_steps <= 0 or shape == "constant":
         return lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if shape == "linear":
+        return lr - (lr - min_lr) * progress
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -61,11 +61,8 @@ def resolve_source(params: Params) -> Source:
 
 
 def _from_registry(ref: str, uri: str) -> tuple[Path, str | None]:
-    try:
-        from tasks.registry import resolve_model
-    except ImportError:
-        raise UserError(f"quantize.source: {ref!r} needs the model registry (tasks/registry.py, the alignment "
-                        f"stages); give a dir such as 'pretrain/<milestone>' instead") from None
+    from tasks.registry import resolve_model
+
     directory = Path(resolve_model(ref, uri))
     return directory, _registry_run_id(ref, uri)
 

@@ -1,0 +1,18 @@
+"""The `sft` and `dpo` stages: chat variants of pretraining milestones (TinyLlama's chat releases,
+the Zephyr recipe), trained on the pretraining path, evaluated, registered in MLflow.
+
+  sft.py, dpo.py  `tinyllama sft|dpo --params FILE`
+  driver.py       checks every input, trains each job (tasks.pretrain.run.fit), evaluates, registers
+  objectives.py   SFT (masked, packed) and DPO (with a frozen reference) as objectives of the one loop
+  datasets.py     a variant's sources → checked, tokenized, packed / padded arrays
+  reading.py      chat data sources (files, globs, s3://, hf://) → examples, skipped rows counted
+  formats.py      one row of each public layout → a conversation or a preference pair
+  world_chat.py   the tiny profile's chat data from the embedded world, held out from every eval item
+  examples.py     render + tokenize with the chat template; what is learned; the length policy
+  packing.py      sequences → rows, packed (best-fit decreasing) or padded
+  loader.py       rows / pairs in seeded epochs, resumable; the set's file
+  dpo_loss.py     the DPO losses (sigmoid, hinge, ipo) and TRL's reward metrics
+  chat_eval.py    the held-out chat accuracy (greedy generation)
+  evaluation.py   a chat model through the lm-eval suite + chat accuracy, into MLflow
+  report.py       sft.json / dpo.json and the base vs SFT vs SFT+DPO table
+"""

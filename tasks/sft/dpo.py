@@ -1,0 +1,20 @@
+"""`tinyllama dpo --params FILE`: DPO of every variant with a `dpo` section, from its SFT model (also the
+frozen reference); writes `{paths.models}/dpo/<variant>/`, `{paths.metrics}/dpo.json` and the full
+`chat_table.md` (base vs SFT vs SFT+DPO)."""
+
+from __future__ import annotations
+
+from tasks.pretrain.run import add_arguments  # the same flags: --params, --resume
+
+__all__ = ["add_arguments", "main"]
+
+
+def main(args) -> int:
+    from tasks.logs import stage_log
+    from tasks.params import load_params
+    from tasks.sft.driver import run_stage
+
+    params = load_params(args.params)
+    with stage_log("dpo", params):
+        run_stage(params, "dpo", resume=args.resume)
+    return 0

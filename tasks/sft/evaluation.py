@@ -1,0 +1,44 @@
+"""A chat model scored like the milestones, plus the held-out chat accuracy, logged to MLflow.
+
+The lm-eval suite and val perplexity come from the evaluate stage's own scorer (same tasks, same
+cache keyed by weights), so a variant's row compares with its base milestone's row of eval.json.
+The chat accuracy (chat_eval.py) is measured in the variant's template for the base milestone too:
+that is the "before" of the base → SFT → SFT+DPO comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tasks.evaluate.checkpoints import read_checkpoint
+from tasks.evaluate.mlflow_log import result_metrics
+from tasks.evaluate.scoring import score_checkpoint
+from tasks.params import Params
+
+
+def evaluate_model(params: Params, taskset, directory: Path, name: str, template_source: str, items) -> dict:
+    """{"milestone" (name), "tokens", "scores", "avg", "val_ppl", ..., "chat_accuracy", "chat": {...}}."""
+    from model.hf import load_hf
+    from model.tokenizer import Tokenizer
+    from tasks.sft.chat_eval import chat_accuracy
+
+    result = score_checkpoint(params, taskset, read_checkpoint(directory, name))
+    started = time.perf_counter()
+    chat = chat_accuracy(load_hf(directory), Tokenizer.load(directory), template_source, items,
+                         params.sft.chat_eval.max_new_tokens)
+    chat["wall_s"] = round(time.perf_counter() - started, 2)
+    return {**result, "chat_accuracy": chat["accuracy"], "chat": chat}
+
+
+def log_evaluation(client, run_id: str, prefix: str, result: dict, step: int) -> None:
+    """`<prefix>/eval/<task>/<metric>`, `<prefix>/eval/avg`, `<prefix>/chat_accuracy`, ... into the
+    variant's run, and the first replies as `chat_eval/<prefix>.json`."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = {f"{prefix}/{key}": value for key, value in result_metrics(result).items()}
+    values[f"{prefix}/chat_accuracy"] = result["chat_accuracy"]
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+    client.log_text(run_id, json.dumps(result["chat"], indent=1, ensure_ascii=False), f"chat_eval/{prefix}.json")

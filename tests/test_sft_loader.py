@@ -1,0 +1,60 @@
+"""The alignment set on the workers: epochs of seeded orders, disjoint ranks, resume from a count,
+the data file checked by hash, and the SFT/DPO objectives' plans and batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.sft.loader import EpochLoader, encode_arrays, load_arrays
+
+
+def _loader(rank=0, world=1, size=10, micro=2, accum=2, seed=3):
+    return EpochLoader(size, lambda indices: indices, seed, micro, accum, rank, world)
+
+
+def test_every_item_once_per_epoch_and_ranks_are_disjoint():
+    ranks = [_loader(rank=r, world=2, size=16) for r in range(2)]
+    seen = [np.concatenate([np.concatenate(loader.step_batches(step)) for loader in ranks]) for step in range(2)]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(16))  # 2 steps × 8 items = one epoch
+    next_epoch = np.concatenate([np.concatenate(r.step_batches(2)) for r in ranks])
+    assert len(set(next_epoch.tolist())) == 8
+
+
+def test_resume_from_the_count_gives_the_same_batches():
+    first = _loader()
+    expected = [first.step_batches(step) for step in range(7)]
+    resumed = _loader()
+    resumed.load_state({"items": 4 * 3})
+    assert resumed.state() == {"items": 12}
+    for step in range(3, 7):
+        assert all((a == b).all() for a, b in zip(resumed.step_batches(step), expected[step]))
+
+
+def test_the_data_file_must_match_its_hash(tmp_path):
+    import hashlib
+
+    data = encode_arrays({"b": np.arange(4, dtype=np.int32), "a": np.ones((2, 3), np.int32)})
+    path = tmp_path / "data.safetensors"
+    path.write_bytes(data)
+    arrays = load_arrays(str(path), hashlib.sha256(data).hexdigest())
+    assert arrays["a"].shape == (2, 3) and arrays["b"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        load_arrays(str(path), "0" * 64)
+
+
+def test_alignment_plans_follow_trl_recipe_knobs(tmp_path):
+    from conftest import pretrain_params
+    from tasks.sft.objectives import AlignmentJob, DpoObjective, SftObjective
+
+    params = pretrain_params(tmp_path)  # 2 workers
+    recipe = {"epochs": 3.0, "lr": 1e-3, "min_lr": 0.0, "schedule": "cosine", "warmup_ratio": 0.1,
+              "weight_decay": 0.0, "batch_size": 8, "micro_batch": 2}
+    job = AlignmentJob("sft", "v", "start", "data", "sha", items=37, row_length=64, packed=True,
+                       recipe=recipe, template="", stop_strings=())
+    plan = SftObjective(job).plan(params)
+    assert (plan.total_steps, plan.grad_accum, plan.tokens_per_step) == (14, 2, 8 * 64)  # ceil(3 × 37 / 8)
+    assert plan.milestones == (14 * 8 * 64,)  # the one export, after the last step
+    assert SftObjective(job).recipe(params).warmup_steps == 2  # ceil(0.1 × 14)
+    pairs = DpoObjective(AlignmentJob("dpo", "v", "s", "d", "h", 20, 64, False, recipe, "", ()))
+    assert pairs.plan(params).tokens_per_step == 8 * 2 * 64  # chosen and rejected
