@@ -139,26 +139,31 @@ def console_relay() -> Iterator[Console]:
         lines.shutdown()
 
 
-def training_bundles(params: Params) -> list[dict[str, float]]:
-    """What pretraining asks of the cluster: one bundle per training worker, plus one for a milestone eval
-    when evals run during training (one at a time: a milestone every few days at scale)."""
+def _with_evals(params: Params, milestone_evals: bool) -> bool:
+    return milestone_evals and params.train.eval_milestones_during_training
+
+
+def training_bundles(params: Params, milestone_evals: bool = True) -> list[dict[str, float]]:
+    """What a training job asks of the cluster: one bundle per training worker, plus one for a milestone
+    eval when pretraining scores milestones during training (one at a time: a milestone every few days
+    at scale); SFT and DPO (`milestone_evals=False`) score after training."""
     train = params.train
     worker = {"CPU": float(train.cpus_per_worker), **({"GPU": 1.0} if train.use_gpu else {}),
               **train.resources_per_worker}
     bundles = [worker] * train.workers
-    if train.eval_milestones_during_training:
+    if _with_evals(params, milestone_evals):
         bundles.append(dict(params.eval.resources))
     return bundles
 
 
-def _shortfall(params: Params, bundles: list[dict[str, float]], have: dict[str, float]) -> str:
+def _shortfall(params: Params, bundles: list[dict[str, float]], have: dict[str, float], milestone_evals: bool) -> str:
     """What is missing, resource by resource, and which params ask for it."""
     train = params.train
     need: dict[str, float] = {}
     for bundle in bundles:
         for name, amount in bundle.items():
             need[name] = need.get(name, 0.0) + amount
-    evals = " + eval.resources (milestone evals during training)" if train.eval_milestones_during_training else ""
+    evals = " + eval.resources (milestone evals during training)" if _with_evals(params, milestone_evals) else ""
     missing = [f"{name} {amount:g} (has {have.get(name, 0):g})" for name, amount in sorted(need.items())
                if amount > have.get(name, 0)]
     asked = (f"train.workers {train.workers} × (train.cpus_per_worker {train.cpus_per_worker}"
@@ -170,7 +175,7 @@ def _shortfall(params: Params, bundles: list[dict[str, float]], have: dict[str, 
             f"(one bundle per worker must fit on one node; has {', '.join(f'{k} {v:g}' for k, v in sorted(have.items()))})")
 
 
-def check_train_resources(params: Params) -> None:
+def check_train_resources(params: Params, milestone_evals: bool = True) -> None:
     """Fail before training, saying what is missing, when the cluster cannot host the training workers
     *and* their milestone evals. All bundles are reserved at once as a placement group, as Ray Train does,
     so node packing counts, and an autoscaler sees the demand; it gets `train.resource_timeout_s` to
@@ -178,12 +183,12 @@ def check_train_resources(params: Params) -> None:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundles = training_bundles(params)
+    bundles = training_bundles(params, milestone_evals)
     group = placement_group(bundles, strategy="PACK")
     try:
         ready, _ = ray.wait([group.ready()], timeout=max(params.train.resource_timeout_s, 1.0))
     finally:
         remove_placement_group(group)
     if not ready:
-        raise UserError(f"train.workers: {_shortfall(params, bundles, ray.cluster_resources())}; "
+        raise UserError(f"train.workers: {_shortfall(params, bundles, ray.cluster_resources(), milestone_evals)}; "
                         f"waited {max(params.train.resource_timeout_s, 1.0):g} s (train.resource_timeout_s)")

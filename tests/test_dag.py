@@ -196,6 +196,8 @@ def _micro_profile(root: Path) -> None:
     raw["train"].update(micro_batch=4, global_batch_tokens=1024, total_tokens="32K", milestones=["4K", "8K", "16K", "32K"],
                         warmup_steps=3, checkpoint_every_steps=4, val_every_steps=8, log_every_steps=8,
                         eval_milestones_during_training=False)
+    for variant, base in zip(raw["sft"]["variants"], ("32K", "16K")):
+        variant.update(base=base, max_length=64)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 

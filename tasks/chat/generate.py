@@ -29,14 +29,15 @@ def add_arguments(parser) -> None:
 
 def check_sampling_args(args) -> None:
     """The sampling flags `generate` and `chat` share, checked before any model is loaded."""
+    from model.sampling import Sampling
+
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature: must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k: must be >= 0, got {args.top_k}")
+    try:
+        Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)  # the one set of rules
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise UserError(f"--{field.replace('_', '-')}: {message}") from None
 
 
 def _check_args(args) -> None:
@@ -73,7 +74,6 @@ def _load_tokenizer(directory: str, vocab_size: int):
 
 
 def main(args) -> int:
-    from model.detokenize import TextStream
     from model.generate import generate_stream, speculative_stream
     from model.textstream import TextStream
 

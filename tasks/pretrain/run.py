@@ -169,15 +169,22 @@ def tokenizer_files(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
 
 
+def peak_flops_per_worker(params: Params) -> float | None:
+    """The MFU denominator: configured for GPUs, None on CPU (each worker measures its matmul peak)."""
+    return params.plan.peak_tflops_per_worker * 1e12 if params.train.use_gpu else None
+
+
 def fit(params: Params, loop_config) -> dict:
     """Train `loop_config.objective` with the one loop on Ray Train (TorchTrainer) in the run's dir
     `loop_config.run_uri`: `train.workers` workers, failures retried from the newest valid checkpoint.
-    Every objective (pretraining, SFT, DPO) runs through here. Returns the metrics sealed into the
-    final checkpoint; raises when training failed for good (after `train.max_failures` restarts)."""
+    Every objective (pretraining, SFT, DPO) runs through here. Returns the MLflow run id and the metrics
+    sealed into the final checkpoint; when training failed for good (after `train.max_failures`
+    restarts) it marks the MLflow run FAILED and raises."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.pretrain.loop import train_loop
+    from tasks.tracking import client as mlflow_client
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
     train = params.train
@@ -189,8 +196,13 @@ def fit(params: Params, loop_config) -> dict:
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=train.max_failures)))
-    trainer.fit()
-    return last_checkpoint_metrics(loop_config.run_uri)
+    try:
+        trainer.fit()
+        reported = last_checkpoint_metrics(loop_config.run_uri)
+    except BaseException:
+        mlflow_client(loop_config.tracking_uri).set_terminated(loop_config.mlflow_run_id, status="FAILED")
+        raise
+    return {"mlflow_run_id": loop_config.mlflow_run_id, **{k: reported.get(k) for k in METRIC_KEYS}}
 
 
 def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, recipe: str, run_uri: str,
@@ -203,7 +215,7 @@ def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, r
     from tasks.tracking import client as mlflow_client
 
     train = params.train
-    peak = params.plan.peak_tflops_per_worker * 1e12 if train.use_gpu else None
+    peak = peak_flops_per_worker(params)
     extra = {"derived.total_steps": plan.total_steps, "derived.grad_accum": plan.grad_accum,
              "derived.tokens_per_step": plan.tokens_per_step, "derived.run_dir": run_uri,
              "derived.parameters": params.llama_config(data.vocab_size).num_params(),
@@ -216,13 +228,8 @@ def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, r
                              objective=PretrainObjective(data, _eval_inputs(params)), run_uri=run_uri,
                              tokenizer_files=tokenizer_files(layout.tokenizer_dir), tracking_uri=uri,
                              mlflow_run_id=run_id, peak_flops_per_worker=peak, console=console)
+    metrics = fit(params, loop_config)
     client = mlflow_client(uri)
-    try:
-        reported = fit(params, loop_config)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    metrics = {"mlflow_run_id": run_id, **{k: reported.get(k) for k in METRIC_KEYS}}
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), now, metrics["steps"])
                                       for k, v in metrics.items() if isinstance(v, (int, float))])

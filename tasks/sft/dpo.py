@@ -10,11 +10,6 @@ __all__ = ["add_arguments", "main"]
 
 
 def main(args) -> int:
-    from tasks.logs import stage_log
-    from tasks.params import load_params
-    from tasks.sft.driver import run_stage
+    from tasks.sft.driver import stage_main  # after the CLI starts: its imports come under the stage's log
 
-    params = load_params(args.params)
-    with stage_log("dpo", params):
-        run_stage(params, "dpo", resume=args.resume)
-    return 0
+    return stage_main("dpo")(args)

@@ -22,13 +22,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model.chat import template
 from tasks.errors import UserError
 from tasks.files import read_json, sha256_file, write_atomic, write_json_atomic
 from tasks.layout import WEIGHTS_FILE, Layout, with_absolute_paths
 from tasks.params import Params, VariantParams
-from tasks.sft.datasets import TrainingSet, build, where
+
+if TYPE_CHECKING:  # the data code imports torch: only once the stage's log is set up (tasks/logs.py)
+    from tasks.sft.datasets import TrainingSet
 
 KINDS = ("sft", "dpo")
 
@@ -57,6 +60,8 @@ class Job:
 
 
 def _start_dir(layout: Layout, variant: VariantParams, kind: str) -> Path:
+    from tasks.sft.datasets import where
+
     if kind == "sft":
         directory = layout.milestone_dir(variant.base)
         if not (directory / WEIGHTS_FILE).is_file():
@@ -82,6 +87,7 @@ def _fingerprint(params: Params, job: Job) -> str:
 def plan_jobs(params: Params, layout: Layout, kind: str) -> list[Job]:
     """Every job of the stage with its data built and checked; nothing written."""
     from model.tokenizer import Tokenizer
+    from tasks.sft.datasets import build
     from tasks.sft.loader import encode_arrays
 
     if params.sft is None:
@@ -143,7 +149,7 @@ def _train(params: Params, job: Job, run_uri: str, previous: dict | None, parent
     from tasks.layout import join
     from tasks.pretrain.checkpoint import milestone_uri, publish_milestone
     from tasks.pretrain.loop import LoopConfig
-    from tasks.pretrain.run import METRIC_KEYS, RUN_FILE, fit, tokenizer_files
+    from tasks.pretrain.run import RUN_FILE, fit, peak_flops_per_worker, tokenizer_files
     from tasks.sft.loader import DATA_FILE
     from tasks.sft.objectives import START_MILESTONE, AlignmentJob, DpoObjective, SftObjective
     from tasks.tracking import client as mlflow_client
@@ -167,19 +173,12 @@ def _train(params: Params, job: Job, run_uri: str, previous: dict | None, parent
     print(f"{job.kind} {job.variant.name}: {plan.total_steps} steps × {job.recipe.batch_size} "
           f"{'pairs' if job.kind == 'dpo' else 'rows'} ({job.data.items} in the set, {job.recipe.epochs:g} epochs) "
           f"from {job.start_dir}, run {run_uri}, MLflow run {run_id}", flush=True)
-    peak = params.plan.peak_tflops_per_worker * 1e12 if params.train.use_gpu else None
     config = LoopConfig(params=params.model_dump(mode="json"), objective=objective, run_uri=run_uri,
                         tokenizer_files=tokenizer_files(job.start_dir), tracking_uri=uri, mlflow_run_id=run_id,
-                        peak_flops_per_worker=peak, console=console)
-    client = mlflow_client(uri)
-    try:
-        reported = fit(params, config)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    metrics = {"mlflow_run_id": run_id, **{k: reported.get(k) for k in METRIC_KEYS}}
-    if job.kind == "dpo":
-        client.set_terminated(run_id, status="FINISHED")
+                        peak_flops_per_worker=peak_flops_per_worker(params), console=console)
+    metrics = fit(params, config)
+    if job.kind == "dpo":  # an SFT run stays open: its variant's evaluations are logged into it
+        mlflow_client(uri).set_terminated(run_id, status="FINISHED")
     return metrics
 
 
@@ -208,7 +207,7 @@ def evaluate_and_register(params: Params, layout: Layout, jobs: list[Job], train
     from mlflow import MlflowClient
 
     from tasks.evaluate.stage import settings_note
-    from tasks.evaluate.tasksets import build_taskset
+    from tasks.evaluate.scoring import collect_inputs
     from tasks.registry import register_chat_model
     from tasks.sft.chat_eval import eval_items
     from tasks.sft.evaluation import evaluate_model, log_evaluation
@@ -221,18 +220,20 @@ def evaluate_and_register(params: Params, layout: Layout, jobs: list[Job], train
     stage_hash = dvc_stage_hash()
     metrics = {}
     with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as include_dir:
-        taskset = build_taskset(params, Path(include_dir))
+        inputs = collect_inputs(params)
+        taskset = inputs.tasks.write(Path(include_dir))
         for job in jobs:
             variant, chat, training = job.variant, template(job.variant.template), trained[job.variant.name]
             run_id = variant_runs[variant.name]
             entry = dict(prior.get(variant.name, {}), base_milestone=variant.base, template=chat.name,
                          mlflow_run_id=run_id)
             if job.kind == "sft":
-                base = evaluate_model(params, taskset, layout.milestone_dir(variant.base), variant.base, chat.source,
-                                      items)
+                base = evaluate_model(params, inputs, taskset, layout.milestone_dir(variant.base), variant.base,
+                                      chat.source, items)
                 log_evaluation(client, run_id, "base", base, 0)
                 entry["base"] = model_metrics(base, taskset.names)
-            result = evaluate_model(params, taskset, job.out_dir, f"{variant.name}/{job.kind}", chat.source, items)
+            result = evaluate_model(params, inputs, taskset, job.out_dir, f"{variant.name}/{job.kind}", chat.source,
+                                    items)
             log_evaluation(client, run_id, job.kind, result, 0)
             aligned = training["tokens"] + entry.get("sft", {}).get("tokens_trained", 0) * (job.kind == "dpo")
             tags = {"variant": variant.name, "stage": job.kind, "base_milestone": variant.base, "template": chat.name,
@@ -251,7 +252,7 @@ def evaluate_and_register(params: Params, layout: Layout, jobs: list[Job], train
             print(f"{job.kind} {variant.name}: chat accuracy {result['chat_accuracy']:.3f} (was {before:.3f}), "
                   f"lm-eval avg {result['avg']:.4f}; registered {params.sft.registered_model} v{registered.version}"
                   f"{' (champion)' if registered.champion else ''}", flush=True)
-        return metrics, taskset.names, settings_note(params)
+        return metrics, taskset.names, settings_note(params, taskset)
 
 
 def _numbers(summary: dict) -> dict:
@@ -284,7 +285,7 @@ def run_stage(params: Params, kind: str, resume: str = "auto") -> dict:
     trained, runs = {}, {}
     with ray_session(params, kind), console_relay() as console:
         if jobs:
-            check_train_resources(params)
+            check_train_resources(params, milestone_evals=False)
         for job in jobs:
             if kind == "dpo":
                 parent = prior[job.variant.name]["mlflow_run_id"]
@@ -299,3 +300,17 @@ def run_stage(params: Params, kind: str, resume: str = "auto") -> dict:
     write_atomic(table, chat_table(table_entries, tasks, settings).encode())
     print(f"{kind}: wrote {layout.metrics_file(kind)} and {table}", flush=True)
     return metrics
+
+
+def stage_main(kind: str):
+    """`main(args)` of `tinyllama sft|dpo`: the stage under its log (`logs/<kind>.log`)."""
+    def main(args) -> int:
+        from tasks.logs import stage_log
+        from tasks.params import load_params
+
+        params = load_params(args.params)
+        with stage_log(kind, params):
+            run_stage(params, kind, resume=args.resume)
+        return 0
+
+    return main

@@ -18,13 +18,13 @@ from tasks.evaluate.scoring import score_checkpoint
 from tasks.params import Params
 
 
-def evaluate_model(params: Params, taskset, directory: Path, name: str, template_source: str, items) -> dict:
+def evaluate_model(params: Params, inputs, taskset, directory: Path, name: str, template_source: str, items) -> dict:
     """{"milestone" (name), "tokens", "scores", "avg", "val_ppl", ..., "chat_accuracy", "chat": {...}}."""
     from model.hf import load_hf
     from model.tokenizer import Tokenizer
     from tasks.sft.chat_eval import chat_accuracy
 
-    result = score_checkpoint(params, taskset, read_checkpoint(directory, name))
+    result = score_checkpoint(params, inputs, taskset, read_checkpoint(directory, name))
     started = time.perf_counter()
     chat = chat_accuracy(load_hf(directory), Tokenizer.load(directory), template_source, items,
                          params.sft.chat_eval.max_new_tokens)

@@ -4,18 +4,12 @@ Takes pretraining's flags (`--params`, `--resume auto|never`): the same loop, th
 
 from __future__ import annotations
 
-from tasks.params import load_params
-from tasks.pretrain.run import add_arguments
+from tasks.pretrain.run import add_arguments  # the same flags: --params, --resume
 
 __all__ = ["add_arguments", "main"]
 
 
 def main(args) -> int:
-    from tasks.sft.driver import run_stage
+    from tasks.sft.driver import stage_main  # after the CLI starts: its imports come under the stage's log
 
-    from tasks.logs import stage_log
-
-    params = load_params(args.params)
-    with stage_log("sft", params):
-        run_stage(params, "sft", resume=args.resume)
-    return 0
+    return stage_main("sft")(args)
