@@ -6,7 +6,7 @@
 Starts `mlflow server` on the workspace's local store (mlflow/mlflow.db + mlflow/artifacts) on a free
 local port, opens the pretrain run's eval/avg chart (score against tokens seen) and the run's model
 metrics in Debian's `chromium` driven by Playwright (`pip install playwright==1.65.2`; its own browser
-download is not needed), writes PNGs to docs/img/, and stops the server.
+download is not needed; `.venv/bin/pip install -e ".[docs]"`), writes PNGs to docs/img/, and stops the server.
 """
 
 from __future__ import annotations
