@@ -69,10 +69,18 @@ def run_lm_eval(model, tokenizer, taskset: TaskSet, settings: EvalParams) -> dic
 
 
 def score_lm(lm, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]:
-    """Scores per task of any lm-eval model object (HFLM here, the quantize stage's engines)."""
+    """Scores per task of any lm-eval model object (HFLM here, the quantize stage's engines). lm-eval's
+    progress bars only on a terminal: it passes `disable=False` to tqdm explicitly, which TQDM_DISABLE
+    cannot override, so its `disable_tqdm` is set instead."""
+    import functools
+
     import lm_eval
 
+    from tasks.logs import interactive
+
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    if not interactive():
+        lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
     output = lm_eval.simple_evaluate(model=lm, tasks=list(taskset.names), num_fewshot=settings.num_fewshot,
                                      limit=settings.limit, task_manager=taskset.task_manager(),
                                      log_samples=False, bootstrap_iters=1000)

@@ -22,8 +22,6 @@ def _engine_lm_class():
     from lm_eval.api.model import TemplateLM
     from lm_eval.models.utils import has_bos_prefix
 
-    from tasks.logs import interactive
-
     class EngineLM(TemplateLM):
         def __init__(self, engine, tokenizer):
             super().__init__()
@@ -43,11 +41,6 @@ def _engine_lm_class():
             if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.bos_token):
                 add = False
             return self.tokenizer.encode(string, add_special_tokens=add)
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            """lm-eval's, its tokenizing bar on a terminal only (lm-eval passes `disable=False`
-            explicitly, which TQDM_DISABLE cannot override)."""
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not interactive())
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             results = []
