@@ -164,9 +164,10 @@ def test_a_missed_gate_fails_the_stage_and_registers_nothing(project, tmp_path, 
     assert MlflowClient(tracking_uri=project["uri"]).search_model_versions("name='strict-gguf'") == []
 
 
-def test_the_tiny_pipeline_quantizes_its_last_milestone_within_the_gates(pipeline_repo):
-    """`dvc repro` of the tiny profile ran the stage with params.yaml's gates (Q8_0: PPL ratio ≤ 1.005,
-    same top ≥ 98%); llama.cpp loads every file it wrote."""
+def test_the_tiny_pipeline_quantizes_its_champion_within_the_gates(pipeline_repo):
+    """`dvc repro` of the tiny profile ran the stage on the registry's champion chat model with
+    params.yaml's gates (Q8_0: PPL ratio ≤ 1.005, same top ≥ 98%); llama.cpp loads every file it wrote,
+    whose lineage names the alignment stage that trained the champion and that stage's DVC hash."""
     from llama_cpp import Llama
 
     root = pipeline_repo.root
@@ -174,10 +175,12 @@ def test_the_tiny_pipeline_quantizes_its_last_milestone_within_the_gates(pipelin
     assert metrics["gates_passed"] is True and metrics["types"]["Q8_0"]["gate"]["passed"] is True
     assert metrics["types"]["Q8_0"]["ppl_ratio"] <= 1.005 and metrics["types"]["Q8_0"]["same_top"] >= 0.98
     files = sorted((root / "models" / "quantized").glob("*.gguf"))
-    assert [f.name for f in files] == sorted(f"pretrain-1M-{t}.gguf" for t in TYPES)
+    assert [f.name for f in files] == sorted(f"tinyllama-chat-champion-{t}.gguf" for t in TYPES)
     for path in files:
         llm = Llama(model_path=str(path), n_ctx=64, verbose=False)
         try:
-            assert llm.metadata["tinyllama.lineage.dvc_stage"] == "pretrain"
+            assert llm.metadata["tinyllama.lineage.source"] == "models:/tinyllama-chat@champion"
+            assert llm.metadata["tinyllama.lineage.dvc_stage"] in ("sft", "dpo")
+            assert len(llm.metadata["tinyllama.lineage.dvc_stage_hash"]) == 64
         finally:
             llm.close()

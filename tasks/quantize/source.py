@@ -38,8 +38,10 @@ class Source:
 
 def resolve_source(params: Params) -> Source:
     ref, layout = params.quantize.source, Layout.from_params(params)
+    registry: dict = {}
     if ref.startswith(REGISTRY_PREFIX):
-        directory, run_id = _from_registry(ref, tracking_uri(params))
+        directory, registry = _from_registry(ref, tracking_uri(params))
+        run_id = registry.get("mlflow_run_id")
         default_name = ref.removeprefix(REGISTRY_PREFIX).replace("@", "-").replace("/", "-")
     else:
         if ref == LAST_MILESTONE:
@@ -56,19 +58,20 @@ def resolve_source(params: Params) -> Source:
     lineage = {"source": ref, "weights_sha256": read_checkpoint(directory).weights_sha256}
     if run_id:
         lineage["mlflow_run_id"] = run_id
-    lineage.update(dvc_lineage(directory))
+    lineage.update(dvc_lineage(directory) or registry)
     return Source(ref, directory, params.quantize.name or default_name, lineage)
 
 
-def _from_registry(ref: str, uri: str) -> tuple[Path, str | None]:
+def _from_registry(ref: str, uri: str) -> tuple[Path, dict]:
     from tasks.registry import resolve_model
 
     directory = Path(resolve_model(ref, uri))
-    return directory, _registry_run_id(ref, uri)
+    return directory, _registry_lineage(ref, uri)
 
 
-def _registry_run_id(ref: str, uri: str) -> str | None:
-    """The run that logged the registered version (its `run_id`), for the link from our run."""
+def _registry_lineage(ref: str, uri: str) -> dict:
+    """Where the registered version came from: the run that logged it (`mlflow_run_id`, for the link from
+    our run) and the DVC stage that trained it with that stage's hash (the version's tags)."""
     name, _, rest = ref.removeprefix(REGISTRY_PREFIX).partition("/")
     mlflow_client = client(uri)
     if "@" in name:
@@ -76,7 +79,10 @@ def _registry_run_id(ref: str, uri: str) -> str | None:
         version = mlflow_client.get_model_version_by_alias(name, alias)
     else:
         version = mlflow_client.get_model_version(name, rest)
-    return version.run_id or None
+    tags = version.tags or {}
+    lineage = {"mlflow_run_id": version.run_id, "registered_version": str(version.version),
+               "dvc_stage": tags.get("stage"), "dvc_stage_hash": tags.get("dvc_stage_hash")}
+    return {key: value for key, value in lineage.items() if value}
 
 
 def _run_id_of_dir(layout: Layout, directory: Path) -> str | None:
