@@ -21,9 +21,9 @@ from pathlib import Path
 
 from tasks.errors import UserError
 from tasks.files import sha256_file
+from tasks.layout import CONFIG_FILE, WEIGHTS_FILE
 
 CHAMPION = "champion"
-WEIGHTS_FILE = "model.safetensors"
 ACCURACY_TAG, WEIGHTS_TAG = "chat_accuracy", "weights_sha256"
 CACHE_ENV = "TINYLLAMA_MODEL_CACHE"
 _REF = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
@@ -90,7 +90,7 @@ def _cache_root() -> Path:
 
 def _complete(directory: Path, weights: str | None) -> bool:
     path = directory / WEIGHTS_FILE
-    return (directory / "config.json").is_file() and path.is_file() and (weights is None or sha256_file(path) == weights)
+    return (directory / CONFIG_FILE).is_file() and path.is_file() and (weights is None or sha256_file(path) == weights)
 
 
 def resolve_model(ref: str, tracking_uri: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.errors import UserError
+from tasks.layout import CONFIG_FILE
 
 REGISTRY_PREFIX = "models:/"
 
@@ -20,6 +21,6 @@ def resolve(ref: str, tracking_uri: str | None, field: str = "--model") -> Path:
 
         return Path(resolve_model(ref, tracking_uri))
     path = Path(ref)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{field}: {ref} is not a model dir (no config.json) nor a models:/NAME@ALIAS reference")
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{field}: {ref} is not a model dir (no {CONFIG_FILE}) nor a models:/NAME@ALIAS reference")
     return path

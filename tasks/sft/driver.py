@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from model.chat import template
 from tasks.errors import UserError
 from tasks.files import read_json, sha256_file, write_atomic, write_json_atomic
-from tasks.layout import WEIGHTS_FILE, Layout, with_absolute_paths
+from tasks.layout import CONFIG_FILE, WEIGHTS_FILE, Layout, with_absolute_paths
 from tasks.params import Params, VariantParams
 
 if TYPE_CHECKING:  # the data code imports torch: only once the stage's log is set up (tasks/logs.py)
@@ -161,7 +161,7 @@ def _train(params: Params, job: Job, run_uri: str, previous: dict | None, parent
     publish_milestone(job.start_dir, run_uri, START_MILESTONE, {"source": str(job.start_dir)})
     chat = template(job.variant.template)
     metadata = {"variant": job.variant.name, "stage": job.kind, "base_milestone": job.variant.base,
-                "template": chat.name, "tokens_seen": read_json(job.start_dir / "config.json")
+                "template": chat.name, "tokens_seen": read_json(job.start_dir / CONFIG_FILE)
                 .get("tinyllama", {}).get("tokens_seen", 0)}
     spec = AlignmentJob(kind=job.kind, variant=job.variant.name, start_uri=milestone_uri(run_uri, START_MILESTONE),
                         data_uri=data_uri, data_sha256=hashlib.sha256(job.data_bytes).hexdigest(),

@@ -16,6 +16,7 @@ publish the result there (sealed milestone `model`), and the driver fetches it.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -162,8 +163,9 @@ class DpoObjective(AlignmentObjective):
         self._reference: Llama | None = None
 
     def build_model(self, params: Params, device: torch.device) -> Llama:
-        self._reference = self._load_start(device).requires_grad_(False)
-        return super().build_model(params, device)
+        model = super().build_model(params, device)
+        self._reference = copy.deepcopy(model).eval().requires_grad_(False)  # the start weights, fetched once
+        return model
 
     def loss(self, parallel, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = self._tensors(batch, device)
