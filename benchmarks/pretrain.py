@@ -5,9 +5,9 @@ same loop in the same processes layout without Ray, interleaved in one invocatio
   .venv/bin/python benchmarks/pretrain.py --steps 8 --rounds 1   # smoke run
   .venv/bin/python benchmarks/pretrain.py --gpu-1b        # 1.1B, one GPU, FSDP2 + bf16, seq 2048 (no Ray)
 
-Both sides run `tasks.pretrain.loop.Trainer` (model, DDP, loader over the same prepared shards, AdamW,
+Both sides run `tasks.train.loop.Trainer` (model, DDP, loader over the same prepared shards, AdamW,
 schedule, the loss all-reduce) on 2 processes × 1 thread with torch.distributed over gloo:
-- **ray**: the whole stage (`tasks.pretrain.run.pretrain`), Ray Train starting the workers; a step's time
+- **ray**: the whole stage (`tasks.pretrain.stage.pretrain`), Ray Train starting the workers; a step's time
   is the `tokens_per_s` the stage logs to MLflow for it;
 - **bare**: the same `Trainer`, its two processes started by `torch.multiprocessing` and joined in a gloo
   process group by hand; each step timed the same way (`Trainer.train_step`).
@@ -62,8 +62,8 @@ def write_data(params, root: Path) -> None:
 def _loop_config(params, root: Path):
     from tasks.layout import with_absolute_paths
     from tasks.pretrain.loader import open_prepared
-    from tasks.pretrain.loop import LoopConfig
-    from tasks.pretrain.objective import PretrainObjective
+    from tasks.train.loop import LoopConfig
+    from tasks.train.objective import PretrainObjective
 
     params = with_absolute_paths(params)
     return LoopConfig(params=params.model_dump(mode="json"), objective=PretrainObjective(open_prepared(params), None),
@@ -76,7 +76,7 @@ def _bare_worker(rank: int, world: int, port: int, config, steps: int, device: s
     import torch
     import torch.distributed as dist
 
-    from tasks.pretrain.loop import Placement, Trainer
+    from tasks.train.loop import Placement, Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
@@ -139,7 +139,7 @@ def ray_round(params, root: Path) -> dict:
     """The whole stage under Ray Train; per-step times from the tokens/s it logs to MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.pretrain.run import pretrain
+    from tasks.pretrain.stage import pretrain
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     started = time.perf_counter()

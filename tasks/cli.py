@@ -15,12 +15,12 @@ from tasks.errors import UserError
 
 COMMANDS = {
     "plan": ("tasks.pretrain.plan", "dry-run a profile: parameters, steps, memory per GPU, days"),
-    "tokenizer": ("tasks.tokenizer.build", "train or convert the tokenizer into models/tokenizer/"),
-    "prepare": ("tasks.data.prepare", "tokenize and pack the corpora into Parquet shards"),
-    "pretrain": ("tasks.pretrain.run", "pretrain on Ray Train, exporting milestone checkpoints"),
+    "tokenizer": ("tasks.tokenizer.stage", "train or convert the tokenizer into models/tokenizer/"),
+    "prepare": ("tasks.data.stage", "tokenize and pack the corpora into Parquet shards"),
+    "pretrain": ("tasks.pretrain.stage", "pretrain on Ray Train, exporting milestone checkpoints"),
     "evaluate": ("tasks.evaluate.stage", "score every milestone with lm-eval, log to MLflow"),
-    "sft": ("tasks.sft.sft", "supervised fine-tuning of chat variants from pretraining milestones"),
-    "dpo": ("tasks.sft.dpo", "DPO of the chat variants from their SFT models"),
+    "sft": ("tasks.sft.stage", "supervised fine-tuning of chat variants from pretraining milestones"),
+    "dpo": ("tasks.sft.stage", "DPO of the chat variants from their SFT models"),
     "quantize": ("tasks.quantize.stage", "GGUF files for llama.cpp and int8 for our engine, measured like llama.cpp"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
     "chat": ("tasks.chat.terminal", "talk to a chat model (a dir or models:/tinyllama-chat@champion)"),

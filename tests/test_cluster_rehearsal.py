@@ -147,7 +147,7 @@ def test_workers_may_not_touch_the_driver_workspace(workspace):
 def test_a_cluster_without_room_for_the_evals_fails_before_training(workspace):
     from tasks.errors import UserError
     from tasks.params import load_params
-    from tasks.pretrain.run import pretrain
+    from tasks.pretrain.stage import pretrain
 
     root, bucket = workspace
     params = load_params(_params_file(root, bucket, "too-big", resource_timeout_s=1))
@@ -159,7 +159,7 @@ def test_a_cluster_without_room_for_the_evals_fails_before_training(workspace):
 
 def test_faults_on_shared_storage_end_in_the_uninterrupted_weights(workspace):
     from tasks.params import load_params
-    from tasks.pretrain.run import pretrain
+    from tasks.pretrain.stage import pretrain
 
     root, bucket = workspace
     pretrain(load_params(_params_file(root, bucket, "reference")))

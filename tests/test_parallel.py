@@ -1,4 +1,4 @@
-"""DDP / FSDP2 behind one interface (tasks/pretrain/parallel.py): the cluster profile's bf16 mixed
+"""DDP / FSDP2 behind one interface (tasks/train/parallel.py): the cluster profile's bf16 mixed
 precision and activation checkpointing, on a one-process gloo group (the same code NCCL runs on GPUs)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from model.config import micro
 from model.llama import Llama
-from tasks.pretrain.parallel import Parallel
+from tasks.train.parallel import Parallel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

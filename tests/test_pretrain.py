@@ -12,7 +12,7 @@ import yaml
 
 from conftest import pretrain_params
 from tasks.errors import UserError
-from tasks.pretrain.run import pretrain
+from tasks.pretrain.stage import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 

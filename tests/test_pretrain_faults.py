@@ -50,7 +50,7 @@ def _assert_bitwise_equal(a: dict, b: dict):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, local_ray):
     """Final weights of an uninterrupted run."""
-    from tasks.pretrain.run import pretrain
+    from tasks.pretrain.stage import pretrain
 
     root = tmp_path_factory.mktemp("reference")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
@@ -63,7 +63,7 @@ def reference(tmp_path_factory, local_ray):
 
 
 def test_killed_worker_resumes_to_identical_weights(reference, tmp_path, monkeypatch, local_ray):
-    from tasks.pretrain.run import pretrain
+    from tasks.pretrain.stage import pretrain
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     params = _workspace(tmp_path)
@@ -122,7 +122,7 @@ def test_killed_driver_reruns_resume_past_a_corrupt_checkpoint(reference, tmp_pa
 def test_fsdp2_on_cpu_matches_ddp_and_resumes_from_sharded_checkpoints(reference, tmp_path, monkeypatch, local_ray):
     """FSDP2 trains the same weights as DDP; its resume checkpoints hold one safetensors shard per
     rank and no full copy; and a run resumed from them (past a corrupt shard) ends bitwise equal."""
-    from tasks.pretrain.run import COMPLETE_FILE, pretrain
+    from tasks.pretrain.stage import COMPLETE_FILE, pretrain
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     params = _workspace(tmp_path, strategy="fsdp")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tasks.params import load_params
-from tasks.pretrain.schedule import StepPlan, lr_at
+from tasks.train.schedule import StepPlan, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ def _workspace(root, small_tokenizer_dir):
 
 def _train(params, resume="auto"):
     from tasks.layout import Layout, with_absolute_paths
-    from tasks.sft.driver import plan_jobs, train_job
+    from tasks.sft.stage import plan_jobs, train_job
 
     params = with_absolute_paths(params)
     layout = Layout.from_params(params)

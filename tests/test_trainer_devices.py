@@ -22,8 +22,8 @@ CUDA = torch.cuda.is_available()
 def _trainer(root: Path, device: str, precision: str):
     from tasks.layout import with_absolute_paths
     from tasks.pretrain.loader import open_prepared
-    from tasks.pretrain.loop import LoopConfig, Placement, Trainer
-    from tasks.pretrain.objective import PretrainObjective
+    from tasks.train.loop import LoopConfig, Placement, Trainer
+    from tasks.train.objective import PretrainObjective
 
     params = with_absolute_paths(pretrain_params(root, strategy="fsdp", precision=precision, workers=1,
                                                  global_batch_tokens=512, use_gpu=device == "cuda"))
@@ -35,7 +35,7 @@ def _trainer(root: Path, device: str, precision: str):
 
 def _run_and_resume(root: Path, device: str, backend: str, precision: str) -> dict:
     from servers import free_port
-    from tasks.pretrain.checkpoint import save_checkpoint
+    from tasks.train.checkpoint import save_checkpoint
 
     write_prepared(root / "data", root / "models" / "tokenizer", {"alpha": 1, "beta": 3},
                    seq_len=64, vocab_size=512, train_rows=300, val_rows=40, rows_per_shard=128)

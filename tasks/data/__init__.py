@@ -1,6 +1,6 @@
 """The `prepare` stage: raw corpora → packed token shards + manifest (the `prepare` stage).
 
-  prepare.py   the stage (and `tinyllama prepare`): staging dir, per-source shards, manifest, atomic publish
+  stage.py     the stage (and `tinyllama prepare`): staging dir, per-source shards, manifest, atomic publish
   sources.py   readers for every corpus format (local, glob, s3://, builtin)
   encoding.py  the tokenizer process pool
   packing.py   rows of seq_len + 1 ids, the train/val split by document

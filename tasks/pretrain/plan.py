@@ -49,7 +49,7 @@ def count_parameters_on_meta(params: Params) -> int:
 
 
 def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
-    """GiB per training worker for what this code keeps in memory (tasks/pretrain/parallel.py, model/loss.py):
+    """GiB per training worker for what this code keeps in memory (tasks/train/parallel.py, model/loss.py):
     - fp32 master weights, their gradients and AdamW's two moments, sharded across workers under FSDP2;
     - bf16 copies FSDP2 all-gathers for compute (`train.precision: bf16`): the root module's (embedding,
       final norm, lm_head) for the whole step, and two decoder blocks' at a time (one computing, one

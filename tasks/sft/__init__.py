@@ -1,8 +1,7 @@
 """The `sft` and `dpo` stages: chat variants of pretraining milestones (TinyLlama's chat releases,
 the Zephyr recipe), trained on the pretraining path, evaluated, registered in MLflow.
 
-  sft.py, dpo.py  `tinyllama sft|dpo --params FILE`
-  driver.py       checks every input, trains each job (tasks.pretrain.run.fit), evaluates, registers
+  stage.py        `tinyllama sft|dpo`: checks every input, trains each job (`fit`), evaluates, registers
   objectives.py   SFT (masked, packed) and DPO (with a frozen reference) as objectives of the one loop
   datasets.py     a variant's sources → checked, tokenized, packed / padded arrays
   reading.py      chat data sources (files, globs, s3://, hf://) → examples, skipped rows counted

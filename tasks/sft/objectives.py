@@ -1,4 +1,4 @@
-"""SFT and DPO as objectives of the one training loop (tasks/pretrain/objective.py).
+"""SFT and DPO as objectives of the one training loop (tasks/train/objective.py).
 
 Both fine-tune an HF dir (SFT: a pretraining milestone; DPO: the SFT result) on the set the driver
 tokenized (`loader.DATA_FILE`), in `epochs` over it with TRL's recipe knobs (warmup as a ratio of the
@@ -25,8 +25,8 @@ import torch
 
 from model.llama import Llama
 from tasks.params import Params
-from tasks.pretrain.objective import Objective, Recipe
-from tasks.pretrain.schedule import StepPlan
+from tasks.train.objective import Objective, Recipe
+from tasks.train.schedule import StepPlan
 from tasks.sft.dpo_loss import preference_loss
 from tasks.sft.loader import EpochLoader, load_arrays
 from tasks.sft.packing import Rows
@@ -137,7 +137,7 @@ class AlignmentObjective(Objective):
     def export(self, trainer, milestone: int) -> None:
         import shutil
 
-        from tasks.pretrain.checkpoint import export_milestone, milestone_uri
+        from tasks.train.checkpoint import export_milestone, milestone_uri
 
         metadata = {**self.job.metadata, "step": trainer.step, self.job.kind + "_tokens": trainer.tokens_seen}
         local = export_milestone(trainer.model, trainer.config.run_uri, MODEL_MILESTONE, trainer.tokenizer_dir(),

@@ -1,1 +1,1 @@
-"""The `tokenizer` stage: train or convert the tokenizer into `{paths.models}/tokenizer/` (build.py)."""
+"""The `tokenizer` stage: train or convert the tokenizer into `{paths.models}/tokenizer/` (stage.py)."""

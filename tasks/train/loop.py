@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from tasks.params import Params
-from tasks.pretrain.checkpoint import restore, save_checkpoint
-from tasks.pretrain.objective import Objective
-from tasks.pretrain.parallel import Parallel, build_optimizer, grad_norm_value
-from tasks.pretrain.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
+from tasks.train.checkpoint import restore, save_checkpoint
+from tasks.train.objective import Objective
+from tasks.train.parallel import Parallel, build_optimizer, grad_norm_value
+from tasks.train.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
 from tasks.ray_cluster import Console
 
 

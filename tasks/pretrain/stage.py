@@ -21,7 +21,7 @@ from tasks.files import exists, read_json, remove_tree, write_json_atomic
 from tasks.layout import TOKENIZER_FILES, Layout, join, with_absolute_paths
 from tasks.params import Params, add_params_argument, load_params
 from tasks.pretrain.loader import PreparedData, open_prepared
-from tasks.pretrain.schedule import StepPlan
+from tasks.train.schedule import StepPlan
 
 log = logging.getLogger("tinyllama.pretrain")
 
@@ -135,7 +135,7 @@ def publish_milestones(run_uri: str, plan: StepPlan, layout: Layout) -> list[str
     atomically); a milestone the run did not publish whole is an error naming it."""
     from tasks.files import BrokenSeal
     from tasks.params import format_tokens
-    from tasks.pretrain.checkpoint import fetch_milestone
+    from tasks.train.checkpoint import fetch_milestone
 
     names = [format_tokens(m) for m in plan.milestones]
     for name in names:
@@ -148,7 +148,7 @@ def publish_milestones(run_uri: str, plan: StepPlan, layout: Layout) -> list[str
 
 def last_checkpoint_metrics(run_uri: str) -> dict:
     """The metrics sealed into the run's newest checkpoint (the loop checkpoints its final step)."""
-    from tasks.pretrain.checkpoint import CHECKPOINT_JSON, list_checkpoints
+    from tasks.train.checkpoint import CHECKPOINT_JSON, list_checkpoints
 
     newest = list_checkpoints(run_uri)[0]
     return read_json(join(run_uri, newest, CHECKPOINT_JSON))["metrics"]
@@ -183,7 +183,7 @@ def fit(params: Params, loop_config) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasks.pretrain.loop import train_loop
+    from tasks.train.loop import train_loop
     from tasks.tracking import client as mlflow_client
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
@@ -210,8 +210,8 @@ def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, r
     """Ray Train over the run's dir, resuming from its newest valid checkpoint; returns the metrics."""
     from mlflow.entities import Metric
 
-    from tasks.pretrain.loop import LoopConfig
-    from tasks.pretrain.objective import PretrainObjective
+    from tasks.train.loop import LoopConfig
+    from tasks.train.objective import PretrainObjective
     from tasks.tracking import client as mlflow_client
 
     train = params.train

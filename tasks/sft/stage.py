@@ -3,7 +3,7 @@ pretraining path, evaluated, logged and registered.
 
 Order matters for the user: first every input of every variant is read and checked (sources, bad
 fractions, the base milestone or SFT model, the length policy), so bad input fails with exit 2
-before any training; then each job trains through `tasks.pretrain.run.fit` (Ray Train, the one
+before any training; then each job trains through `tasks.pretrain.stage.fit` (Ray Train, the one
 loop, resume checkpoints under `{sft.checkpoint_dir}/<kind>-<variant>-<fingerprint>/`, retries; a
 job whose run finished before is not trained again, its model is fetched from the run's dir);
 then each model is scored (lm-eval suite + chat accuracy), logged into its variant's MLflow run and
@@ -105,7 +105,7 @@ def plan_jobs(params: Params, layout: Layout, kind: str) -> list[Job]:
 
 
 def _mlflow_run(params: Params, job: Job, previous: dict | None, parent_run: str) -> tuple[str, str]:
-    from tasks.pretrain.run import start_mlflow_run
+    from tasks.pretrain.stage import start_mlflow_run
 
     variant = job.variant
     if job.kind == "sft":
@@ -126,8 +126,8 @@ def train_job(params: Params, layout: Layout, job: Job, parent_run: str | None, 
     pretrain.json) and MLflow run id. Its MLflow run is nested under `parent_run` (SFT: the pretrain
     run; DPO: the variant's run)."""
     from tasks.layout import join
-    from tasks.pretrain.checkpoint import fetch_milestone
-    from tasks.pretrain.run import COMPLETE_FILE, previous_run
+    from tasks.train.checkpoint import fetch_milestone
+    from tasks.pretrain.stage import COMPLETE_FILE, previous_run
     from tasks.sft.objectives import MODEL_MILESTONE
 
     started = time.perf_counter()
@@ -147,9 +147,9 @@ def train_job(params: Params, layout: Layout, job: Job, parent_run: str | None, 
 def _train(params: Params, job: Job, run_uri: str, previous: dict | None, parent_run: str | None, console) -> dict:
     """The job's MLflow run, data and starting weights into the run's dir, then Ray Train."""
     from tasks.layout import join
-    from tasks.pretrain.checkpoint import milestone_uri, publish_milestone
-    from tasks.pretrain.loop import LoopConfig
-    from tasks.pretrain.run import RUN_FILE, fit, peak_flops_per_worker, tokenizer_files
+    from tasks.train.checkpoint import milestone_uri, publish_milestone
+    from tasks.train.loop import LoopConfig
+    from tasks.pretrain.stage import RUN_FILE, fit, peak_flops_per_worker, tokenizer_files
     from tasks.sft.loader import DATA_FILE
     from tasks.sft.objectives import START_MILESTONE, AlignmentJob, DpoObjective, SftObjective
     from tasks.tracking import client as mlflow_client
@@ -302,15 +302,19 @@ def run_stage(params: Params, kind: str, resume: str = "auto") -> dict:
     return metrics
 
 
-def stage_main(kind: str):
-    """`main(args)` of `tinyllama sft|dpo`: the stage under its log (`logs/<kind>.log`)."""
-    def main(args) -> int:
-        from tasks.logs import stage_log
-        from tasks.params import load_params
+def add_arguments(parser) -> None:
+    from tasks.pretrain.stage import add_arguments as training_arguments  # the same flags: --params, --resume
 
-        params = load_params(args.params)
-        with stage_log(kind, params):
-            run_stage(params, kind, resume=args.resume)
-        return 0
+    training_arguments(parser)
 
-    return main
+
+def main(args) -> int:
+    """`tinyllama sft|dpo`: the stage named by the subcommand, under its log (`logs/<kind>.log`)."""
+    from tasks.logs import stage_log
+    from tasks.params import load_params
+
+    kind = args.command
+    params = load_params(args.params)
+    with stage_log(kind, params):
+        run_stage(params, kind, resume=args.resume)
+    return 0

@@ -27,7 +27,7 @@ import torch
 from model.llama import Llama
 from tasks.params import Params, format_tokens
 from tasks.pretrain.loader import MixedLoader, PreparedData, val_batches
-from tasks.pretrain.schedule import StepPlan, lr_at
+from tasks.train.schedule import StepPlan, lr_at
 
 if TYPE_CHECKING:
     from tasks.evaluate.scoring import EvalInputs
@@ -118,7 +118,7 @@ class PretrainObjective(Objective):
     def export(self, trainer, milestone: int) -> None:
         """The milestone into the run's dir (the stage copies it to {paths.models} at the end), logged to
         MLflow and handed to a milestone eval."""
-        from tasks.pretrain.checkpoint import export_milestone, milestone_uri
+        from tasks.train.checkpoint import export_milestone, milestone_uri
 
         name = format_tokens(milestone)
         metadata = {"milestone": name, "milestone_tokens": milestone, "tokens_seen": trainer.tokens_seen,
