@@ -62,8 +62,8 @@ def write_data(params, root: Path) -> None:
 def _loop_config(params, root: Path):
     from tasks.layout import with_absolute_paths
     from tasks.pretrain.loader import open_prepared
+    from tasks.pretrain.objective import PretrainObjective
     from tasks.train.loop import LoopConfig
-    from tasks.train.objective import PretrainObjective
 
     params = with_absolute_paths(params)
     return LoopConfig(params=params.model_dump(mode="json"), objective=PretrainObjective(open_prepared(params), None),

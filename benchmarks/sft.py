@@ -28,7 +28,7 @@ run minutes apart and with different batches, so for the comparison itself:
   .venv/bin/python benchmarks/sft.py --ray --tokenizer models/tokenizer [--steps 30]
 
 runs, in one Ray session, pretraining (synthetic prepared rows) and SFT (the world chat set, packed)
-of the tiny preset through the stages' own code (`tasks.pretrain.stage.pretrain`, `tasks.sft.stage.
+of the tiny preset through the stages' own code (`tasks.pretrain.stage.pretrain`, `tasks.sft.training.
 train_job`: the one Ray Train loop, 2 workers × 1 thread) with the same shapes: 2 workers × 8 rows
 × 256 positions per step. Order pretrain, SFT, pretrain, SFT; steady per-step medians from MLflow.
 """
@@ -136,7 +136,8 @@ def ray_comparison(tokenizer_dir: Path, steps: int) -> dict:
     from tasks.params import parse_params
     from tasks.pretrain.stage import pretrain
     from tasks.ray_cluster import ray_session
-    from tasks.sft.stage import plan_jobs, train_job
+    from tasks.sft.jobs import plan_jobs
+    from tasks.sft.training import train_job
 
     rates: dict[str, list[float]] = {"pretrain": [], "sft": []}
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:

@@ -14,23 +14,12 @@ from pathlib import Path
 
 from flows.dag import Stage
 from tasks.layout import LOGS_DIR
+from tasks.tracking import flatten
 
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
 # MLflow 3's UI has a GenAI view and a model-training view (runs, metric charts, models); this query
 # parameter opens the latter, which is what a pretraining pipeline's runs are.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
-
-
-def flatten(metrics: dict, prefix: str = "") -> dict[str, object]:
-    """{'100K': {'avg': 0.3}} -> {'100K.avg': 0.3}: one row per number, like `dvc metrics show`."""
-    rows: dict[str, object] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows.update(flatten(value, f"{name}."))
-        else:
-            rows[name] = value
-    return rows
 
 
 def read_metrics(root: Path, stage: Stage) -> dict[str, dict]:

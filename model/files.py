@@ -1,6 +1,6 @@
 """The file names of the two dirs model/ reads and writes: a Hugging Face Llama checkpoint dir and its
-tokenizer files. Names only (no imports), so the pipeline's on-disk contract (tasks/layout.py) can
-re-export them without loading torch."""
+tokenizer files; and the GGUF types it exports. Names only (no imports), so the pipeline's on-disk
+contract (tasks/layout.py) and its params schema can use them without loading torch."""
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -12,3 +12,5 @@ TOKENIZER_JSON_FILE = "tokenizer.json"            # HF tokenizers backend
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"   # transformers' settings, the chat template
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 TOKENIZER_FILES = (TOKENIZER_MODEL_FILE, TOKENIZER_JSON_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)
+
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q5_0")  # the GGUF files model/gguf.py writes (llama.cpp's type names)

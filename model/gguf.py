@@ -30,10 +30,9 @@ import torch
 from model.atomic import atomic_file
 from model.config import LlamaConfig
 from model.hf import config_from_hf, load_hf, read_hf_config, to_hf_state_dict
-from model.files import TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE
+from model.files import GGUF_TYPES, TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE
 from model.tokenizer import BOS_ID, EOS_ID, UNK_ID, parse_model
 
-GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q5_0")
 LINEAGE_PREFIX = "tinyllama.lineage."
 _PAD_SCORE = -1000.0  # what llama.cpp's converter gives [PAD] tokens beyond the SentencePiece vocab
 

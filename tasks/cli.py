@@ -1,7 +1,8 @@
 """`tinyllama`: one CLI whose subcommands are the pipeline's stages (what dvc.yaml calls).
 
 Only the chosen subcommand's module is imported, so `tinyllama plan` does not pay for
-Ray or lm-eval. The module each command names exposes `add_arguments(parser)` and `main(args)`.
+Ray or lm-eval. The module each command names exposes `add_arguments(parser)` and `main(args)`
+(`main` finds its subcommand in `args.command`: sft and dpo are one stage module).
 Bad input (`UserError`) becomes one line on stderr and exit code 2.
 """
 
@@ -14,7 +15,7 @@ import sys
 from tasks.errors import UserError
 
 COMMANDS = {
-    "plan": ("tasks.pretrain.plan", "dry-run a profile: parameters, steps, memory per GPU, days"),
+    # the stages, in the order of the DAG (dvc.yaml); each is `tasks.<package>.stage`
     "tokenizer": ("tasks.tokenizer.stage", "train or convert the tokenizer into models/tokenizer/"),
     "prepare": ("tasks.data.stage", "tokenize and pack the corpora into Parquet shards"),
     "pretrain": ("tasks.pretrain.stage", "pretrain on Ray Train, exporting milestone checkpoints"),
@@ -22,9 +23,11 @@ COMMANDS = {
     "sft": ("tasks.sft.stage", "supervised fine-tuning of chat variants from pretraining milestones"),
     "dpo": ("tasks.sft.stage", "DPO of the chat variants from their SFT models"),
     "quantize": ("tasks.quantize.stage", "GGUF files for llama.cpp and int8 for our engine, measured like llama.cpp"),
+    "deploy": ("tasks.deploy.stage", "serve the champion on Ray Serve, check it with the openai client, stop it"),
+    # tools around the stages
+    "plan": ("tasks.pretrain.plan", "dry-run a profile: parameters, steps, memory per GPU, days"),
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
     "chat": ("tasks.chat.terminal", "talk to a chat model (a dir or models:/tinyllama-chat@champion)"),
-    "deploy": ("tasks.deploy.stage", "serve the champion on Ray Serve, check it with the openai client, stop it"),
     "serve": ("tasks.deploy.serve", "the OpenAI-compatible server (Ray Serve) for a model dir or registry alias"),
 }
 

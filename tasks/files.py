@@ -63,16 +63,29 @@ def read_json(path: str | Path, hint: str = ""):
         raise UserError(f"{path}: not valid JSON ({exc}){suffix}") from None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, streamed: a local path or a URI (`s3://`, `hf://`, anything fsspec opens)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    if "://" in str(path):
+        import fsspec
+
+        opened = fsspec.open(str(path), "rb")
+    else:
+        opened = open(path, "rb")
+    with opened as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_json(data) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    """The fingerprint of a JSON-able value (keys sorted; tuples and sets hashed as lists): what decides a
+    run, a cache entry or a stage, hashed the one way every fingerprint in the project is."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
 
 
 # -- dirs that may live on shared storage (a local path or a URI every node reaches) ------------------

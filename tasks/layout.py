@@ -21,7 +21,8 @@ from tasks.params import Params
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE",
            "WEIGHTS_INDEX_FILE", "TOKENIZER_MODEL_FILE", "MANIFEST_FILE", "EVAL_TASKS_FILE", "MILESTONE_SEAL",
-           "SERVE_CONFIG_FILE", "LINEAGE_FILE", "Layout", "is_uri", "resolve", "join", "with_absolute_paths",
+           "SERVE_CONFIG_FILE", "LINEAGE_FILE", "RUN_FILE", "COMPLETE_FILE", "CHECKPOINT_FILE", "EVAL_REPORT_FILES",
+           "Layout", "is_uri", "resolve", "join", "with_absolute_paths",
            "shard_location"]
 
 MANIFEST_FILE = "manifest.json"        # {paths.data}/prepared/manifest.json
@@ -30,6 +31,11 @@ MILESTONE_SEAL = "milestone.json"      # written last into a milestone in a run'
 SERVE_CONFIG_FILE = "serve_config.yaml"  # {paths.models}/deploy/: what `serve deploy` runs
 LINEAGE_FILE = "lineage.json"          # {paths.models}/deploy/: where the served weights came from
 LOGS_DIR = "logs"                      # per-stage log files (git-ignored)
+EVAL_REPORT_FILES = ("eval_table.md", "eval_table.csv", "eval_plot.png")  # beside eval.json in {paths.metrics}
+# A training run's dir (`Layout.run_dir`, `Layout.alignment_run_dir`):
+RUN_FILE = "run.json"                  # the run's MLflow run id (pretrain: and its resolved params)
+COMPLETE_FILE = "complete.json"        # written when the run finished: its final metrics
+CHECKPOINT_FILE = "checkpoint.json"    # written last into each resume checkpoint: step, loader state, metrics
 
 
 def is_uri(path: str | Path) -> bool:

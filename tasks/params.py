@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.config import LlamaConfig, preset
+from model.files import GGUF_TYPES
 from tasks.errors import UserError
 
 _TOKEN_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -259,7 +260,6 @@ class EvalParams(Section):
         return self
 
 
-GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q5_0")  # model/gguf.py GGUF_TYPES (kept import-free here)
 
 
 class QualityGate(Section):
@@ -356,24 +356,31 @@ class ScheduleParams(Section):
         return self
 
 
-class DpoParams(ScheduleParams):
-    sources: list[ChatSourceParams]
+class DpoRecipe(ScheduleParams):
+    """The DPO optimisation recipe (TRL's names): what a DPO worker reads, typed."""
+
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid only: conservative DPO (cDPO)
     rpo_alpha: float = Field(0.0, ge=0)  # TRL's rpo_alpha: + α × NLL of the chosen answers (RPO)
     lr: float = Field(5e-7, gt=0)
 
-    @field_validator("sources")
-    @classmethod
-    def _sources(cls, sources):
-        return _chat_sources(sources, PREFERENCE_FORMATS, "preference data")
-
     @model_validator(mode="after")
     def _smoothing_needs_sigmoid(self):
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only, not {self.loss_type!r}")
         return self
+
+
+class DpoParams(DpoRecipe):
+    """A variant's `dpo` section: its recipe and its preference data."""
+
+    sources: list[ChatSourceParams]
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, sources):
+        return _chat_sources(sources, PREFERENCE_FORMATS, "preference data")
 
 
 class VariantParams(ScheduleParams):

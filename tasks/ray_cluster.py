@@ -33,15 +33,38 @@ _started_temp_dirs: list[str] = []
 WORKER_ENV = {"TQDM_DISABLE": "1"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a dashboard, a Serve proxy)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def start_ray(cpus: int, dashboard_port: int | None = None, metrics_port: int | None = None,
+              runtime_env: dict | None = None) -> str | None:
+    """Ray for this process, started the one way every command starts it: connected to `RAY_ADDRESS` when
+    set (returns None), else a local Ray with exactly `cpus` CPUs and a private temp dir (returned: the
+    caller removes it after `ray.shutdown()`), its dashboard on `dashboard_port` when given, Prometheus
+    metrics on `metrics_port` (else a port Ray picks)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a pipeline stage must never prompt
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+        return None
+    # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    ray.init(num_cpus=cpus, include_dashboard=dashboard_port is not None, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False,
+             runtime_env=runtime_env, _metrics_export_port=metrics_port)
+    return temp_dir
+
+
 def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
-    """Connect to `RAY_ADDRESS` if set, else start a local Ray; no-op if Ray is already up in this
-    process. Returns True when this call started (or connected) Ray, so the caller owns shutdown."""
+    """Connect to `RAY_ADDRESS` if set, else start a local Ray (with its dashboard: Ray Train's State API
+    needs it); no-op if Ray is already up in this process. Returns True when this call started (or
+    connected) Ray, so the caller owns shutdown."""
     import ray
 
     from tasks.logs import adopt_library_logging
@@ -49,19 +72,11 @@ def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
     adopt_library_logging("ray")  # Ray installs its console handler when imported
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a pipeline stage must never prompt
     # The job's runtime env: every worker this job starts, on any node, gets these variables.
     runtime_env = {"env_vars": {**WORKER_ENV, **params.train.worker_env}}
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
-        return True
-    # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    _started_temp_dirs.append(temp_dir)
-    ray.init(num_cpus=(os.cpu_count() or 1) + extra_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=False, configure_logging=False,
-             runtime_env=runtime_env)
+    temp_dir = start_ray((os.cpu_count() or 1) + extra_cpus, dashboard_port=free_port(), runtime_env=runtime_env)
+    if temp_dir is not None:
+        _started_temp_dirs.append(temp_dir)
     return True
 
 

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.atomic import replace_dir
 from tasks.errors import UserError
 from tasks.files import sha256_file
 from tasks.layout import CONFIG_FILE, WEIGHTS_FILE
@@ -132,8 +133,7 @@ def resolve_model(ref: str, tracking_uri: str) -> Path:
         if not _complete(downloaded, weights):
             raise UserError(f"model {ref!r}: version {version.version}'s artifacts ({version.source}) are not "
                             "a complete model dir matching its weights_sha256 tag")
-        shutil.rmtree(target, ignore_errors=True)
-        downloaded.rename(target)
+        replace_dir(downloaded, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

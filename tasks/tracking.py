@@ -6,6 +6,7 @@ server; `MLFLOW_TRACKING_URI` (or `mlflow.tracking_uri` in params) points elsewh
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -62,3 +63,21 @@ def configure_mlflow(params: Params) -> str:
                                              tags=EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dicts as dotted names, one entry per leaf: {"train": {"lr": 0.003}} -> {"train.lr": 0.003}. How
+    a resolved config becomes MLflow params (`as_params`) and a metrics file becomes rows (flows/report.py)."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def as_params(values: dict) -> dict[str, str]:
+    """A resolved config as MLflow params: `train.lr` -> "0.003", lists as JSON."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(values).items()}

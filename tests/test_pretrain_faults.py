@@ -122,7 +122,8 @@ def test_killed_driver_reruns_resume_past_a_corrupt_checkpoint(reference, tmp_pa
 def test_fsdp2_on_cpu_matches_ddp_and_resumes_from_sharded_checkpoints(reference, tmp_path, monkeypatch, local_ray):
     """FSDP2 trains the same weights as DDP; its resume checkpoints hold one safetensors shard per
     rank and no full copy; and a run resumed from them (past a corrupt shard) ends bitwise equal."""
-    from tasks.pretrain.stage import COMPLETE_FILE, pretrain
+    from tasks.layout import COMPLETE_FILE
+    from tasks.pretrain.stage import pretrain
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     params = _workspace(tmp_path, strategy="fsdp")

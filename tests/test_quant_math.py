@@ -186,10 +186,3 @@ def test_mismatched_shapes_are_refused():
 def test_chunk_puts_bos_first_and_scores_the_second_half():
     tokens, first = chunk(np.arange(10, 30), 16, bos_id=1)
     assert tokens[0] == 1 and tokens[1:] == list(range(11, 26)) and first == 8
-
-
-def test_param_types_match_the_exporter():
-    from model.gguf import GGUF_TYPES
-    from tasks.params import GGUF_TYPES as PARAM_TYPES
-
-    assert PARAM_TYPES == GGUF_TYPES

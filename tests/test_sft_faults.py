@@ -38,7 +38,8 @@ def _workspace(root, small_tokenizer_dir):
 
 def _train(params, resume="auto"):
     from tasks.layout import Layout, with_absolute_paths
-    from tasks.sft.stage import plan_jobs, train_job
+    from tasks.sft.jobs import plan_jobs
+    from tasks.sft.training import train_job
 
     params = with_absolute_paths(params)
     layout = Layout.from_params(params)

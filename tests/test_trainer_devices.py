@@ -22,8 +22,8 @@ CUDA = torch.cuda.is_available()
 def _trainer(root: Path, device: str, precision: str):
     from tasks.layout import with_absolute_paths
     from tasks.pretrain.loader import open_prepared
+    from tasks.pretrain.objective import PretrainObjective
     from tasks.train.loop import LoopConfig, Placement, Trainer
-    from tasks.train.objective import PretrainObjective
 
     params = with_absolute_paths(pretrain_params(root, strategy="fsdp", precision=precision, workers=1,
                                                  global_batch_tokens=512, use_gpu=device == "cuda"))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from tasks.errors import UserError
+from tasks.files import sha256_file
 
 if TYPE_CHECKING:
     from tasks.params import Params, SourceParams
@@ -236,16 +237,6 @@ def read_errors() -> tuple[type[Exception], ...]:
     return (OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException)
 
 
-def sha256_of(uri: str) -> str:
-    import fsspec
-
-    digest = hashlib.sha256()
-    with fsspec.open(uri, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class SourceReader:
     """Streams one source as `Chunk`s in a fixed order; fills `input_sha256` as inputs finish."""
 
@@ -300,7 +291,7 @@ class SourceReader:
             total, size = max(parquet.metadata.num_rows, 1), self.sizes[uri]
             for index, batch in enumerate(parquet.iter_batches(batch_size=128, columns=[column])):
                 yield Chunk(batch.column(0).to_pylist(), size * batch.num_rows // total, uri, index == 0)
-        self.input_sha256[uri] = sha256_of(uri)
+        self.input_sha256[uri] = sha256_file(uri)
 
     def _builtin_chunks(self) -> Iterator[Chunk]:
         digest = hashlib.sha256()

@@ -8,9 +8,7 @@ here is stopped on exit, so a test or a pipeline stage leaves no Ray behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,15 +27,9 @@ def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = 
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    temp_dir = None
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
-    else:
-        temp_dir = tempfile.mkdtemp(prefix="tl-serve-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        ray.init(num_cpus=cpus, _temp_dir=temp_dir, include_dashboard=dashboard_port is not None,
-                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, logging_level="WARNING",
-                 log_to_driver=False, _metrics_export_port=metrics_port)
+    from tasks.ray_cluster import start_ray
+
+    temp_dir = start_ray(cpus, dashboard_port=dashboard_port, metrics_port=metrics_port)
     try:
         serve.start(http_options={"host": host, "port": port})
         yield temp_dir

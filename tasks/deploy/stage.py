@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from tasks.errors import UserError
 from tasks.files import write_json_atomic
 from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
+from tasks.ray_cluster import free_port
 from tasks.tracking import tracking_uri
 
 METRICS = "serve"  # metrics/serve.json
@@ -35,12 +35,6 @@ READY_TIMEOUT_S = 600
 
 def add_arguments(parser) -> None:
     add_params_argument(parser)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_artifacts(params: Params) -> tuple[Path, dict]:
@@ -89,7 +83,7 @@ def deploy(params: Params) -> dict:
         api_key = os.environ.get(params.deploy.api_key_env)
         if not api_key:
             raise UserError(f"deploy.api_key_env: environment variable {params.deploy.api_key_env} is not set")
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     local = _local_copy(config, port)
     base_url = f"http://127.0.0.1:{port}"
     with serve_session(os.cpu_count() or 1, "127.0.0.1", port, dashboard_port):

@@ -12,13 +12,12 @@ import io
 from pathlib import Path
 
 from tasks.files import write_atomic, write_json_atomic
-from tasks.layout import Layout
+from tasks.layout import EVAL_REPORT_FILES, Layout
 from tasks.params import format_tokens
 
 # EVAL.md's column titles for the benchmarks it reports; other tasks keep their own names.
 DISPLAY_NAMES = {"hellaswag": "HellaSwag", "openbookqa": "Obqa", "winogrande": "WinoGrande",
                  "arc_challenge": "ARC_c", "arc_easy": "ARC_e", "boolq": "boolq", "piqa": "piqa"}
-REPORT_FILES = ("eval.json", "eval_table.md", "eval_table.csv", "eval_plot.png")
 
 
 def eval_metrics(results: list[dict], tasks: list[str]) -> dict:
@@ -86,8 +85,9 @@ def plot_png(results: list[dict], tasks: list[str], chance: float | None) -> byt
 
 def write_reports(layout: Layout, results: list[dict], tasks: list[str], settings: str,
                   chance: float | None) -> list[Path]:
-    """Write the four files atomically; returns their paths in REPORT_FILES order."""
-    json_file, md_file, csv_file, png_file = (layout.report_file(name) for name in REPORT_FILES)
+    """Write eval.json and the three reports beside it atomically; returns their paths in that order."""
+    json_file = layout.metrics_file("eval")
+    md_file, csv_file, png_file = (layout.report_file(name) for name in EVAL_REPORT_FILES)
     return [
         write_json_atomic(json_file, eval_metrics(results, tasks)),
         write_atomic(md_file, markdown_table(results, tasks, settings).encode()),

@@ -13,7 +13,6 @@ and scores (`SCORING_MODULES`). So a changed limit, task file or prompt renderin
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from tasks.evaluate.checkpoints import Checkpoint
 from tasks.evaluate.harness import load_checkpoint, run_lm_eval
 from tasks.evaluate.perplexity import perplexity, val_rows
 from tasks.evaluate.tasksets import TaskBundle, TaskSet, collect_tasks
-from tasks.files import exists, read_json, sha256_file, sha256_json, write_json_atomic
+from tasks.files import exists, read_json, sha256_bytes, sha256_file, sha256_json, write_json_atomic
 from tasks.layout import Layout, join
 from tasks.params import Params
 
@@ -50,7 +49,7 @@ class EvalInputs:
     @property
     def key(self) -> str:
         return sha256_json({"tasks": self.tasks.fingerprint, "code": code_fingerprint(),
-                            "val_rows": hashlib.sha256(np.ascontiguousarray(self.val_rows).tobytes()).hexdigest()})[:16]
+                            "val_rows": sha256_bytes(np.ascontiguousarray(self.val_rows).tobytes())})[:16]
 
 
 def collect_inputs(params: Params) -> EvalInputs:

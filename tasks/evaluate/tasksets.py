@@ -10,7 +10,6 @@ judged the same way everywhere, and every problem is reported before any model i
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from tasks.errors import UserError
 from tasks.evaluate.lm_eval_offline import OFFLINE_TASKS, load_offline_rows, offline_task_config, write_offline_task
 from tasks.evaluate.lm_eval_tiny import check_items, read_tiny_tasks, tiny_task_config, write_tiny_task
-from tasks.files import sha256_json
+from tasks.files import sha256_bytes, sha256_json
 from tasks.layout import EVAL_TASKS_FILE, Layout
 from tasks.params import Params
 
@@ -133,7 +132,7 @@ def collect_tasks(params: Params) -> TaskBundle:
             offline.append(name)
             chance[name] = _offline_chance(name, adapted)
             configs[name] = _portable(offline_task_config(OFFLINE_TASKS[name], data_dir))
-        data_hashes[name] = hashlib.sha256(rows[name]).hexdigest() if name in rows else "lm-eval packaged"
+        data_hashes[name] = sha256_bytes(rows[name]) if name in rows else "lm-eval packaged"
     import lm_eval
 
     fingerprint = sha256_json({"tasks": names, "data": data_hashes, "configs": configs,

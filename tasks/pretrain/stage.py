@@ -10,24 +10,16 @@ different number of workers, and a changed recipe never resumes a stale one.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
 import time
-from pathlib import Path
 
-from tasks.files import exists, read_json, remove_tree, write_json_atomic
-from tasks.layout import TOKENIZER_FILES, Layout, join, with_absolute_paths
-from tasks.params import Params, add_params_argument, load_params
+from tasks.files import sha256_json, write_json_atomic
+from tasks.layout import COMPLETE_FILE, RUN_FILE, Layout, join, with_absolute_paths
+from tasks.params import Params, load_params
 from tasks.pretrain.loader import PreparedData, open_prepared
+from tasks.train.runs import add_arguments, peak_flops_per_worker, previous_run, start_mlflow_run, tokenizer_files
 from tasks.train.schedule import StepPlan
 
-log = logging.getLogger("tinyllama.pretrain")
-
-RUN_FILE = "run.json"
-COMPLETE_FILE = "complete.json"
-METRIC_KEYS = ("final_train_loss", "final_val_loss", "tokens", "steps", "tokens_per_s")
+__all__ = ["add_arguments", "main", "pretrain"]
 
 
 def fingerprint(params: Params, data: PreparedData) -> str:
@@ -38,61 +30,7 @@ def fingerprint(params: Params, data: PreparedData) -> str:
               "recipe": {k: getattr(train, k) for k in ("global_batch_tokens", "total_tokens", "lr", "min_lr",
                                                          "warmup_steps", "weight_decay", "betas", "eps",
                                                          "grad_clip", "precision")}}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=list).encode()).hexdigest()
-
-
-def flatten(values: dict, prefix: str = "") -> dict[str, str]:
-    """The resolved config as MLflow params: `train.lr` → "0.003"."""
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return flat
-
-
-def previous_run(run_uri: str, resume: str) -> tuple[dict | None, dict | None]:
-    """(run.json, complete.json) of this recipe's earlier run when continuing it, (None, None) after
-    clearing its dir when starting over (`--resume never`)."""
-    if resume == "never":
-        if exists(run_uri):
-            log.warning("starting over in %s (--resume never)", run_uri)
-        remove_tree(run_uri)
-        return None, None
-    record = read_json(join(run_uri, RUN_FILE)) if exists(join(run_uri, RUN_FILE)) else None
-    complete = read_json(join(run_uri, COMPLETE_FILE)) if record and exists(join(run_uri, COMPLETE_FILE)) else None
-    return record, complete
-
-
-def start_mlflow_run(params: Params, run_name: str, previous: dict | None, extra: dict, tags: dict | None = None,
-                     values: dict | None = None) -> tuple[str, str]:
-    """The run a training job logs to: resumed when the previous attempt's run still exists, else a new
-    one named `run_name` with `tags` (default: the pretrain stage's), whose params are `values` (default:
-    every param of the profile) flattened, plus `extra`. Returns (tracking uri, run id)."""
-    from mlflow.entities import Param
-    from mlflow.exceptions import MlflowException
-    from tasks.tracking import client as mlflow_client
-    from tasks.tracking import configure_mlflow, tracking_uri
-
-    experiment_id = configure_mlflow(params)
-    uri = tracking_uri(params)
-    client = mlflow_client(uri)
-    if previous is not None:
-        try:
-            client.get_run(previous["mlflow_run_id"])
-            client.update_run(previous["mlflow_run_id"], status="RUNNING")
-            return uri, previous["mlflow_run_id"]
-        except MlflowException:
-            log.warning("MLflow run %s of the resumed run is gone; logging to a new run", previous["mlflow_run_id"])
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {"stage": "pretrain"})
-    values = params.model_dump(mode="json") if values is None else values
-    flat = {**flatten(values), **{k: str(v) for k, v in extra.items()}}
-    entries = [Param(k, v) for k, v in sorted(flat.items())]
-    for start in range(0, len(entries), 100):  # MLflow's per-request param limit
-        client.log_batch(run.info.run_id, params=entries[start:start + 100])
-    return uri, run.info.run_id
+    return sha256_json(inputs)
 
 
 def pretrain(params: Params, resume: str = "auto") -> dict:
@@ -124,7 +62,8 @@ def pretrain(params: Params, resume: str = "auto") -> dict:
         write_json_atomic(join(run_uri, COMPLETE_FILE), metrics)
     published = publish_milestones(run_uri, plan, layout)
     out = write_json_atomic(layout.metrics_file("pretrain"), metrics)
-    print(f"pretrain: done in {time.perf_counter() - started:.0f}s; final train loss {metrics['final_train_loss']:.4f}, "
+    print(f"pretrain: done in {time.perf_counter() - started:.0f}s; "
+          f"final train loss {metrics['final_train_loss']:.4f}, "
           f"val loss {metrics['final_val_loss']:.4f}; milestones {', '.join(published)} -> {layout.pretrain_dir}; "
           f"metrics -> {out}", flush=True)
     return metrics
@@ -146,14 +85,6 @@ def publish_milestones(run_uri: str, plan: StepPlan, layout: Layout) -> list[str
     return names
 
 
-def last_checkpoint_metrics(run_uri: str) -> dict:
-    """The metrics sealed into the run's newest checkpoint (the loop checkpoints its final step)."""
-    from tasks.train.checkpoint import CHECKPOINT_JSON, list_checkpoints
-
-    newest = list_checkpoints(run_uri)[0]
-    return read_json(join(run_uri, newest, CHECKPOINT_JSON))["metrics"]
-
-
 def _eval_inputs(params: Params):
     """What milestone evals during training score with, gathered here: they may run on nodes that do
     not see this machine's files."""
@@ -164,66 +95,29 @@ def _eval_inputs(params: Params):
     return collect_inputs(params)
 
 
-def tokenizer_files(directory: Path) -> dict[str, bytes]:
-    """The tokenizer files of a dir, shipped to the workers in memory (they may not see this disk)."""
-    return {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
-
-
-def peak_flops_per_worker(params: Params) -> float | None:
-    """The MFU denominator: configured for GPUs, None on CPU (each worker measures its matmul peak)."""
-    return params.plan.peak_tflops_per_worker * 1e12 if params.train.use_gpu else None
-
-
-def fit(params: Params, loop_config) -> dict:
-    """Train `loop_config.objective` with the one loop on Ray Train (TorchTrainer) in the run's dir
-    `loop_config.run_uri`: `train.workers` workers, failures retried from the newest valid checkpoint.
-    Every objective (pretraining, SFT, DPO) runs through here. Returns the MLflow run id and the metrics
-    sealed into the final checkpoint; when training failed for good (after `train.max_failures`
-    restarts) it marks the MLflow run FAILED and raises."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from tasks.train.loop import train_loop
-    from tasks.tracking import client as mlflow_client
-
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
-    train = params.train
-    storage, name = loop_config.run_uri.rstrip("/").rsplit("/", 1)
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-    trainer = TorchTrainer(
-        lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=train.max_failures)))
-    try:
-        trainer.fit()
-        reported = last_checkpoint_metrics(loop_config.run_uri)
-    except BaseException:
-        mlflow_client(loop_config.tracking_uri).set_terminated(loop_config.mlflow_run_id, status="FAILED")
-        raise
-    return {"mlflow_run_id": loop_config.mlflow_run_id, **{k: reported.get(k) for k in METRIC_KEYS}}
-
-
 def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, recipe: str, run_uri: str,
            previous: dict | None, console) -> dict:
     """Ray Train over the run's dir, resuming from its newest valid checkpoint; returns the metrics."""
     from mlflow.entities import Metric
 
-    from tasks.train.loop import LoopConfig
-    from tasks.train.objective import PretrainObjective
+    from tasks.pretrain.objective import PretrainObjective
     from tasks.tracking import client as mlflow_client
+    from tasks.train.launch import fit
+    from tasks.train.loop import LoopConfig
 
     train = params.train
     peak = peak_flops_per_worker(params)
     extra = {"derived.total_steps": plan.total_steps, "derived.grad_accum": plan.grad_accum,
              "derived.tokens_per_step": plan.tokens_per_step, "derived.run_dir": run_uri,
              "derived.parameters": params.llama_config(data.vocab_size).num_params(),
-             "derived.mfu_peak": "configured plan.peak_tflops_per_worker" if peak else "measured fp32 matmul per worker"}
-    uri, run_id = start_mlflow_run(params, f"pretrain-{params.profile}-{recipe[:8]}", previous, extra)
+             "derived.mfu_peak": ("configured plan.peak_tflops_per_worker" if peak
+                                  else "measured fp32 matmul per worker")}
+    uri, run_id = start_mlflow_run(params, f"pretrain-{params.profile}-{recipe[:8]}", previous, extra,
+                                   tags={"stage": "pretrain"}, values=params.model_dump(mode="json"))
     write_json_atomic(join(run_uri, RUN_FILE), {"mlflow_run_id": run_id, "params": params.model_dump(mode="json")})
     print(f"pretrain: {plan.total_steps} steps × {plan.tokens_per_step} tokens ({train.workers} workers × "
-          f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}", flush=True)
+          f"{train.micro_batch} rows × {plan.grad_accum} accumulation), run {run_uri}, MLflow run {run_id}",
+          flush=True)
     loop_config = LoopConfig(params=params.model_dump(mode="json"),
                              objective=PretrainObjective(data, _eval_inputs(params)), run_uri=run_uri,
                              tokenizer_files=tokenizer_files(layout.tokenizer_dir), tracking_uri=uri,
@@ -235,13 +129,6 @@ def _train(params: Params, layout: Layout, data: PreparedData, plan: StepPlan, r
                                       for k, v in metrics.items() if isinstance(v, (int, float))])
     client.set_terminated(run_id, status="FINISHED")
     return metrics
-
-
-def add_arguments(parser) -> None:
-    add_params_argument(parser)
-    parser.add_argument("--resume", choices=("auto", "never"), default="auto",
-                        help="auto (default): continue this recipe's last run from its newest valid checkpoint "
-                             "if it did not finish; never: discard it and start over")
 
 
 def main(args) -> int:

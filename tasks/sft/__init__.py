@@ -1,7 +1,10 @@
 """The `sft` and `dpo` stages: chat variants of pretraining milestones (TinyLlama's chat releases,
-the Zephyr recipe), trained on the pretraining path, evaluated, registered in MLflow.
+the Zephyr recipe), trained through the training library (tasks/train/), evaluated, registered in MLflow.
 
-  stage.py        `tinyllama sft|dpo`: checks every input, trains each job (`fit`), evaluates, registers
+  stage.py        `tinyllama sft|dpo --params FILE`: jobs checked, trained, scored, registered, reported
+  jobs.py         one job per variant: start weights, data built and checked, typed recipe, fingerprint
+  training.py     one job on Ray Train (`fit`): its run's dir, MLflow run, data and start weights, resume
+  register.py     each trained model scored, logged into its variant's run, registered
   objectives.py   SFT (masked, packed) and DPO (with a frozen reference) as objectives of the one loop
   datasets.py     a variant's sources → checked, tokenized, packed / padded arrays
   reading.py      chat data sources (files, globs, s3://, hf://) → examples, skipped rows counted

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tasks.files import sha256_bytes
+
 DATA_FILE = "data.safetensors"
 
 
@@ -25,14 +27,12 @@ def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
 def load_arrays(uri: str, sha256: str) -> dict[str, np.ndarray]:
     """The arrays the driver wrote, checked against the hash it recorded (a partial upload or a file
     from another run is an error, not a silently different dataset)."""
-    import hashlib
-
     import fsspec
     from safetensors.numpy import load
 
     with fsspec.open(uri, "rb") as handle:
         data = handle.read()
-    if hashlib.sha256(data).hexdigest() != sha256:
+    if sha256_bytes(data) != sha256:
         raise ValueError(f"{uri}: does not match the sha256 the driver recorded")
     return load(data)
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from model.llama import Llama
-from tasks.params import Params
-from tasks.train.objective import Objective, Recipe
+from tasks.params import DpoRecipe, Params, ScheduleParams
+from tasks.train.objective import ExportContext, Objective, Recipe
 from tasks.train.schedule import StepPlan
 from tasks.sft.dpo_loss import preference_loss
 from tasks.sft.loader import EpochLoader, load_arrays
@@ -47,7 +47,7 @@ class AlignmentJob:
     items: int                # training rows (SFT) or pairs (DPO)
     row_length: int
     packed: bool
-    recipe: dict              # tasks.params.ScheduleParams (DPO: DpoParams) as a dict
+    recipe: ScheduleParams    # validated by the driver (DPO: a DpoRecipe); read by attribute, never by key
     template: str             # Jinja source
     stop_strings: tuple[str, ...]
     metadata: dict = field(default_factory=dict)
@@ -64,16 +64,16 @@ class AlignmentObjective(Objective):
 
     def plan(self, params: Params) -> StepPlan:
         recipe = self.job.recipe
-        grad_accum = recipe["batch_size"] // (params.train.workers * recipe["micro_batch"])
-        total_steps = max(1, math.ceil(recipe["epochs"] * self.job.items / recipe["batch_size"]))
-        tokens_per_step = recipe["batch_size"] * len(self.row_sets) * self.job.row_length
+        grad_accum = recipe.batch_size // (params.train.workers * recipe.micro_batch)
+        total_steps = max(1, math.ceil(recipe.epochs * self.job.items / recipe.batch_size))
+        tokens_per_step = recipe.batch_size * len(self.row_sets) * self.job.row_length
         return StepPlan(tokens_per_step=tokens_per_step, grad_accum=grad_accum, total_steps=total_steps,
                         milestones=(total_steps * tokens_per_step,))
 
     def recipe(self, params: Params) -> Recipe:
         recipe = self.job.recipe
-        warmup = math.ceil(recipe["warmup_ratio"] * self.plan(params).total_steps)
-        return Recipe(recipe["lr"], recipe["min_lr"], warmup, recipe["weight_decay"], recipe["schedule"])
+        warmup = math.ceil(recipe.warmup_ratio * self.plan(params).total_steps)
+        return Recipe(recipe.lr, recipe.min_lr, warmup, recipe.weight_decay, recipe.schedule)
 
     def _load_start(self, device: torch.device) -> Llama:
         """The starting weights, fetched (verified) from the run's dir into this worker's temp dir."""
@@ -119,13 +119,13 @@ class AlignmentObjective(Objective):
     def loader(self, params: Params, plan: StepPlan, rank: int, world: int) -> EpochLoader:
         rows = self._rows("train")
         return EpochLoader(self.job.items, lambda indices: self._batch(rows, indices), params.seed,
-                           self.job.recipe["micro_batch"], plan.grad_accum, rank, world)
+                           self.job.recipe.micro_batch, plan.grad_accum, rank, world)
 
     def val_batches(self, params: Params, rank: int, world: int) -> list:
         rows = self._rows("val")
         size = len(rows[0])
         return [self._batch(rows, indices) for indices in
-                self._val_indices(size, self.job.recipe["micro_batch"], rank, world)]
+                self._val_indices(size, self.job.recipe.micro_batch, rank, world)]
 
     def _tensors(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(array).long().to(device, non_blocking=True) for name, array in batch.items()}
@@ -134,18 +134,18 @@ class AlignmentObjective(Objective):
         """The positions this micro-batch ran (rows trimmed to their longest differ from the plan's)."""
         return {} if self.job.packed else {"positions": torch.tensor(float(t["inputs"].numel()))}
 
-    def export(self, trainer, milestone: int) -> None:
+    def export(self, context: ExportContext, milestone: int) -> None:
         import shutil
 
         from tasks.train.checkpoint import export_milestone, milestone_uri
 
-        metadata = {**self.job.metadata, "step": trainer.step, self.job.kind + "_tokens": trainer.tokens_seen}
-        local = export_milestone(trainer.model, trainer.config.run_uri, MODEL_MILESTONE, trainer.tokenizer_dir(),
+        metadata = {**self.job.metadata, "step": context.step, self.job.kind + "_tokens": context.tokens_seen}
+        local = export_milestone(context.model, context.run_uri, MODEL_MILESTONE, context.tokenizer_dir,
                                  metadata, chat_template=self.job.template, stop_strings=self.job.stop_strings)
         if local is not None:
             shutil.rmtree(local.parent, ignore_errors=True)
-            trainer.say(f"{self.label}exported {milestone_uri(trainer.config.run_uri, MODEL_MILESTONE)} "
-                        f"after {trainer.step} steps")
+            context.say(f"{self.label}exported {milestone_uri(context.run_uri, MODEL_MILESTONE)} "
+                        f"after {context.step} steps")
 
 
 class SftObjective(AlignmentObjective):
@@ -169,11 +169,12 @@ class DpoObjective(AlignmentObjective):
 
     def loss(self, parallel, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = self._tensors(batch, device)
-        recipe = self.job.recipe
+        recipe: DpoRecipe = self.job.recipe
         policy = parallel.call("token_logprobs", t["inputs"], t["targets"])
-        autocast = torch.autocast(device.type, dtype=parallel.autocast_dtype, enabled=parallel.autocast_dtype is not None)
+        dtype = parallel.autocast_dtype
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
         with torch.no_grad(), autocast:
             reference = self._reference.token_logprobs(t["inputs"], t["targets"])
-        loss, metrics = preference_loss(policy, reference, t["targets"], recipe["beta"], recipe["loss_type"],
-                                        recipe["label_smoothing"], recipe["rpo_alpha"])
+        loss, metrics = preference_loss(policy, reference, t["targets"], recipe.beta, recipe.loss_type,
+                                        recipe.label_smoothing, recipe.rpo_alpha)
         return loss, metrics | self._positions(t)

@@ -17,10 +17,11 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tasks.data.sources import list_inputs, open_input, read_errors
 from tasks.errors import UserError
+from tasks.files import sha256_file
 from tasks.params import ChatSourceParams, Params
 from tasks.sft.formats import PARSERS, BadRow
-from tasks.data.sources import list_inputs, open_input, read_errors, sha256_of
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".parquet")
 GOOD = "ok"
@@ -90,7 +91,7 @@ def file_rows(uri: str, inputs: dict[str, str]) -> Iterator:
     name = uri.removesuffix(".gz").removesuffix(".zst")
     if name.endswith(".parquet"):
         yield from _parquet_rows(uri)
-        inputs[uri] = sha256_of(uri)
+        inputs[uri] = sha256_file(uri)
         return
     with open_input(uri) as (stream, hashing):
         yield from (_json_rows(stream, uri) if name.endswith(".json") else _jsonl_rows(stream))
@@ -119,9 +120,10 @@ def read_source(source: ChatSourceParams, field_name: str, params: Params, prefe
                 except BadRow as exc:
                     read.skipped[exc.reason] += 1
             if uri not in read.inputs:  # stopped early at `limit`: still identify the file
-                read.inputs[uri] = sha256_of(uri)
+                read.inputs[uri] = sha256_file(uri)
         except read_errors() as exc:
-            raise UserError(f"{field_name}.uri: cannot read {uri}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            message = f"{field_name}.uri: cannot read {uri}: {type(exc).__name__}: {exc}"
+            raise UserError(message.splitlines()[0]) from None
         if source.limit is not None and read.rows >= source.limit:
             break
     if not read.rows:

@@ -47,10 +47,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from tasks.files import (BrokenSeal, exists, fetch_sealed, materialize_sealed, move_tree, names_in, read_json,
                          remove_tree, seal_record, sha256_file, upload, verify_sealed, write_json_atomic)
-from tasks.layout import MILESTONE_SEAL, join
+from tasks.layout import CHECKPOINT_FILE, MILESTONE_SEAL, join
 from tasks.layout import WEIGHTS_FILE as MODEL_FILE
 
-CHECKPOINT_JSON = "checkpoint.json"
 MILESTONES_DIR = "milestones"
 OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.safetensors"
 SHARD_DIR = "shards"
@@ -154,7 +153,7 @@ def save_checkpoint(run_uri: str, step: int, model: torch.nn.Module, optimizer: 
             upload(local, target, [RNG_FILE])
             files = {n: digest for rank_hashes in every_rank for n, digest in rank_hashes.items()}
             files[RNG_FILE] = sha256_file(local / RNG_FILE)
-            write_json_atomic(join(target, CHECKPOINT_JSON),
+            write_json_atomic(join(target, CHECKPOINT_FILE),
                               dict(state, layout="sharded" if sharded else "full", param_groups=param_groups,
                                    files=files))
             for old in list_checkpoints(run_uri)[keep:]:
@@ -178,7 +177,7 @@ def _newest_valid(run_uri: str, scratch: Path, say: Callable[[str], None]) -> tu
     and set aside."""
     for name in list_checkpoints(run_uri):
         try:
-            record = verify_sealed(fetch_sealed(join(run_uri, name), scratch, CHECKPOINT_JSON), CHECKPOINT_JSON)
+            record = verify_sealed(fetch_sealed(join(run_uri, name), scratch, CHECKPOINT_FILE), CHECKPOINT_FILE)
         except BrokenSeal as exc:
             say(f"warning: resume checkpoint {name} is corrupt ({exc}); falling back to the previous one")
             _quarantine(run_uri, name)
@@ -207,7 +206,7 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             return None
         name, record = found
         first, sharded = dist.get_rank() == 0, record.get("layout") == "sharded"
-        local = fetch_sealed(join(run_uri, name), Path(scratch), CHECKPOINT_JSON) if first or sharded else None
+        local = fetch_sealed(join(run_uri, name), Path(scratch), CHECKPOINT_FILE) if first or sharded else None
         if sharded:
             _load_sharded(local, model, optimizer, record["param_groups"])
         else:

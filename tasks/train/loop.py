@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 
 from tasks.params import Params
+from tasks.ray_cluster import Console
 from tasks.train.checkpoint import restore, save_checkpoint
-from tasks.train.objective import Objective
+from tasks.train.objective import ExportContext, Objective
 from tasks.train.parallel import Parallel, build_optimizer, grad_norm_value
 from tasks.train.telemetry import MlflowMetrics, measure_cpu_peak_flops, progress_line
-from tasks.ray_cluster import Console
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,13 @@ class Trainer:
     # -- milestones, checkpoints -----------------------------------------------------------------
     def export(self, milestone: int) -> None:
         """Collective: what the objective writes when `milestone` tokens are reached."""
-        self.objective.export(self, milestone)
+        config = self.config
+        self.objective.export(ExportContext(
+            params=self.params, model=self.model, step=self.step, tokens_seen=self.tokens_seen, run_uri=config.run_uri,
+            tokenizer_dir=self.tokenizer_dir(), say=self.say,
+            log_checkpoint=self.mlflow.log_checkpoint if self.mlflow is not None else None,
+            wait_for=self.eval_refs.append, tracking_uri=config.tracking_uri, mlflow_run_id=config.mlflow_run_id,
+            console=config.console), milestone)
 
     def tokenizer_dir(self) -> Path:
         """The shipped tokenizer files, written once into this worker's own temp dir."""

@@ -1,8 +1,9 @@
-"""What the one training loop optimises. Pretraining is here; SFT and DPO are in tasks/sft/objectives.py.
+"""What the one training loop optimises: the interface every objective implements.
 
 The loop (loop.py) owns what every run shares: Ray Train ranks, DDP / FSDP2, AdamW, gradient
 accumulation and clipping, the learning-rate schedule, exact-resume checkpoints, progress lines,
-MFU and MLflow. An objective supplies only what differs between pretraining, SFT and DPO:
+MFU and MLflow. An objective supplies only what differs between pretraining
+(tasks/pretrain/objective.py), SFT and DPO (tasks/sft/objectives.py):
 
   plan             steps, tokens per step, accumulation, and the token counts at which to `export`
   recipe           learning rate, its schedule, weight decay
@@ -10,7 +11,8 @@ MFU and MLflow. An objective supplies only what differs between pretraining, SFT
   loader           this rank's micro-batches of each step, resumable from `state()`
   val_batches      the fixed held-out micro-batches of this rank
   loss             a micro-batch's loss, plus extra metrics to average over the step (DPO's rewards)
-  export           what to write when a milestone is reached (an HF dir, its MLflow artifacts)
+  export           what to write when a milestone is reached (an HF dir, its MLflow artifacts), given
+                   an `ExportContext`: the loop's state it may read, the reporting it may use
 
 An objective is a plain picklable object the driver builds and Ray ships to every worker; whatever
 is heavy (data, a reference model) it loads on the worker.
@@ -18,19 +20,19 @@ is heavy (data, a reference model) it loads on the worker.
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from model.llama import Llama
-from tasks.params import Params, format_tokens
-from tasks.pretrain.loader import MixedLoader, PreparedData, val_batches
+from tasks.params import Params
 from tasks.train.schedule import StepPlan, lr_at
 
 if TYPE_CHECKING:
-    from tasks.evaluate.scoring import EvalInputs
+    from tasks.ray_cluster import Console
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,24 @@ class Recipe:
     def lr_at(self, step: int, total_steps: int) -> float:
         return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps, total_steps=total_steps,
                      shape=self.shape)
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What `Objective.export` gets from the loop at a milestone (every rank calls export: it is collective)."""
+
+    params: Params
+    model: Llama
+    step: int
+    tokens_seen: int
+    run_uri: str                      # the run's dir: where milestones are written
+    tokenizer_dir: Path               # the shipped tokenizer files, on this worker's disk
+    say: Callable[[str], None]        # a line for the person watching the stage
+    log_checkpoint: Callable[[Path, str], None] | None  # (local dir, name) into the MLflow run; None off rank 0
+    wait_for: Callable[[object], None]  # a Ray ObjectRef the worker waits for (bounded) before it ends
+    tracking_uri: str | None
+    mlflow_run_id: str
+    console: Console | None
 
 
 class Objective:
@@ -79,62 +99,5 @@ class Objective:
     def loss(self, parallel, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def export(self, trainer, milestone: int) -> None:
+    def export(self, context: ExportContext, milestone: int) -> None:
         raise NotImplementedError
-
-
-class PretrainObjective(Objective):
-    """Next-token loss on the prepared shards, from random weights, milestones exported as they land
-    (and, given `eval_inputs`, gathered by the driver, scored on Ray while training goes on)."""
-
-    def __init__(self, data: PreparedData, eval_inputs: EvalInputs | None):
-        self.data, self.eval_inputs = data, eval_inputs
-
-    def plan(self, params: Params) -> StepPlan:
-        return StepPlan.from_params(params)
-
-    def total_tokens(self, params: Params) -> int:
-        return params.train.total_tokens
-
-    def recipe(self, params: Params) -> Recipe:
-        train = params.train
-        return Recipe(train.lr, train.min_lr, train.warmup_steps, train.weight_decay)
-
-    def build_model(self, params: Params, device: torch.device) -> Llama:
-        return Llama(params.llama_config(self.data.vocab_size)).to(device)
-
-    def flops_per_token(self, model: Llama, params: Params) -> int:
-        return model.config.flops_per_token(params.data.seq_len)
-
-    def loader(self, params: Params, plan: StepPlan, rank: int, world: int) -> MixedLoader:
-        return MixedLoader(self.data, params.seed, params.train.micro_batch, plan.grad_accum, rank, world)
-
-    def val_batches(self, params: Params, rank: int, world: int) -> list:
-        return val_batches(self.data, params.seed, params.train.micro_batch, params.train.val_batches, rank, world)
-
-    def loss(self, parallel, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return parallel.loss(torch.from_numpy(batch).to(device, non_blocking=True)), {}
-
-    def export(self, trainer, milestone: int) -> None:
-        """The milestone into the run's dir (the stage copies it to {paths.models} at the end), logged to
-        MLflow and handed to a milestone eval."""
-        from tasks.train.checkpoint import export_milestone, milestone_uri
-
-        name = format_tokens(milestone)
-        metadata = {"milestone": name, "milestone_tokens": milestone, "tokens_seen": trainer.tokens_seen,
-                    "step": trainer.step}
-        run_uri = trainer.config.run_uri
-        local = export_milestone(trainer.model, run_uri, name, trainer.tokenizer_dir(), metadata)
-        if local is None:
-            return
-        uri = milestone_uri(run_uri, name)
-        trainer.say(f"milestone {name}: exported {uri} at step {trainer.step} ({metadata['tokens_seen']} tokens seen)")
-        if trainer.mlflow is not None:
-            trainer.mlflow.log_checkpoint(local, name)
-        shutil.rmtree(local.parent, ignore_errors=True)
-        if self.eval_inputs is not None:
-            from tasks.evaluate.during_training import submit_milestone_eval
-
-            config = trainer.config
-            trainer.eval_refs.append(submit_milestone_eval(trainer.params, self.eval_inputs, uri, config.mlflow_run_id,
-                                                           metadata["tokens_seen"], config.tracking_uri, config.console))
