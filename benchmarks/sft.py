@@ -50,7 +50,7 @@ ALPACA = ROOT.parent / "shared" / "assets" / "sft" / "llamafactory_alpaca_en_dem
 def sequences(tokenizer_dir: Path, max_length: int) -> dict[str, list]:
     from model.chat import template
     from model.tokenizer import Tokenizer
-    from tasks.sft.examples import Encoder
+    from tasks.sft.sequences import Encoder
     from tasks.sft.formats import alpaca_row
     from tasks.sft.world_chat import world_chat
 
@@ -182,7 +182,7 @@ def main() -> int:
 
     from model.llama import Llama
     from tasks.params import load_params
-    from tasks.sft.packing import pack, pad
+    from tasks.sft.rows import pack, pad
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, default=ROOT / "models" / "tokenizer")

@@ -13,8 +13,8 @@ from model.config import micro
 from model.llama import Llama, packed_attention_mask
 from model.loss import IGNORE_INDEX, linear_token_logprobs
 from tasks.sft.dpo_loss import dpo_losses, preference_loss, reward_metrics, sequence_logprobs
-from tasks.sft.examples import Sequence
-from tasks.sft.packing import pack, pad
+from tasks.sft.rows import pack, pad
+from tasks.sft.sequences import Sequence
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,8 +10,8 @@ the Zephyr recipe), trained through the training library (tasks/train/), evaluat
   reading.py      chat data sources (files, globs, s3://, hf://) → examples, skipped rows counted
   formats.py      one row of each public layout → a conversation or a preference pair
   world_chat.py   the tiny profile's chat data from the embedded world, held out from every eval item
-  examples.py     render + tokenize with the chat template; what is learned; the length policy
-  packing.py      sequences → rows, packed (best-fit decreasing) or padded
+  sequences.py    conversations / pairs → token sequences with what is learned (chat template, length policy)
+  rows.py         sequences → fixed-length training rows, packed (best-fit decreasing) or padded
   loader.py       rows / pairs in seeded epochs, resumable; the set's file
   dpo_loss.py     the DPO losses (sigmoid, hinge, ipo) and TRL's reward metrics
   chat_eval.py    the held-out chat accuracy (greedy generation)

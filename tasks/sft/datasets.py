@@ -20,9 +20,9 @@ from model.tokenizer import Tokenizer
 from tasks.data.packing import is_val
 from tasks.errors import UserError
 from tasks.params import Params, VariantParams
-from tasks.sft.examples import Encoded, Encoder
-from tasks.sft.packing import pack, pad
 from tasks.sft.reading import check_bad_fraction, read_source
+from tasks.sft.rows import pack, pad
+from tasks.sft.sequences import Encoded, Encoder
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from tasks.train.objective import ExportContext, Objective, Recipe
 from tasks.train.schedule import StepPlan
 from tasks.sft.dpo_loss import preference_loss
 from tasks.sft.loader import EpochLoader, load_arrays
-from tasks.sft.packing import Rows
+from tasks.sft.rows import Rows
 
 
 START_MILESTONE, MODEL_MILESTONE = "start", "model"  # sealed milestones of an SFT/DPO run's dir

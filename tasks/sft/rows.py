@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.loss import IGNORE_INDEX
-from tasks.sft.examples import Sequence
+from tasks.sft.sequences import Sequence
 
 PAD_ID = 0
 
