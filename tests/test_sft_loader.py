@@ -45,16 +45,38 @@ def test_the_data_file_must_match_its_hash(tmp_path):
 
 def test_alignment_plans_follow_trl_recipe_knobs(tmp_path):
     from conftest import pretrain_params
+    from tasks.params import DpoRecipe, ScheduleParams
     from tasks.sft.objectives import AlignmentJob, DpoObjective, SftObjective
 
     params = pretrain_params(tmp_path)  # 2 workers
-    recipe = {"epochs": 3.0, "lr": 1e-3, "min_lr": 0.0, "schedule": "cosine", "warmup_ratio": 0.1,
-              "weight_decay": 0.0, "batch_size": 8, "micro_batch": 2}
+    knobs = {"epochs": 3.0, "lr": 1e-3, "min_lr": 0.0, "schedule": "cosine", "warmup_ratio": 0.1,
+             "weight_decay": 0.0, "batch_size": 8, "micro_batch": 2}
     job = AlignmentJob("sft", "v", "start", "data", "sha", items=37, row_length=64, packed=True,
-                       recipe=recipe, template="", stop_strings=())
+                       recipe=ScheduleParams(**knobs), template="", stop_strings=())
     plan = SftObjective(job).plan(params)
     assert (plan.total_steps, plan.grad_accum, plan.tokens_per_step) == (14, 2, 8 * 64)  # ceil(3 × 37 / 8)
     assert plan.milestones == (14 * 8 * 64,)  # the one export, after the last step
     assert SftObjective(job).recipe(params).warmup_steps == 2  # ceil(0.1 × 14)
-    pairs = DpoObjective(AlignmentJob("dpo", "v", "s", "d", "h", 20, 64, False, recipe, "", ()))
+    dpo = DpoRecipe(**knobs, beta=0.2)
+    pairs = DpoObjective(AlignmentJob("dpo", "v", "s", "d", "h", 20, 64, False, dpo, "", ()))
     assert pairs.plan(params).tokens_per_step == 8 * 2 * 64  # chosen and rejected
+    assert pairs.job.recipe.beta == 0.2 and pairs.recipe(params).lr == knobs["lr"]
+
+
+def test_a_job_carries_its_variants_recipe_typed_and_revalidated(tmp_path):
+    """The recipe the driver validated is the one the worker reads, as its type: a DPO job's beta is an
+    attribute of a DpoRecipe (a renamed field fails at the driver), and a pickled job (what Ray ships)
+    keeps it."""
+    import pickle
+
+    from tasks.params import DpoRecipe, ScheduleParams, VariantParams
+    from tasks.sft.jobs import Job
+
+    variant = VariantParams.model_validate({
+        "name": "v", "base": "1M", "sources": [{"name": "chat", "format": "builtin"}], "lr": 3e-4,
+        "dpo": {"sources": [{"name": "prefs", "format": "builtin"}], "beta": 0.25, "loss_type": "ipo"}})
+    sft, dpo = (Job(kind, variant, tmp_path, tmp_path, None, b"") for kind in ("sft", "dpo"))
+    assert type(sft.recipe) is ScheduleParams and sft.recipe.lr == 3e-4
+    shipped = pickle.loads(pickle.dumps(dpo.recipe))
+    assert isinstance(shipped, DpoRecipe) and (shipped.beta, shipped.loss_type) == (0.25, "ipo")
+    assert not hasattr(shipped, "sources")
