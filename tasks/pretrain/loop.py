@@ -92,8 +92,9 @@ class Trainer:
             self.model.compile_blocks()  # FSDP2's per-block hooks would split a whole-model graph
         elif train.compile:
             self.model.compile_loss()
+        mesh = (train.mesh.replicate, train.mesh.shard) if train.mesh else None
         self.parallel = Parallel(self.model, train.strategy, self.device, train.precision,
-                                 train.activation_checkpointing)
+                                 train.activation_checkpointing, mesh=mesh)
         self.optimizer = build_optimizer(self.model, self.recipe.lr, train.betas, train.eps, self.recipe.weight_decay)
         self.loader = objective.loader(params, self.plan, self.rank, self.world)
         self.val = objective.val_batches(params, self.rank, self.world)
