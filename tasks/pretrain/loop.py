@@ -185,8 +185,7 @@ class Trainer:
         window_tokens, window_time, window_loss = 0, 0.0, 0.0
         while self.step < plan.total_steps:
             metrics = self.train_step()
-            for milestone in plan.milestones_reached(self.step - 1, self.step):
-                self.export(milestone)
+            milestones = plan.milestones_reached(self.step - 1, self.step)
             if self.step % train.val_every_steps == 0 or self.step == plan.total_steps:
                 metrics["val_loss"] = self.val_loss()
                 self.metrics["final_val_loss"] = metrics["val_loss"]
@@ -202,10 +201,15 @@ class Trainer:
             if self.step % train.log_every_steps == 0 or self.step == plan.total_steps:
                 self._log_progress(window_tokens, window_time, window_loss, metrics["lr"], first_step, loop_started)
                 window_tokens, window_time = 0, 0.0
-            if self.step % train.checkpoint_every_steps == 0 or self.step == plan.total_steps:
+            # A milestone step is a checkpoint step: a sharded run's milestone is converted from that checkpoint.
+            if milestones or self.step % train.checkpoint_every_steps == 0 or self.step == plan.total_steps:
                 self.report(checkpoint=True)
+            for milestone in milestones:
+                self.export(milestone)
+            self.objective.collect_exports(self, wait=False)
         if self.step == first_step:  # resumed a finished run: hand the driver its recorded metrics
             self.report(checkpoint=False)
+        self.objective.collect_exports(self, wait=True)
         self._wait_for_evals()
 
     def _log_progress(self, tokens: int, seconds: float, loss: float, lr: float, first_step: int, loop_started: float) -> None:

@@ -82,6 +82,9 @@ class Objective:
     def export(self, trainer, milestone: int) -> None:
         raise NotImplementedError
 
+    def collect_exports(self, trainer, wait: bool) -> None:
+        """Between steps and at the end (`wait`): finish what exports left running in the background."""
+
 
 class PretrainObjective(Objective):
     """Next-token loss on the prepared shards, from random weights, milestones exported as they land
@@ -89,6 +92,7 @@ class PretrainObjective(Objective):
 
     def __init__(self, data: PreparedData, eval_inputs: EvalInputs | None):
         self.data, self.eval_inputs = data, eval_inputs
+        self._exports = None  # rank 0's background conversions (tasks/pretrain/export.py), made on the worker
 
     def plan(self, params: Params) -> StepPlan:
         return StepPlan.from_params(params)
@@ -117,21 +121,41 @@ class PretrainObjective(Objective):
 
     def export(self, trainer, milestone: int) -> None:
         """The milestone into the run's dir (the stage copies it to {paths.models} at the end), logged to
-        MLflow and handed to a milestone eval."""
-        from tasks.pretrain.checkpoint import export_milestone, milestone_uri
+        MLflow and handed to a milestone eval. Sharded (FSDP2): converted from this step's checkpoint by a Ray
+        task rank 0 starts, no rank waiting for it (tasks/pretrain/export.py); MLflow gets the stored copy's
+        URI, not a second upload. Full (DDP, small models): gathered and written by rank 0 at once."""
+        from tasks.pretrain.checkpoint import checkpoint_name, export_milestone, milestone_uri
 
         name = format_tokens(milestone)
         metadata = {"milestone": name, "milestone_tokens": milestone, "tokens_seen": trainer.tokens_seen,
                     "step": trainer.step}
         run_uri = trainer.config.run_uri
+        if trainer.train.strategy == "fsdp":
+            if trainer.rank == 0:
+                from tasks.pretrain.export import PendingExports
+
+                self._exports = self._exports or PendingExports()
+                self._exports.submit(run_uri, checkpoint_name(trainer.step), name, trainer.model.config.to_dict(),
+                                     trainer.config.tokenizer_files, metadata)
+            return
         local = export_milestone(trainer.model, run_uri, name, trainer.tokenizer_dir(), metadata)
         if local is None:
             return
-        uri = milestone_uri(run_uri, name)
-        trainer.say(f"milestone {name}: exported {uri} at step {trainer.step} ({metadata['tokens_seen']} tokens seen)")
         if trainer.mlflow is not None:
             trainer.mlflow.log_checkpoint(local, name)
         shutil.rmtree(local.parent, ignore_errors=True)
+        self._exported(trainer, name, milestone_uri(run_uri, name), metadata)
+
+    def collect_exports(self, trainer, wait: bool) -> None:
+        for name, uri, metadata in (self._exports.finished(wait) if self._exports else []):
+            if trainer.mlflow is not None:
+                trainer.mlflow.log_checkpoint_uri(uri, name)
+            self._exported(trainer, name, uri, metadata)
+
+    def _exported(self, trainer, name: str, uri: str, metadata: dict) -> None:
+        """Rank 0, once milestone `name` is sealed at `uri`: say so and start its eval."""
+        trainer.say(f"milestone {name}: exported {uri} at step {metadata['step']} "
+                    f"({metadata['tokens_seen']} tokens seen)")
         if self.eval_inputs is not None:
             from tasks.evaluate.during_training import submit_milestone_eval
 

@@ -52,7 +52,9 @@ def count_parameters_on_meta(params: Params) -> int:
 
 def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
     """GiB per training worker for what this code keeps in memory (tasks/pretrain/parallel.py, model/loss.py):
-    - fp32 master weights, their gradients and AdamW's two moments, sharded across workers under FSDP2;
+    - fp32 master weights, their gradients and AdamW's two moments, sharded across workers under FSDP2
+      (across one node's `train.mesh.shard` under HSDP), and during gradient accumulation the full unsharded
+      fp32 gradients FSDP2 keeps between micro-batches;
     - bf16 copies FSDP2 all-gathers for compute (`train.precision: bf16`): the root module's (embedding,
       final norm, lm_head) for the whole step, and two decoder blocks' at a time (one computing, one
       prefetched); DDP keeps fp32 weights whole instead;
@@ -65,7 +67,7 @@ def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
     config = params.llama_config()
     train = params.train
     fsdp = train.strategy == "fsdp"
-    shards = train.workers if fsdp else 1
+    shards = (train.mesh.shard if train.mesh else train.workers) if fsdp else 1  # HSDP shards within a node
     compute_bytes = 2 if train.precision == "bf16" else 4
     tokens = train.micro_batch * params.data.seq_len
     per_block = config.num_params(include_embedding=False) - config.dim  # without the final norm
