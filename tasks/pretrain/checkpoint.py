@@ -121,13 +121,13 @@ def _save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.opti
     return sorted(str(p.relative_to(directory)) for p in (directory / SHARD_DIR).glob("*.safetensors")), param_groups
 
 
-def _load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict]) -> None:
-    """Collective: every rank reads the slices it owns now (re-sliced if the world size changed)."""
+def _load_sharded(reader, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict]) -> None:
+    """Collective: every rank reads the slices it owns now (re-sliced if the world size changed) through
+    `reader` (a local copy on rank 0, which verified it whole; partial_reads.RemoteShardReader elsewhere)."""
     from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
     state, _ = _sharded_state(model, optimizer)
-    load(state, storage_reader=HuggingFaceStorageReader(str(directory / SHARD_DIR)))
+    load(state, storage_reader=reader)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(state["optimizer"], param_groups))
 
@@ -199,7 +199,8 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     """Collective. Loads the newest valid checkpoint of the run into model, optimizer and RNG on
     every rank; returns its checkpoint.json record, or None when there is nothing to resume from.
     Rank 0 picks and verifies the checkpoint; a full one it reads and broadcasts, a sharded one
-    every rank reads its own slices of."""
+    every rank reads its own slices of, the others fetching only the shard files that hold them
+    (partial_reads.py)."""
     with tempfile.TemporaryDirectory(prefix="resume-") as scratch:
         found = _newest_valid(run_uri, Path(scratch), say) if dist.get_rank() == 0 else None
         found = _broadcast(found)
@@ -207,9 +208,15 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             return None
         name, record = found
         first, sharded = dist.get_rank() == 0, record.get("layout") == "sharded"
-        local = fetch_sealed(join(run_uri, name), Path(scratch), CHECKPOINT_JSON) if first or sharded else None
+        local = fetch_sealed(join(run_uri, name), Path(scratch), CHECKPOINT_JSON) if first else None
         if sharded:
-            _load_sharded(local, model, optimizer, record["param_groups"])
+            from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+            from tasks.pretrain.partial_reads import shard_reader
+
+            reader = (HuggingFaceStorageReader(str(local / SHARD_DIR)) if first
+                      else shard_reader(join(run_uri, name), Path(scratch), record["files"], SHARD_DIR))
+            _load_sharded(reader, model, optimizer, record["param_groups"])
         else:
             model_state = load_file(str(local / MODEL_FILE)) if first else {}
             optimizer_state = (_unflatten_optimizer(load_file(str(local / OPTIMIZER_FILE)), record["param_groups"])
