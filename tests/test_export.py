@@ -58,20 +58,21 @@ def sharded_run(tmp_path):
     return run_dir, load_file(str(reference))
 
 
-@pytest.fixture
-def slow_export_ray(tmp_path, monkeypatch):
-    import ray
+@pytest.fixture(scope="module")
+def slow_export_ray(request):
+    """The conftest's local Ray, started with the export hook in its environment (its workers inherit it)."""
+    import os
 
-    monkeypatch.setenv(DELAY_ENV, str(DELAY_S))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=str(tmp_path / "ray"),
-             runtime_env={"env_vars": {DELAY_ENV: str(DELAY_S), "PYTHONPATH": str(Path(__file__).parents[1])}})
-    yield
-    ray.shutdown()
+    os.environ[DELAY_ENV] = str(DELAY_S)
+    try:
+        request.getfixturevalue("local_ray")
+        yield
+    finally:
+        os.environ.pop(DELAY_ENV, None)
 
 
 def test_a_slow_export_from_the_sealed_checkpoint_blocks_nobody_and_holds_the_ranks_weights(
-        sharded_run, slow_export_ray, tmp_path):
+        slow_export_ray, sharded_run):
     from model.config import micro
     from model.hf import load_hf
 
