@@ -3,6 +3,7 @@
 What differs from the tiny profile is everything a multi-node cluster changes, and each of the cluster
 profile's known failure modes would fail it:
 - a Ray cluster of several nodes (`ray.cluster_utils.Cluster`): two "trainer" nodes for 4 FSDP2 workers
+  on a 2 × 2 HSDP mesh (`train.mesh`, as the 1.1B profile's 2 × 8)
   over gloo and one "evaluator" node for milestone evals, each kind reached through custom resources
   (`train.resources_per_worker`, `eval.resources`) and checked together before training starts: a
   cluster without room for the evals fails before training, naming what is missing;
@@ -72,7 +73,8 @@ def mlflow_server(tmp_path_factory):
 
 
 def _params_file(workspace: Path, bucket: str, runs: str, **train) -> Path:
-    settings = dict(strategy="fsdp", workers=4, global_batch_tokens=1024, micro_batch=2, total_tokens=24 * 1024,
+    # HSDP as the 1.1B profile runs it: 2 "nodes" (replicas) × 2 workers sharding within each.
+    settings = dict(strategy="fsdp", mesh={"replicate": 2, "shard": 2}, workers=4, global_batch_tokens=1024, micro_batch=2, total_tokens=24 * 1024,
                     milestones=[4000, 8000, 16000, 24000], checkpoint_every_steps=4, keep_checkpoints=3,
                     eval_milestones_during_training=True, max_failures=1, checkpoint_dir=f"s3://{bucket}/{runs}",
                     resources_per_worker={"trainer": 1}, resource_timeout_s=60)

@@ -133,10 +133,11 @@ def _load_sharded(reader, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def save_checkpoint(run_uri: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, sharded: bool, keep: int) -> str:
+                    state: dict, sharded: bool, keep: int, spare: frozenset[str] = frozenset()) -> str:
     """Collective. Writes `checkpoint_<step>/` under the run dir: every rank uploads the files it wrote
     (rank 0 all of a full checkpoint, each rank its shard of a sharded one), then rank 0 writes the seal,
-    checkpoint.json, and drops all but the newest `keep` checkpoints. Returns the checkpoint's name."""
+    checkpoint.json, and drops all but the newest `keep` checkpoints, sparing those named in `spare` (rank
+    0's: checkpoints a milestone export still reads). Returns the checkpoint's name."""
     name = checkpoint_name(step)
     target = join(run_uri, name)
     if dist.get_rank() == 0:
@@ -158,7 +159,8 @@ def save_checkpoint(run_uri: str, step: int, model: torch.nn.Module, optimizer: 
                               dict(state, layout="sharded" if sharded else "full", param_groups=param_groups,
                                    files=files))
             for old in list_checkpoints(run_uri)[keep:]:
-                remove_tree(join(run_uri, old))
+                if old not in spare:
+                    remove_tree(join(run_uri, old))
     dist.barrier()
     return name
 

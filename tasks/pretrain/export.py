@@ -62,7 +62,7 @@ def hf_from_sharded_checkpoint(run_uri: str, checkpoint: str, name: str, config:
 
 @dataclass
 class PendingExports:
-    """Rank 0's milestone exports still converting: (ObjectRef, name, metadata) each."""
+    """Rank 0's milestone exports still converting: (ObjectRef, name, metadata, checkpoint) each."""
 
     running: list[tuple] = field(default_factory=list)
 
@@ -74,7 +74,11 @@ class PendingExports:
         # the end); a GPU node has cores to spare for it.
         task = ray.remote(num_cpus=0, max_retries=2)(hf_from_sharded_checkpoint).options(name=f"export-{name}")
         self.running.append((task.remote(run_uri, checkpoint, name, config, tokenizer_files, metadata),
-                             name, metadata))
+                             name, metadata, checkpoint))
+
+    def checkpoints(self) -> set[str]:
+        """The checkpoints still being read: pruning old checkpoints must spare them."""
+        return {checkpoint for _, _, _, checkpoint in self.running}
 
     def finished(self, wait: bool) -> list[tuple[str, str, dict]]:
         """(name, milestone URI, metadata) of the exports done by now; with `wait`, of all of them."""
@@ -82,8 +86,8 @@ class PendingExports:
 
         if not self.running:
             return []
-        refs = [ref for ref, _, _ in self.running]
+        refs = [ref for ref, _, _, _ in self.running]
         done, _ = ray.wait(refs, num_returns=len(refs) if wait else 1, timeout=None if wait else 0)
-        found = [(name, ray.get(ref), metadata) for ref, name, metadata in self.running if ref in done]
+        found = [(name, ray.get(ref), metadata) for ref, name, metadata, _ in self.running if ref in done]
         self.running = [entry for entry in self.running if entry[0] not in done]
         return found

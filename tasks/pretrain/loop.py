@@ -111,6 +111,7 @@ class Trainer:
         if record is not None:
             self.step, self.tokens_seen, self.metrics = record["step"], record["tokens_seen"], record["metrics"]
             self.loader.load_state(record["loader"])
+            objective.resume_exports(self)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -175,7 +176,8 @@ class Trainer:
             state = {"step": self.step, "tokens_seen": self.tokens_seen,
                      "loader": self.loader.state(), "metrics": self.metrics}
             save_checkpoint(self.config.run_uri, self.step, self.model, self.optimizer, state,
-                            sharded=self.train.strategy == "fsdp", keep=self.train.keep_checkpoints)
+                            sharded=self.train.strategy == "fsdp", keep=self.train.keep_checkpoints,
+                            spare=frozenset(self.objective.busy_checkpoints()))
         ray.train.report(dict(self.metrics, step=self.step))
 
     # -- the loop --------------------------------------------------------------------------------

@@ -85,6 +85,13 @@ class Objective:
     def collect_exports(self, trainer, wait: bool) -> None:
         """Between steps and at the end (`wait`): finish what exports left running in the background."""
 
+    def busy_checkpoints(self) -> set[str]:
+        """Checkpoints that exports running in the background still read (kept when old ones are pruned)."""
+        return set()
+
+    def resume_exports(self, trainer) -> None:
+        """After a restore: restart the background exports the previous attempt did not finish."""
+
 
 class PretrainObjective(Objective):
     """Next-token loss on the prepared shards, from random weights, milestones exported as they land
@@ -145,6 +152,32 @@ class PretrainObjective(Objective):
             trainer.mlflow.log_checkpoint(local, name)
         shutil.rmtree(local.parent, ignore_errors=True)
         self._exported(trainer, name, milestone_uri(run_uri, name), metadata)
+
+    def busy_checkpoints(self) -> set[str]:
+        return self._exports.checkpoints() if self._exports else set()
+
+    def resume_exports(self, trainer) -> None:
+        """After a restart (rank 0, sharded runs): milestones already passed whose background export died with
+        the previous attempt are converted again from their checkpoints, if those are still kept."""
+        if trainer.train.strategy != "fsdp" or trainer.rank != 0:
+            return
+        from tasks.pretrain.checkpoint import checkpoint_name, list_checkpoints, sealed_milestones
+        from tasks.pretrain.export import PendingExports
+
+        run_uri, plan = trainer.config.run_uri, trainer.plan
+        sealed, kept = sealed_milestones(run_uri), set(list_checkpoints(run_uri))
+        for milestone in plan.milestones:
+            step, name = plan.milestone_step(milestone), format_tokens(milestone)
+            if step > trainer.step or name in sealed:
+                continue
+            if checkpoint_name(step) not in kept:
+                trainer.say(f"warning: milestone {name} was never exported and its checkpoint is gone")
+                continue
+            metadata = {"milestone": name, "milestone_tokens": milestone, "tokens_seen": plan.tokens_after(step),
+                        "step": step}
+            self._exports = self._exports or PendingExports()
+            self._exports.submit(run_uri, checkpoint_name(step), name, trainer.model.config.to_dict(),
+                                 trainer.config.tokenizer_files, metadata)
 
     def collect_exports(self, trainer, wait: bool) -> None:
         for name, uri, metadata in (self._exports.finished(wait) if self._exports else []):
