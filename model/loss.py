@@ -73,13 +73,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk] = grad @ weight
             if not want_weight:
                 continue
+            # Summed over chunks in fp32 whatever the compute dtype (bf16 weights under FSDP2's policy, or
+            # autocast): one rounding at the end, not one per chunk.
             if grad_weight is None:  # the first chunk's product is the sum so far (no zero-filled buffer)
-                grad_weight = (grad.t() @ h).to(weight.dtype)
-            elif autocast:
-                grad_weight += grad.t() @ h  # low-precision matmul (as autocast chose), fp32 sum
-            else:
+                grad_weight = (grad.t() @ h).float()
+            elif grad.dtype == h.dtype == torch.float32 and not autocast:
                 grad_weight.addmm_(grad.t(), h)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+            else:
+                grad_weight += grad.t() @ h  # low-precision matmul, fp32 sum
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total / n_valid
 
     @staticmethod
@@ -129,7 +131,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None  # fp32 sum
         for start in range(0, hidden.shape[0], ctx.chunk):
             h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
             valid = t != IGNORE_INDEX
@@ -140,8 +142,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             if want_hidden:
                 grad_hidden[start:start + ctx.chunk] = grad @ weight
             if want_weight:
-                grad_weight.addmm_(grad.t(), h)
-        return grad_hidden, grad_weight, None, None
+                grad_weight += grad.t() @ h
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -155,11 +155,22 @@ class DataParams(Section):
         return sources
 
 
+class MeshParams(Section):
+    """HSDP's 2-D device mesh: `shard` ranks (one node's GPUs) hold one copy of the state sharded between
+    them; `replicate` such groups (the nodes) hold copies, averaging gradients once per step."""
+
+    replicate: int = Field(..., gt=0)
+    shard: int = Field(..., gt=0)
+
+
 class TrainParams(Section):
     workers: int = Field(2, gt=0)            # Ray Train workers: one per GPU, or one CPU process each
     cpus_per_worker: int = Field(1, gt=0)
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # FSDP2 on a 2-D mesh (HSDP), e.g. {replicate: 2, shard: 8} for 2 nodes × 8 GPUs: all-gathers stay within
+    # a node; null: FSDP2 shards over every worker.
+    mesh: MeshParams | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     threads_per_worker: int = Field(1, gt=0)
@@ -219,6 +230,11 @@ class TrainParams(Section):
     def _consistent(self):
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        if self.mesh is not None and self.strategy != "fsdp":
+            raise ValueError(f"train.mesh: a device mesh needs train.strategy 'fsdp', got {self.strategy!r}")
+        if self.mesh is not None and self.mesh.replicate * self.mesh.shard != self.workers:
+            raise ValueError(f"train.mesh: replicate × shard = {self.mesh.replicate * self.mesh.shard} must equal "
+                             f"train.workers ({self.workers})")
         if self.milestones[-1] > self.total_tokens:
             raise ValueError(f"train.milestones: last milestone {format_tokens(self.milestones[-1])} exceeds "
                              f"train.total_tokens {format_tokens(self.total_tokens)}")

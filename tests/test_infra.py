@@ -167,15 +167,257 @@ def test_compose_file_passes_the_compose_schema():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_worker_dockerfile_builds_with_the_projects_setup():
-    text = (INFRA / "docker" / "Dockerfile").read_text()
-    assert text.startswith("# syntax=")
-    instructions = [line.split()[0] for line in text.splitlines() if line and not line.startswith(("#", " ")) and line.split()[0].isupper()]
-    assert instructions[0] == "FROM" and "python:3.11" in text.split("FROM", 1)[1].split()[0]
-    assert "make setup" in text and "TORCH_INDEX" in text and "/whl/cu" in text
-    workdir = text.split("WORKDIR", 1)[1].split()[0]
+def _dockerfile_stages() -> list[dict]:
+    """The Dockerfile as BuildKit reads it: continuation lines joined, comments dropped, one entry per stage
+    with its base, name and (instruction, arguments) list; ARGs before the first FROM substituted."""
+    lines, pending = [], ""
+    for raw in (INFRA / "docker" / "Dockerfile").read_text().splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        pending += raw.rstrip().removesuffix("\\") + " "
+        if not raw.rstrip().endswith("\\"):
+            lines.append(pending.strip())
+            pending = ""
+    assert not pending, "a continued line never ends"
+    known = {"FROM", "RUN", "COPY", "ADD", "ARG", "ENV", "WORKDIR", "CMD", "ENTRYPOINT", "EXPOSE", "LABEL",
+             "USER", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}
+    args, stages = {}, []
+    for line in lines:
+        instruction, _, rest = line.partition(" ")
+        assert instruction in known, f"not a Dockerfile instruction: {line[:60]}"
+        if instruction == "ARG" and not stages:
+            name, _, value = rest.partition("=")
+            args[name] = value
+        elif instruction == "FROM":
+            words = rest.split()
+            base = words[0]
+            for name, value in args.items():
+                base = base.replace("${" + name + "}", value)
+            stages.append({"base": base, "name": words[2] if len(words) == 3 and words[1].upper() == "AS" else None,
+                           "steps": []})
+        else:
+            stages[-1]["steps"].append((instruction, rest))
+    return stages
+
+
+def test_worker_dockerfile_parses_into_a_cuda_image_with_a_compiler_and_a_builder_stage():
+    stages = _dockerfile_stages()
+    by_name = {s["name"]: s for s in stages if s["name"]}
+    assert stages[0]["base"].startswith("nvidia/cuda:") and "runtime" in stages[0]["base"]
+    base_runs = " ".join(rest for instruction, rest in by_name["base"]["steps"] if instruction == "RUN")
+    assert "build-essential" in base_runs, "Triton compiles its launcher with gcc at run time"
+    assert "python3.11" in base_runs
+    builder, final = by_name["builder"], stages[-1]
+    assert builder["base"] == "base" and final["base"] == "base"
+    assert any("pip wheel --require-hashes" in rest for _, rest in builder["steps"])
+    assert any(i == "COPY" and rest.startswith("--from=builder") for i, rest in final["steps"])
+    installs = [rest for i, rest in final["steps"] if i == "RUN" and "pip install" in rest]
+    assert installs and all("--no-index" in rest for rest in installs), "the final stage installs built wheels only"
+    for stage in stages:
+        for instruction, rest in stage["steps"]:
+            if instruction == "COPY" and not rest.startswith("--from"):
+                for source in rest.split()[:-1]:
+                    assert source == "." or (ROOT / source).exists(), f"COPY of a missing {source}"
+    workdir = next(rest for i, rest in final["steps"] if i == "WORKDIR")
     job = _yaml("kuberay/rayjob.yaml")
     assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["workingDir"] == workdir
     ignored = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().split()
-    assert {".venv", "data", "models", "mlflow"} <= set(ignored)
-    assert "setup:" in (ROOT / "Makefile").read_text()
+    assert {".venv", ".git", "data", "models", "mlflow", ".dvc/config.local"} <= set(ignored)
+
+
+def _image_platform_tags() -> set:
+    """Every wheel tag pip accepts inside the image: CPython 3.11 on x86_64 with the base's glibc."""
+    from packaging.tags import cpython_tags, compatible_tags
+
+    glibc = {"ubuntu22.04": 35, "ubuntu24.04": 39}[_dockerfile_stages()[0]["base"].rsplit("-", 1)[1]]
+    platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(glibc, 4, -1)]
+    platforms += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
+    return set(cpython_tags((3, 11), platforms=platforms)) | set(compatible_tags((3, 11), "cp311", platforms))
+
+
+def _platform_lock() -> dict:
+    import tomllib
+
+    return tomllib.loads((INFRA / "docker" / "pylock.linux-amd64-py311.toml").read_text())
+
+
+def test_platform_lock_pins_requirements_lock_and_has_a_file_for_every_package_on_the_image():
+    """Offline: the lock's recorded file names against the image's tags; sdists only for what the builder
+    stage builds (`pip wheel` over the whole lock)."""
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    lock = _platform_lock()
+    assert lock["lock-version"] == "1.0"
+    locked = {canonicalize_name(p["name"]): p for p in lock["packages"]}
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split(";")[0].strip().split("==")
+            pins[canonicalize_name(name)] = version
+    missing = sorted(set(pins) - set(locked))
+    assert not missing, f"in requirements.lock, not in the platform lock: {missing}"
+    differ = {n: (v, locked[n]["version"]) for n, v in pins.items() if locked[n]["version"] != v}
+    assert not differ, f"versions differ (requirements.lock, platform lock): {differ}"
+    tags = _image_platform_tags()
+    sdist_only = []
+    for name, package in locked.items():
+        files = package.get("wheels", []) + ([package["sdist"]] if "sdist" in package else [])
+        assert files and all(len(f["hashes"]["sha256"]) == 64 for f in files), name
+        wheels = [f["name"] for f in package.get("wheels", [])]
+        for wheel in wheels:
+            parsed_name, parsed_version, _, _ = parse_wheel_filename(wheel)
+            assert parsed_name == name and str(parsed_version) == package["version"], wheel
+        if not any(parse_wheel_filename(w)[3] & tags for w in wheels):
+            assert "sdist" in package, f"{name}: no wheel for the image's platform and no sdist"
+            sdist_only.append(name)
+    assert "llama-cpp-python" in sdist_only and locked["torch"]["version"] == pins["torch"]
+    assert any(name.startswith("nvidia-cuda-runtime") for name in locked), "torch's CUDA build"
+
+
+def test_platform_lock_refuses_a_wheel_for_another_platform():
+    """The check above can fail: a macOS-only or CPython 3.12-only wheel matches none of the image's tags."""
+    from packaging.utils import parse_wheel_filename
+
+    tags = _image_platform_tags()
+    assert parse_wheel_filename("torch-2.13.0-cp311-none-macosx_11_0_arm64.whl")[3].isdisjoint(tags)
+    assert parse_wheel_filename("x-1.0-cp312-cp312-manylinux_2_28_x86_64.whl")[3].isdisjoint(tags)
+    assert not parse_wheel_filename("x-1.0-cp311-cp311-manylinux_2_28_x86_64.whl")[3].isdisjoint(tags)
+
+
+def _repo_copy_without_git(tmp_path: Path) -> Path:
+    copy_root = tmp_path / "repo"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (copy_root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy_root / name)
+    return copy_root
+
+
+def test_dvc_repro_dry_runs_without_git_with_the_images_dvc_settings(tmp_path):
+    """The image has no .git; the config file it installs as .dvc/config.local makes DVC work without it."""
+    import os
+    import sys
+
+    repo = _repo_copy_without_git(tmp_path)
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "dvc-global")}
+    without = subprocess.run([*dvc, "repro", "--dry"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+    assert without.returncode != 0 and "git" in (without.stdout + without.stderr).lower()
+    shutil.copy2(INFRA / "docker" / "dvc-config.local", repo / ".dvc" / "config.local")
+    # The DAG's first stage (a dry run of later ones needs the outputs of earlier ones, with or without git).
+    with_config = subprocess.run([*dvc, "repro", "--dry", "--single-item", "tokenizer"], cwd=repo, capture_output=True,
+                                 text=True, env=env, timeout=120)
+    assert with_config.returncode == 0, with_config.stdout[-2000:] + with_config.stderr[-2000:]
+    assert "Running stage 'tokenizer'" in with_config.stdout
+
+
+def _instance_types() -> tuple[dict, dict]:
+    data = yaml.safe_load((INFRA / "aws" / "instance-types.yaml").read_text())
+    return data["types"], data["reserve"]
+
+
+def _quantity(value) -> float:
+    """Kubernetes quantities as numbers: CPUs, or memory in GiB."""
+    text = str(value)
+    for suffix, scale in (("Gi", 1), ("Mi", 1 / 1024), ("Ti", 1024)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+def _kuberay_pods():
+    """(where, pod spec) of every pod template of the KubeRay manifests."""
+    for name in ("rayjob.yaml", "rayservice.yaml"):
+        doc = _yaml(f"kuberay/{name}")
+        cluster = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+        yield f"{name} head", cluster["headGroupSpec"]["template"]
+        for group in cluster["workerGroupSpecs"]:
+            yield f"{name} {group['groupName']}", group["template"]
+        if "submitterPodTemplate" in doc["spec"]:
+            yield f"{name} submitter", doc["spec"]["submitterPodTemplate"]
+
+
+def test_rayjob_pods_fit_their_node_types_by_cpu_gpu_and_memory():
+    types, reserve = _instance_types()
+    job = _yaml("kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]
+    templates = [("head", job["headGroupSpec"]["template"])] + [(g["groupName"], g["template"])
+                                                                 for g in job["workerGroupSpecs"]]
+    for where, template in templates:
+        node = types[template["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]]
+        asked = {"cpu": 0.0, "memory": 0.0, "gpu": 0.0}
+        for container in template["spec"]["containers"]:
+            requests = container["resources"]["requests"]
+            asked["cpu"] += _quantity(requests["cpu"])
+            asked["memory"] += _quantity(requests["memory"])
+            asked["gpu"] += _quantity(requests.get("nvidia.com/gpu", 0))
+        assert asked["cpu"] <= node["cpu"] - reserve["cpu"], (where, asked, node)
+        assert asked["memory"] <= node["memory_gib"] * (1 - reserve["memory_fraction"]), (where, asked, node)
+        assert asked["gpu"] <= node["gpu"], (where, asked, node)
+    # the eval group's Ray CPUs cover a milestone eval's ask
+    from tasks.params import load_params
+
+    eval_ask = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml").eval.resources
+    (eval_group,) = [g for g in job["workerGroupSpecs"] if "evaluator" in g["rayStartParams"].get("resources", "")]
+    assert float(eval_group["rayStartParams"]["num-cpus"]) >= eval_ask["CPU"]
+
+
+def test_the_old_eval_pod_fits_no_node_of_its_group():
+    """The check above can fail: 8 CPUs / 64 GiB on a g5.2xlarge (8 vCPUs, 32 GiB) is refused."""
+    types, reserve = _instance_types()
+    node = types["g5.2xlarge"]
+    assert not (8 <= node["cpu"] - reserve["cpu"] and 64 <= node["memory_gib"] * (1 - reserve["memory_fraction"]))
+
+
+def test_every_ray_node_and_client_runs_token_auth_with_the_token_from_a_secret():
+    config = _yaml("ray/cluster-16gpu.yaml")
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert any("ray-auth-token" in c and "auth_token" in c for c in config["initialization_commands"])
+    for where, template in _kuberay_pods():
+        containers = template["spec"]["containers"] + template["spec"].get("initContainers", [])
+        for container in containers:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (where, container["name"])
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], (where, container["name"])
+
+
+def test_dashboard_and_job_api_stay_inside_the_cluster_network():
+    config = _yaml("ray/cluster-16gpu.yaml")
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host" in head and "--dashboard-host=0.0.0.0" not in head
+    assert config["provider"]["use_internal_ips"] is True
+    for rule in config["provider"]["security_group"]["IpPermissions"]:
+        assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", [])), rule
+        assert not (rule["FromPort"] <= 8265 <= rule["ToPort"]), "the dashboard/job API port is opened"
+    (policy,) = yaml.safe_load_all((INFRA / "kuberay" / "networkpolicy.yaml").read_text())
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for where, template in _kuberay_pods():
+        labels = template.get("metadata", {}).get("labels", {})
+        assert selector.items() <= labels.items(), f"{where} is not covered by the NetworkPolicy"
+    for rule in policy["spec"]["ingress"]:
+        if any(source == {"namespaceSelector": {}} for source in rule["from"]):
+            assert [p["port"] for p in rule["ports"]] == [8000], "only Serve's port is open cluster-wide"
+    compose = _yaml("docker-compose.yaml")
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("${SERVICES_BIND_IP:-127.0.0.1}:"), f"{name} publishes {port} on every interface"
+    command = " ".join(compose["services"]["mlflow"]["command"])
+    assert "10.*" in command and "*.internal" in command, "MLflow must accept remote nodes' Host headers"
+
+
+def test_every_node_has_an_instance_profile_with_the_buckets_rights():
+    import json
+
+    from tasks.params import load_params
+
+    config = _yaml("ray/cluster-16gpu.yaml")
+    for name, node_type in config["available_node_types"].items():
+        assert node_type["node_config"]["IamInstanceProfile"]["Name"], name
+        assert node_type["node_config"]["ImageId"] != "latest_dlami", "Ray maps it to an Ubuntu 18.04 AMI"
+    policy = json.loads((INFRA / "aws" / "tinyllama-node-policy.json").read_text())
+    resources = " ".join(str(s["Resource"]) for s in policy["Statement"])
+    params = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml")
+    for uri in (params.paths.shared, params.train.checkpoint_dir):
+        bucket = uri.removeprefix("s3://").split("/")[0]
+        assert f"arn:aws:s3:::{bucket}/*" in resources, uri

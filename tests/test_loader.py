@@ -8,7 +8,7 @@ import pytest
 
 from conftest import pretrain_params, write_prepared
 from tasks.errors import UserError
-from tasks.pretrain.loader import MixedLoader, ShardCache, open_prepared, val_batches
+from tasks.pretrain.loader import MixedLoader, ShardCache, SourceOrder, open_prepared, token_dtype, val_batches
 
 
 def _rows(batches):
@@ -52,10 +52,30 @@ def test_sources_are_mixed_by_weight_and_each_epoch_is_a_permutation(pretrain_wo
     stride = Counter(int((row[1] - row[0]) % 512) for row in rows)  # fixtures: alpha stride 1, beta stride 3
     assert stride[1] == counts["alpha"] and stride[3] == counts["beta"]
     alpha = [row for row in rows if (row[1] - row[0]) % 512 == 1]
-    cache = ShardCache(data.train["alpha"])
+    cache = ShardCache(data.train["alpha"], np.int64)
     stored = [tuple(row) for shard in range(len(data.train["alpha"].shards)) for row in cache.shard(shard)]
     assert sorted(alpha[:300]) == sorted(stored)  # alpha's first epoch hands out each stored row once
     assert alpha[:300] != stored  # ... shuffled
+
+
+def test_shards_are_held_narrow_the_next_one_prefetched_and_the_row_order_unchanged(pretrain_workspace):
+    params, _ = pretrain_workspace
+    data = open_prepared(params)
+    assert token_dtype(data.vocab_size) == np.uint16 and token_dtype(32000) == np.uint16
+    assert token_dtype(256) == np.uint8 and token_dtype(128256) == np.uint32
+    loader = MixedLoader(data, seed=5, micro_batch=4, grad_accum=2, rank=0, world=1)
+    assert all(batch.dtype == np.int64 for batch in loader.step_batches(0)), "the embedding takes int64"
+    for order in loader.orders:
+        held = list(order.cache._cache.values())
+        assert held and all(rows.dtype == np.uint16 for rows in held)
+        assert len(order.cache._pending) + len(held) == 2, "the shard after the current one is on its way"
+    # The rows a source hands out, in order, are those of whole int64 shards read without prefetch.
+    for index, name in enumerate(loader.names):
+        narrow = SourceOrder(data.train[name], 5, index, token_dtype(data.vocab_size))
+        wide = SourceOrder(data.train[name], 5, index, np.int64)
+        wide.cache.prefetch = lambda shard: None  # the reference reads each shard when it is asked for
+        for consumed in range(2 * data.train[name].rows + 7):  # into the third epoch
+            assert np.array_equal(narrow.row(consumed), wide.row(consumed)), (name, consumed)
 
 
 def test_val_batches_are_fixed_and_disjoint_across_ranks(pretrain_workspace):

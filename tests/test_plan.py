@@ -27,6 +27,21 @@ def test_tinyllama_plan_matches_the_paper():
     assert plan["memory_per_gpu_gib"]["total"] < 40
 
 
+def test_plan_prices_hsdp_against_fsdp_and_accumulations_unsharded_gradients():
+    """The 1.1B profile's mesh (2 nodes × 8) keeps all-gathers inside a node: across nodes only the gradient
+    all-reduce (4 B × params × 2 (R-1)/R per node), well under FSDP2-over-16's gathers."""
+    plan = json.loads(run_cli("plan", "--params", "configs/tinyllama-1.1b.yaml", "--json").stdout)
+    params = plan["parameters"]
+    assert plan["mesh"] == {"replicate": 2, "shard": 8}
+    traffic = plan["traffic_per_step_gb"]
+    assert traffic["hsdp"]["across_nodes"] == round(4 * params * 2 * (2 - 1) / 2 / 1e9, 2)
+    assert traffic["fsdp"]["across_nodes"] > 4 * traffic["hsdp"]["across_nodes"]
+    assert traffic["hsdp"]["within_node"] > traffic["fsdp"]["within_node"]  # NVLink takes what TCP no longer does
+    memory = plan["memory_per_gpu_gib"]
+    assert memory["grads_unsharded_accumulating"] == round(4 * params / 2**30, 2)  # accumulation: 8 micro-steps
+    assert memory["weights_fp32"] == round(4 * params / 8 / 2**30, 2)  # sharded over a node's 8 GPUs
+
+
 def test_plan_text_and_speed_override():
     result = run_cli("plan", "--params", "configs/tinyllama-1.1b.yaml", "--tokens-per-sec", "48000")
     assert result.returncode == 0, result.stderr

@@ -45,7 +45,14 @@ def _task_manager(include_dir: str | None, include_defaults: bool):
 
 
 def tiny_eval_dir(params: Params) -> Path:
-    return Path(params.eval.data_dir) if params.eval.data_dir else Layout.from_params(params).eval_items_dir
+    return eval_data_dir(params) or Layout.from_params(params).eval_items_dir
+
+
+def eval_data_dir(params: Params) -> Path | None:
+    """`eval.data_dir` on this machine: a local dir as it is, a URI (s3://…) copied once from shared storage."""
+    from tasks.remote_inputs import local_input_dir
+
+    return local_input_dir(params.eval.data_dir, "eval.data_dir") if params.eval.data_dir else None
 
 
 def _unknown_to_lm_eval(names: list[str]) -> list[str]:
@@ -104,9 +111,7 @@ def collect_tasks(params: Params) -> TaskBundle:
         raise UserError(f"eval.tasks: {dupes[0]!r} is listed twice")
     eval_dir = tiny_eval_dir(params)
     tiny = read_tiny_tasks(eval_dir)
-    data_dir = Path(params.eval.data_dir) if params.eval.data_dir else None
-    if data_dir is not None and not data_dir.is_dir():
-        raise UserError(f"eval.data_dir: {data_dir} is not a directory")
+    data_dir = eval_data_dir(params)
     online = [n for n in names if n not in tiny and (data_dir is None or n not in OFFLINE_TASKS)]
     if online:
         if data_dir is not None:

@@ -23,6 +23,7 @@ class PretrainObjective(Objective):
 
     def __init__(self, data: PreparedData, eval_inputs: EvalInputs | None):
         self.data, self.eval_inputs = data, eval_inputs
+        self._exports = None  # rank 0's background conversions (tasks/pretrain/export.py), made on the worker
 
     def plan(self, params: Params) -> StepPlan:
         return StepPlan.from_params(params)
@@ -51,21 +52,68 @@ class PretrainObjective(Objective):
 
     def export(self, context: ExportContext, milestone: int) -> None:
         """The milestone into the run's dir (the stage copies it to {paths.models} at the end), logged to
-        MLflow and handed to a milestone eval."""
+        MLflow and handed to a milestone eval. Sharded (FSDP2): converted from this step's checkpoint by a Ray
+        task rank 0 starts, no rank waiting for it (tasks/pretrain/export.py); MLflow gets the stored copy's
+        URI, not a second upload. Full (DDP, small models): gathered and written by rank 0 at once."""
         from tasks.train.checkpoint import export_milestone, milestone_uri
 
         name = format_tokens(milestone)
         metadata = {"milestone": name, "milestone_tokens": milestone, "tokens_seen": context.tokens_seen,
                     "step": context.step}
+        if context.params.train.strategy == "fsdp":
+            if context.rank == 0:
+                self._submit_export(context, context.step, name, metadata)
+            return
         local = export_milestone(context.model, context.run_uri, name, context.tokenizer_dir, metadata)
         if local is None:
             return
-        uri = milestone_uri(context.run_uri, name)
-        context.say(f"milestone {name}: exported {uri} at step {context.step} "
-                    f"({metadata['tokens_seen']} tokens seen)")
         if context.log_checkpoint is not None:
             context.log_checkpoint(local, name)
         shutil.rmtree(local.parent, ignore_errors=True)
+        self._exported(context, name, milestone_uri(context.run_uri, name), metadata)
+
+    def busy_checkpoints(self) -> set[str]:
+        return self._exports.checkpoints() if self._exports else set()
+
+    def resume_exports(self, context: ExportContext) -> None:
+        """After a restart (rank 0, sharded runs): milestones already passed whose background export died with
+        the previous attempt are converted again from their checkpoints, if those are still kept."""
+        if context.params.train.strategy != "fsdp" or context.rank != 0:
+            return
+        from tasks.train.checkpoint import checkpoint_name, list_checkpoints, sealed_milestones
+
+        plan = context.plan
+        sealed, kept = sealed_milestones(context.run_uri), set(list_checkpoints(context.run_uri))
+        for milestone in plan.milestones:
+            step, name = plan.milestone_step(milestone), format_tokens(milestone)
+            if step > context.step or name in sealed:
+                continue
+            if checkpoint_name(step) not in kept:
+                context.say(f"warning: milestone {name} was never exported and its checkpoint is gone")
+                continue
+            metadata = {"milestone": name, "milestone_tokens": milestone, "tokens_seen": plan.tokens_after(step),
+                        "step": step}
+            self._submit_export(context, step, name, metadata)
+
+    def collect_exports(self, context: ExportContext, wait: bool) -> None:
+        for name, uri, metadata in (self._exports.finished(wait) if self._exports else []):
+            if context.log_checkpoint_uri is not None:
+                context.log_checkpoint_uri(uri, name)
+            self._exported(context, name, uri, metadata)
+
+    def _submit_export(self, context: ExportContext, step: int, name: str, metadata: dict) -> None:
+        """Rank 0: convert the sealed checkpoint of `step` into milestone `name` in a Ray task."""
+        from tasks.pretrain.export import PendingExports
+        from tasks.train.checkpoint import checkpoint_name
+
+        self._exports = self._exports or PendingExports()
+        self._exports.submit(context.run_uri, checkpoint_name(step), name, context.model.config.to_dict(),
+                             context.tokenizer_files, metadata)
+
+    def _exported(self, context: ExportContext, name: str, uri: str, metadata: dict) -> None:
+        """Rank 0, once milestone `name` is sealed at `uri`: say so and start its eval."""
+        context.say(f"milestone {name}: exported {uri} at step {metadata['step']} "
+                    f"({metadata['tokens_seen']} tokens seen)")
         if self.eval_inputs is not None:
             from tasks.evaluate.during_training import submit_milestone_eval
 

@@ -32,6 +32,8 @@ class Plan:
     milestones: dict[str, int]
     flops_per_token: int
     memory_per_gpu_gib: dict[str, float]
+    traffic_per_step_gb: dict[str, dict[str, float]]   # FSDP vs HSDP: bytes a node moves per step (traffic_per_step)
+    mesh: dict[str, int] | None              # train.mesh (HSDP), None: FSDP2 over every worker (or DDP)
     resources: dict[str, dict[str, float]]   # what a training worker and a milestone eval ask of Ray
     tokens_per_sec_per_worker: float
     days: float
@@ -50,7 +52,9 @@ def count_parameters_on_meta(params: Params) -> int:
 
 def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
     """GiB per training worker for what this code keeps in memory (tasks/train/parallel.py, model/loss.py):
-    - fp32 master weights, their gradients and AdamW's two moments, sharded across workers under FSDP2;
+    - fp32 master weights, their gradients and AdamW's two moments, sharded across workers under FSDP2
+      (across one node's `train.mesh.shard` under HSDP), and during gradient accumulation the full unsharded
+      fp32 gradients FSDP2 keeps between micro-batches;
     - bf16 copies FSDP2 all-gathers for compute (`train.precision: bf16`): the root module's (embedding,
       final norm, lm_head) for the whole step, and two decoder blocks' at a time (one computing, one
       prefetched); DDP keeps fp32 weights whole instead;
@@ -63,7 +67,7 @@ def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
     config = params.llama_config()
     train = params.train
     fsdp = train.strategy == "fsdp"
-    shards = train.workers if fsdp else 1
+    shards = (train.mesh.shard if train.mesh else train.workers) if fsdp else 1  # HSDP shards within a node
     compute_bytes = 2 if train.precision == "bf16" else 4
     tokens = train.micro_batch * params.data.seq_len
     per_block = config.num_params(include_embedding=False) - config.dim  # without the final norm
@@ -78,6 +82,9 @@ def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
     states = {
         "weights_fp32": 4 * n_params / shards,
         "grads_fp32": 4 * n_params / shards,
+        # Under FSDP2, micro-steps that skip the gradient reduce-scatter (accumulation) keep each parameter's
+        # full, unsharded fp32 gradient until the step's last micro-batch reduces it.
+        "grads_unsharded_accumulating": 4 * n_params if fsdp and params.grad_accum > 1 else 0,
         "adamw_moments": 8 * n_params / shards,
         "gathered_weights": (compute_bytes * (root + 2 * per_block) if fsdp and compute_bytes == 2 else 0),
         "activations": activations,
@@ -87,6 +94,33 @@ def memory_per_gpu(params: Params, n_params: int) -> dict[str, float]:
     states = {k: round(v / GIB, 2) for k, v in states.items()}
     states["total"] = round(sum(states.values()), 2)
     return states
+
+
+def traffic_per_step(params: Params, n_params: int) -> dict[str, dict[str, float]]:
+    """GB moved per optimizer step, each way: what one GPU gets from its node's peers, and what one node gets
+    from the other nodes (the inter-node link is the bottleneck without EFA), for FSDP2 over
+    every worker and for HSDP (`train.mesh`; without one, `mesh.shard` = 8 GPUs per node is assumed). What
+    must move whatever the collective algorithm: an all-gather brings each rank the shards it lacks, a
+    reduce-scatter sends each shard's partial sums to its owner, an all-reduce over R replicas sends
+    2 (R-1)/R of the data.
+    - FSDP (reshard_after_forward): bf16 weights gathered twice per micro-batch (forward, backward), fp32
+      gradients reduce-scattered once per step; with N ranks on nodes of S, (N - S)/N of every shard lives
+      on another node.
+    - HSDP: the same gathers and reduce-scatter within the node (S ranks), then one fp32 all-reduce of the
+      node's gradient across the R nodes."""
+    train = params.train
+    weight_bytes = (2 if train.precision == "bf16" else 4) * n_params
+    grad_bytes = 4 * n_params
+    accum = params.grad_accum
+    n = train.workers
+    s = train.mesh.shard if train.mesh else min(n, 8)
+    replicas = max(1, n // s)
+    gathers = 2 * accum * weight_bytes
+    fsdp_total = gathers + grad_bytes  # one node's share of everything the N ranks exchange
+    fsdp = {"within_node": fsdp_total * (s - 1) / n, "across_nodes": fsdp_total * (n - s) / n}
+    hsdp = {"within_node": (gathers + grad_bytes) * (s - 1) / s,
+            "across_nodes": grad_bytes * 2 * (replicas - 1) / replicas}
+    return {name: {k: round(v / 1e9, 2) for k, v in found.items()} for name, found in (("fsdp", fsdp), ("hsdp", hsdp))}
 
 
 def make_plan(params: Params) -> Plan:
@@ -115,6 +149,8 @@ def make_plan(params: Params) -> Plan:
         milestones=milestones,
         flops_per_token=flops,
         memory_per_gpu_gib=memory_per_gpu(params, n_params),
+        traffic_per_step_gb=traffic_per_step(params, n_params),
+        mesh=train.mesh.model_dump() if train.mesh else None,
         resources=_resources(params),
         tokens_per_sec_per_worker=tps,
         days=train.total_tokens / (tps * train.workers) / 86400,
@@ -155,6 +191,10 @@ def render(plan: Plan, memory_per_worker_gb: float) -> str:
         "milestones         " + ", ".join(f"{name} @ step {step:,}" for name, step in plan.milestones.items()),
         "memory per device  " + ", ".join(f"{k} {v} GiB" for k, v in mem.items() if k != "total")
         + f" → {mem['total']} GiB of {memory_per_worker_gb:g} GiB" + ("" if mem["total"] <= memory_per_worker_gb else "  (DOES NOT FIT)"),
+        "traffic per step   " + "; ".join(
+            f"{name.upper()}{' (this profile)' if (name == 'hsdp') == bool(plan.mesh) else ''} "
+            f"{v['within_node']} GB per GPU within its node, {v['across_nodes']} GB per node across nodes"
+            for name, v in plan.traffic_per_step_gb.items()),
         "resources          " + f"{plan.workers} training workers × {_bundle(plan.resources['training_worker'])}"
         + (f" + milestone evals {_bundle(plan.resources['milestone_eval'])} (eval.resources), checked before "
            f"training starts" if "milestone_eval" in plan.resources else ""),

@@ -49,10 +49,10 @@ def build_tokenizer(params: Params) -> Path:
 def _pretrained(params: Params) -> bytes:
     from model.tokenizer import parse_model
 
-    path = Path(params.tokenizer.model_file)
-    if not path.is_file():
-        raise UserError(f"tokenizer.model_file: file not found: {path}")
-    model_bytes = path.read_bytes()
+    from tasks.remote_inputs import read_input_file
+
+    path = params.tokenizer.model_file  # a local path or a URI (s3://…) every node reaches
+    model_bytes = read_input_file(path, "tokenizer.model_file")
     try:
         pieces = len(parse_model(model_bytes).pieces)
     except ValueError as exc:

@@ -32,7 +32,6 @@ Everything is safetensors + JSON: resuming never unpickles a file.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections.abc import Callable
@@ -120,22 +119,23 @@ def _save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.opti
     return sorted(str(p.relative_to(directory)) for p in (directory / SHARD_DIR).glob("*.safetensors")), param_groups
 
 
-def _load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict]) -> None:
-    """Collective: every rank reads the slices it owns now (re-sliced if the world size changed)."""
+def _load_sharded(reader, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_groups: list[dict]) -> None:
+    """Collective: every rank reads the slices it owns now (re-sliced if the world size changed) through
+    `reader` (a local copy on rank 0, which verified it whole; partial_reads.RemoteShardReader elsewhere)."""
     from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
     state, _ = _sharded_state(model, optimizer)
-    load(state, storage_reader=HuggingFaceStorageReader(str(directory / SHARD_DIR)))
+    load(state, storage_reader=reader)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(state["optimizer"], param_groups))
 
 
 def save_checkpoint(run_uri: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, sharded: bool, keep: int) -> str:
+                    state: dict, sharded: bool, keep: int, spare: frozenset[str] = frozenset()) -> str:
     """Collective. Writes `checkpoint_<step>/` under the run dir: every rank uploads the files it wrote
     (rank 0 all of a full checkpoint, each rank its shard of a sharded one), then rank 0 writes the seal,
-    checkpoint.json, and drops all but the newest `keep` checkpoints. Returns the checkpoint's name."""
+    checkpoint.json, and drops all but the newest `keep` checkpoints, sparing those named in `spare` (rank
+    0's: checkpoints a milestone export still reads). Returns the checkpoint's name."""
     name = checkpoint_name(step)
     target = join(run_uri, name)
     if dist.get_rank() == 0:
@@ -157,7 +157,8 @@ def save_checkpoint(run_uri: str, step: int, model: torch.nn.Module, optimizer: 
                               dict(state, layout="sharded" if sharded else "full", param_groups=param_groups,
                                    files=files))
             for old in list_checkpoints(run_uri)[keep:]:
-                remove_tree(join(run_uri, old))
+                if old not in spare:
+                    remove_tree(join(run_uri, old))
     dist.barrier()
     return name
 
@@ -198,7 +199,8 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     """Collective. Loads the newest valid checkpoint of the run into model, optimizer and RNG on
     every rank; returns its checkpoint.json record, or None when there is nothing to resume from.
     Rank 0 picks and verifies the checkpoint; a full one it reads and broadcasts, a sharded one
-    every rank reads its own slices of."""
+    every rank reads its own slices of, the others fetching only the shard files that hold them
+    (partial_reads.py)."""
     with tempfile.TemporaryDirectory(prefix="resume-") as scratch:
         found = _newest_valid(run_uri, Path(scratch), say) if dist.get_rank() == 0 else None
         found = _broadcast(found)
@@ -206,9 +208,15 @@ def restore(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             return None
         name, record = found
         first, sharded = dist.get_rank() == 0, record.get("layout") == "sharded"
-        local = fetch_sealed(join(run_uri, name), Path(scratch), CHECKPOINT_FILE) if first or sharded else None
+        local = fetch_sealed(join(run_uri, name), Path(scratch), CHECKPOINT_FILE) if first else None
         if sharded:
-            _load_sharded(local, model, optimizer, record["param_groups"])
+            from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+            from tasks.train.partial_reads import shard_reader
+
+            reader = (HuggingFaceStorageReader(str(local / SHARD_DIR)) if first
+                      else shard_reader(join(run_uri, name), Path(scratch), record["files"], SHARD_DIR))
+            _load_sharded(reader, model, optimizer, record["param_groups"])
         else:
             model_state = load_file(str(local / MODEL_FILE)) if first else {}
             optimizer_state = (_unflatten_optimizer(load_file(str(local / OPTIMIZER_FILE)), record["param_groups"])

@@ -31,13 +31,15 @@ def fit(params: Params, loop_config: LoopConfig) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tasks.ray_cluster import training_bundles
     from tasks.tracking import client as mlflow_client
     from tasks.train.loop import train_loop
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line prints twice
     train = params.train
     storage, name = loop_config.run_uri.rstrip("/").rsplit("/", 1)
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    # One definition of a worker's resources: what check_train_resources reserved, `trainer` included.
+    resources = training_bundles(params, milestone_evals=False)[0]
     trainer = TorchTrainer(
         lambda config: train_loop(config["loop"]), train_loop_config={"loop": loop_config},
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),

@@ -92,8 +92,9 @@ class Trainer:
             self.model.compile_blocks()  # FSDP2's per-block hooks would split a whole-model graph
         elif train.compile:
             self.model.compile_loss()
+        mesh = (train.mesh.replicate, train.mesh.shard) if train.mesh else None
         self.parallel = Parallel(self.model, train.strategy, self.device, train.precision,
-                                 train.activation_checkpointing)
+                                 train.activation_checkpointing, mesh=mesh)
         self.optimizer = build_optimizer(self.model, self.recipe.lr, train.betas, train.eps, self.recipe.weight_decay)
         self.loader = objective.loader(params, self.plan, self.rank, self.world)
         self.val = objective.val_batches(params, self.rank, self.world)
@@ -110,6 +111,7 @@ class Trainer:
         if record is not None:
             self.step, self.tokens_seen, self.metrics = record["step"], record["tokens_seen"], record["metrics"]
             self.loader.load_state(record["loader"])
+            objective.resume_exports(self.export_context())
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -153,15 +155,17 @@ class Trainer:
         return _mean_across_ranks(total / len(self.val))
 
     # -- milestones, checkpoints -----------------------------------------------------------------
-    def export(self, milestone: int) -> None:
-        """Collective: what the objective writes when `milestone` tokens are reached."""
-        config = self.config
-        self.objective.export(ExportContext(
-            params=self.params, model=self.model, step=self.step, tokens_seen=self.tokens_seen, run_uri=config.run_uri,
-            tokenizer_dir=self.tokenizer_dir(), say=self.say,
-            log_checkpoint=self.mlflow.log_checkpoint if self.mlflow is not None else None,
+    def export_context(self) -> ExportContext:
+        """The loop's state and reporting an objective's export methods may use."""
+        config, mlflow = self.config, self.mlflow
+        return ExportContext(
+            params=self.params, model=self.model, plan=self.plan, rank=self.rank, step=self.step,
+            tokens_seen=self.tokens_seen, run_uri=config.run_uri, tokenizer_dir=self.tokenizer_dir(),
+            say=self.say, tokenizer_files=config.tokenizer_files,
+            log_checkpoint=mlflow.log_checkpoint if mlflow is not None else None,
+            log_checkpoint_uri=mlflow.log_checkpoint_uri if mlflow is not None else None,
             wait_for=self.eval_refs.append, tracking_uri=config.tracking_uri, mlflow_run_id=config.mlflow_run_id,
-            console=config.console), milestone)
+            console=config.console)
 
     def tokenizer_dir(self) -> Path:
         """The shipped tokenizer files, written once into this worker's own temp dir."""
@@ -180,7 +184,8 @@ class Trainer:
             state = {"step": self.step, "tokens_seen": self.tokens_seen,
                      "loader": self.loader.state(), "metrics": self.metrics}
             save_checkpoint(self.config.run_uri, self.step, self.model, self.optimizer, state,
-                            sharded=self.train.strategy == "fsdp", keep=self.train.keep_checkpoints)
+                            sharded=self.train.strategy == "fsdp", keep=self.train.keep_checkpoints,
+                            spare=frozenset(self.objective.busy_checkpoints()))
         ray.train.report(dict(self.metrics, step=self.step))
 
     # -- the loop --------------------------------------------------------------------------------
@@ -190,8 +195,7 @@ class Trainer:
         window_tokens, window_time, window_loss = 0, 0.0, 0.0
         while self.step < plan.total_steps:
             metrics = self.train_step()
-            for milestone in plan.milestones_reached(self.step - 1, self.step):
-                self.export(milestone)
+            milestones = plan.milestones_reached(self.step - 1, self.step)
             if self.step % train.val_every_steps == 0 or self.step == plan.total_steps:
                 metrics["val_loss"] = self.val_loss()
                 self.metrics["final_val_loss"] = metrics["val_loss"]
@@ -207,10 +211,15 @@ class Trainer:
             if self.step % train.log_every_steps == 0 or self.step == plan.total_steps:
                 self._log_progress(window_tokens, window_time, window_loss, metrics["lr"], first_step, loop_started)
                 window_tokens, window_time = 0, 0.0
-            if self.step % train.checkpoint_every_steps == 0 or self.step == plan.total_steps:
+            # A milestone step is a checkpoint step: a sharded run's milestone is converted from that checkpoint.
+            if milestones or self.step % train.checkpoint_every_steps == 0 or self.step == plan.total_steps:
                 self.report(checkpoint=True)
+            for milestone in milestones:  # collective
+                self.objective.export(self.export_context(), milestone)
+            self.objective.collect_exports(self.export_context(), wait=False)
         if self.step == first_step:  # resumed a finished run: hand the driver its recorded metrics
             self.report(checkpoint=False)
+        self.objective.collect_exports(self.export_context(), wait=True)
         self._wait_for_evals()
 
     def _log_progress(self, tokens: int, seconds: float, loss: float, lr: float, first_step: int, loop_started: float) -> None:

@@ -13,6 +13,9 @@ MFU and MLflow. An objective supplies only what differs between pretraining
   loss             a micro-batch's loss, plus extra metrics to average over the step (DPO's rewards)
   export           what to write when a milestone is reached (an HF dir, its MLflow artifacts), given
                    an `ExportContext`: the loop's state it may read, the reporting it may use
+  collect_exports, busy_checkpoints, resume_exports
+                   for objectives whose exports run in the background (sharded pretraining): finish
+                   them between steps, keep the checkpoints they read, restart them after a restore
 
 An objective is a plain picklable object the driver builds and Ray ships to every worker; whatever
 is heavy (data, a reference model) it loads on the worker.
@@ -50,16 +53,20 @@ class Recipe:
 
 @dataclass(frozen=True)
 class ExportContext:
-    """What `Objective.export` gets from the loop at a milestone (every rank calls export: it is collective)."""
+    """What the objective's export methods get from the loop (every rank calls export: it is collective)."""
 
     params: Params
     model: Llama
+    plan: StepPlan
+    rank: int
     step: int
     tokens_seen: int
     run_uri: str                      # the run's dir: where milestones are written
     tokenizer_dir: Path               # the shipped tokenizer files, on this worker's disk
     say: Callable[[str], None]        # a line for the person watching the stage
+    tokenizer_files: dict[str, bytes]  # the same files, to ship to a task that exports elsewhere
     log_checkpoint: Callable[[Path, str], None] | None  # (local dir, name) into the MLflow run; None off rank 0
+    log_checkpoint_uri: Callable[[str, str], None] | None  # (stored copy's URI, name) into the MLflow run
     wait_for: Callable[[object], None]  # a Ray ObjectRef the worker waits for (bounded) before it ends
     tracking_uri: str | None
     mlflow_run_id: str
@@ -101,3 +108,13 @@ class Objective:
 
     def export(self, context: ExportContext, milestone: int) -> None:
         raise NotImplementedError
+
+    def collect_exports(self, context: ExportContext, wait: bool) -> None:
+        """Between steps and at the end (`wait`): finish what exports left running in the background."""
+
+    def busy_checkpoints(self) -> set[str]:
+        """Checkpoints that exports running in the background still read (kept when old ones are pruned)."""
+        return set()
+
+    def resume_exports(self, context: ExportContext) -> None:
+        """After a restore: restart the background exports the previous attempt did not finish."""

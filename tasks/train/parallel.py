@@ -41,7 +41,7 @@ class Parallel:
     backward pass (the composable `checkpoint`, so parameter names stay HF's)."""
 
     def __init__(self, model: Llama, strategy: str, device: torch.device, precision: str,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, mesh: tuple[int, int] | None = None):
         self.model, self.strategy, self.device = model, strategy, device
         bf16 = precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if bf16 and strategy != "fsdp" else None
@@ -56,8 +56,11 @@ class Parallel:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
             # The mesh on the training device, said explicitly: FSDP2's default mesh is CUDA's whenever a GPU
-            # is visible, which would move a CPU worker's model onto it.
-            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+            # is visible, which would move a CPU worker's model onto it. A 2-D mesh (replicate, shard) is HSDP:
+            # FSDP2 shards over the inner dim (consecutive ranks: one node's GPUs) and replicates over the
+            # outer one, so only the once-per-step gradient all-reduce crosses nodes.
+            mesh = (init_device_mesh(device.type, mesh, mesh_dim_names=("replicate", "shard")) if mesh
+                    else init_device_mesh(device.type, (dist.get_world_size(),)))
             policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                       else MixedPrecisionPolicy())
             for block in model.layers:

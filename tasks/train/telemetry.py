@@ -66,6 +66,11 @@ class MlflowMetrics:
         every checkpoint beside the loss and eval curves of the run that produced it."""
         self.client.log_artifacts(self.run_id, str(directory), f"checkpoints/{milestone}")
 
+    def log_checkpoint_uri(self, uri: str, milestone: str) -> None:
+        """Where a milestone's HF dir is stored (the run's dir, e.g. on S3), as the run's tag
+        `checkpoints/<milestone>`: MLflow references the one stored copy instead of uploading another."""
+        self.client.set_tag(self.run_id, f"checkpoints/{milestone}", uri)
+
     def flush(self) -> None:
         for start in range(0, len(self.pending), 1000):  # MLflow's per-request metric limit
             self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
