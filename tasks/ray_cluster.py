@@ -1,7 +1,7 @@
 """Where Ray work runs: an existing cluster (`RAY_ADDRESS`) or a local one sized explicitly.
 
 Shared by the stages that use Ray (pretrain and its milestone evals, alignment, deploy). Locally Ray
-is started with an explicit CPU count (the machine's cores plus `extra_cpus` logical slots, e.g. for
+is started with an explicit CPU count (the cores this process may use plus `extra_cpus` logical slots, e.g. for
 milestone evals that deliberately share cores with training), a private temp dir (concurrent runs and
 test sessions never share Ray state) and its dashboard on a free local port: Ray's State API lives
 there, and Ray Train's placement-group cleaner polls it every second (it warns each time it cannot).
@@ -39,6 +39,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity (taskset, a container's cpuset), capped by a cgroup v2
+    CPU quota (`docker --cpus`). `os.cpu_count()` counts the host's cores and would oversubscribe both."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here: the affinity is the limit
+        return cores
+    return cores if quota == "max" else max(1, min(cores, int(quota) // int(period)))
+
+
 def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
     """Connect to `RAY_ADDRESS` if set, else start a local Ray; no-op if Ray is already up in this
     process. Returns True when this call started (or connected) Ray, so the caller owns shutdown."""
@@ -59,7 +70,7 @@ def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
     # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     _started_temp_dirs.append(temp_dir)
-    ray.init(num_cpus=(os.cpu_count() or 1) + extra_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(num_cpus=usable_cpus() + extra_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=False, configure_logging=False,
              runtime_env=runtime_env)
     return True
