@@ -1,7 +1,7 @@
 """Where Ray work runs: an existing cluster (`RAY_ADDRESS`) or a local one sized explicitly.
 
 Shared by the stages that use Ray (pretrain and its milestone evals, alignment, deploy). Locally Ray
-is started with an explicit CPU count (the machine's cores plus `extra_cpus` logical slots, e.g. for
+is started with an explicit CPU count (the cores this process may use plus `extra_cpus` logical slots, e.g. for
 milestone evals that deliberately share cores with training), a private temp dir (concurrent runs and
 test sessions never share Ray state) and its dashboard on a free local port: Ray's State API lives
 there, and Ray Train's placement-group cleaner polls it every second (it warns each time it cannot).
@@ -40,6 +40,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity (taskset, a container's cpuset), capped by a cgroup v2
+    CPU quota (`docker --cpus`). `os.cpu_count()` counts the host's cores and would oversubscribe both."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here: the affinity is the limit
+        return cores
+    return cores if quota == "max" else max(1, min(cores, int(quota) // int(period)))
+
+
 def start_ray(cpus: int, dashboard_port: int | None = None, metrics_port: int | None = None,
               runtime_env: dict | None = None) -> str | None:
     """Ray for this process, started the one way every command starts it: connected to `RAY_ADDRESS` when
@@ -74,7 +85,7 @@ def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
         return False
     # The job's runtime env: every worker this job starts, on any node, gets these variables.
     runtime_env = {"env_vars": {**WORKER_ENV, **params.train.worker_env}}
-    temp_dir = start_ray((os.cpu_count() or 1) + extra_cpus, dashboard_port=free_port(), runtime_env=runtime_env)
+    temp_dir = start_ray(usable_cpus() + extra_cpus, dashboard_port=free_port(), runtime_env=runtime_env)
     if temp_dir is not None:
         _started_temp_dirs.append(temp_dir)
     return True

@@ -1,6 +1,31 @@
 """Shared pytest fixtures (append yours; keep each one documented)."""
 
+import os
+import signal
+from contextlib import contextmanager
+
 import pytest
+
+# Offline, as every run must be: a test that reaches for a hub (transformers, datasets, lm-eval) fails
+# instead of downloading. Set here, before any test module imports those libraries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@contextmanager
+def time_limit(seconds: float, what: str):
+    """A time limit for a long fixture: pytest-timeout limits test bodies only (pyproject.toml), so a
+    fixture that could hang bounds itself with this; on expiry it fails (every test that needs it errors)."""
+    def expire(signum, frame):
+        pytest.fail(f"{what}: still running after {seconds:.0f} s", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ---------------------------------------------------------------- S3 (moto's server on 127.0.0.1)
@@ -25,18 +50,25 @@ S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": 
                        "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """Env that sends boto3, s3fs and DVC subprocesses to the moto server: AWS_ENDPOINT_URL plus
-    fake credentials. Clears s3fs's cached filesystems so none points at an older endpoint."""
+def point_at_s3(monkeypatch, endpoint: str) -> None:
+    """Send boto3, s3fs and DVC subprocesses to `endpoint`: AWS_ENDPOINT_URL plus fake credentials (through
+    `monkeypatch`, so they are undone with it). Clears s3fs's cached filesystems so none points elsewhere."""
     import s3fs
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     for name, value in S3_TEST_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The moto server for one test (`point_at_s3`); yields its endpoint URL."""
+    import s3fs
+
+    point_at_s3(monkeypatch, s3_server)
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
 

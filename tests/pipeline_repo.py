@@ -81,9 +81,27 @@ def fresh_copy(dest: Path) -> Path:
     return dest
 
 
-def clone_workspace(source: Path, dest: Path) -> Path:
-    """A copy of a workspace after a run (outputs, dvc.lock, DVC cache, MLflow store) to change freely."""
-    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns(".ray", "__pycache__"))
+# Parts of a finished workspace that no clone needs: logs, the run's Prefect home, DVC's state and locks (rebuilt).
+NEVER_CLONED = ("logs", ".prefect", ".dvc/tmp")
+
+
+def clone_workspace(source: Path, dest: Path, *, outputs: bool = True, dvc_cache: bool = True, mlflow: bool = True,
+                    runs: bool = False) -> Path:
+    """A copy of a workspace after a run to change freely: the source tree and git history, plus only the
+    parts the test reads. `outputs`: data/, models/, metrics/, dvc.lock. `dvc_cache`: .dvc/cache, which a
+    `dvc repro` there needs (an output missing from the cache counts as changed, so its stage would rerun).
+    `mlflow`: the tracking store. `runs`: checkpoints/ (training runs' resume state, outside DVC)."""
+    skipped = set(NEVER_CLONED)
+    skipped |= set() if outputs else {"data", "models", "metrics", "dvc.lock"}
+    skipped |= set() if dvc_cache else {".dvc/cache"}
+    skipped |= set() if mlflow else {"mlflow"}
+    skipped |= set() if runs else {"checkpoints"}
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        relative = Path(directory).relative_to(source)
+        return {n for n in names if n in (".ray", "__pycache__") or (relative / n).as_posix() in skipped}
+
+    shutil.copytree(source, dest, symlinks=True, ignore=ignore)
     return dest
 
 

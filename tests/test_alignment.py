@@ -129,7 +129,7 @@ def test_tinyllama_chat_with_the_champion_answers_like_greedy_decoding(pipeline_
 
 
 def test_bad_input_fails_before_training_and_writes_nothing(pipeline_repo, tmp_path):
-    root = clone_workspace(pipeline_repo.root, tmp_path / "bad")
+    root = clone_workspace(pipeline_repo.root, tmp_path / "bad", dvc_cache=False, runs=True)
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 6
     rows += [{"messages": [{"role": "user", "content": "no answer"}]}] * 4
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -32,7 +32,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import pretrain_params, train_worker_processes
+from conftest import point_at_s3, pretrain_params, time_limit, train_worker_processes
 from servers import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
@@ -107,26 +107,33 @@ def _weights(workspace: Path) -> dict[str, torch.Tensor]:
     return load_file(str(workspace / "models" / "pretrain" / MILESTONES[-1] / "model.safetensors"))
 
 
-@pytest.fixture
-def workspace(tmp_path, s3_env, cluster, mlflow_server, monkeypatch):
-    """The driver's workspace (tokenizer and prepared manifest local, shards on S3), and the job's
-    environment: the cluster, the tracking server, workers that may not touch this dir."""
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, s3_server, cluster, mlflow_server):
+    """The driver's workspace (tokenizer and prepared manifest local, shards on S3), made once for the
+    module (each test trains under its own run name), and the job's environment: the cluster, the
+    tracking server, workers that may not touch this dir."""
+    import s3fs
+
     from tasks.cli import main as cli
 
-    bucket = f"rehearsal-{uuid.uuid4().hex[:10]}"
-    _s3().mkdir(bucket)
-    workspace = tmp_path / "workspace"
-    workspace.mkdir()
-    for name, value in {"RAY_ADDRESS": cluster, "MLFLOW_TRACKING_URI": mlflow_server,
-                        "TINYLLAMA_DRIVER_WORKSPACE": str(workspace), "RAY_RUNTIME_ENV_HOOK":
-                        "rehearsal_hooks.forbid_driver_workspace", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-                        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}.items():
-        monkeypatch.setenv(name, value)
-    setup = _params_file(workspace, bucket, "setup")
-    assert cli(["tokenizer", "--params", str(setup)]) == 0
-    assert cli(["prepare", "--params", str(setup)]) == 0
-    assert sorted(p.name for p in (workspace / "data" / "prepared").iterdir()) == ["manifest.json"]
-    return workspace, bucket
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        point_at_s3(monkeypatch, s3_server)
+        bucket = f"rehearsal-{uuid.uuid4().hex[:10]}"
+        _s3().mkdir(bucket)
+        workspace = tmp_path_factory.mktemp("rehearsal") / "workspace"
+        workspace.mkdir()
+        for name, value in {"RAY_ADDRESS": cluster, "MLFLOW_TRACKING_URI": mlflow_server,
+                            "TINYLLAMA_DRIVER_WORKSPACE": str(workspace), "RAY_RUNTIME_ENV_HOOK":
+                            "rehearsal_hooks.forbid_driver_workspace", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}.items():
+            monkeypatch.setenv(name, value)
+        setup = _params_file(workspace, bucket, "setup")
+        with time_limit(600, "the rehearsal's tokenizer and prepare stages"):
+            assert cli(["tokenizer", "--params", str(setup)]) == 0
+            assert cli(["prepare", "--params", str(setup)]) == 0
+        assert sorted(p.name for p in (workspace / "data" / "prepared").iterdir()) == ["manifest.json"]
+        yield workspace, bucket
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_workers_may_not_touch_the_driver_workspace(workspace):
@@ -160,6 +167,7 @@ def test_a_cluster_without_room_for_the_evals_fails_before_training(workspace):
     assert not _s3().glob(f"{bucket}/too-big/run-*/checkpoint_*")
 
 
+@pytest.mark.timeout(1500)
 def test_faults_on_shared_storage_end_in_the_uninterrupted_weights(workspace):
     from tasks.params import load_params
     from tasks.pretrain.stage import pretrain

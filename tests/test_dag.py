@@ -137,14 +137,16 @@ def test_repro_on_a_fresh_copy_runs_every_stage(pipeline_repo):
 
 
 @pytest.mark.slow
-def test_second_repro_is_a_noop_in_seconds(pipeline_repo):
-    start = time.monotonic()
-    out = run_repro(pipeline_repo.root)
-    seconds = time.monotonic() - start
+def test_second_repro_is_a_noop(pipeline_repo):
+    """Nothing reruns and nothing is rewritten: every output's DVC hash, dvc.lock and the metrics stay as they were
+    (what "a no-op" means; its wall time depends on the machine, so it is not what this test asserts)."""
+    root = pipeline_repo.root
+    lock = (root / "dvc.lock").read_bytes()
+    metrics = {p.name: p.stat().st_mtime_ns for p in (root / "metrics").iterdir()}
+    out = run_repro(root)
     assert "Running stage" not in out.stdout, out.stdout
-    assert seconds < 60, f"a no-op repro took {seconds:.1f} s"
-
-
+    assert (root / "dvc.lock").read_bytes() == lock
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "metrics").iterdir()} == metrics
 @pytest.mark.slow
 def test_metrics_show_has_pretrain_and_eval_numbers(pipeline_repo):
     shown = json.loads(dvc(pipeline_repo.root, "metrics", "show", "--json").stdout)
@@ -161,29 +163,20 @@ def test_metrics_show_has_pretrain_and_eval_numbers(pipeline_repo):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_exp_run_with_a_changed_train_param_reruns_only_pretrain_and_downstream(pipeline_repo, tmp_path):
-    """`dvc exp run -S`: a shorter pretrain reruns pretrain and evaluate; tokenizer and prepare stay cached.
-    (Up to evaluate: the chat variants name milestones this shorter run does not reach.)"""
-    root = clone_workspace(pipeline_repo.root, tmp_path / "exp")
-    out = dvc(root, "exp", "run", "-n", "short", "-S", "train.total_tokens=250K", "-S", "train.milestones=[100K,250K]",
-              "evaluate")
-    assert "Running stage 'pretrain'" in out.stdout and "Running stage 'evaluate'" in out.stdout, out.stdout
-    assert "Running stage 'tokenizer'" not in out.stdout and "Running stage 'prepare'" not in out.stdout
+    """`dvc exp run -S`: a shorter pretrain (4 steps, no evals during training) reruns pretrain and evaluate;
+    tokenizer and prepare stay cached. (Up to evaluate: the chat variants name milestones this run lacks.)
+    The changed train params are what matters, not their size: the cheapest run that has two milestones."""
+    root = clone_workspace(pipeline_repo.root, tmp_path / "exp", mlflow=False)
+    out = dvc(root, "exp", "run", "-n", "short", "-S", "train.total_tokens=16K", "-S", "train.milestones=[8K,16K]",
+              "-S", "train.warmup_steps=2", "-S", "train.eval_milestones_during_training=false", "evaluate")
+    ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["pretrain", "evaluate"], out.stdout
     evaluated = json.loads((root / "metrics" / "eval.json").read_text())
-    assert sorted(k for k, v in evaluated.items() if isinstance(v, dict)) == ["100K", "250K"]
+    assert sorted(k for k, v in evaluated.items() if isinstance(v, dict)) == ["16K", "8K"]
     shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
     assert "short" in json.dumps(shown)
-
-
-@pytest.mark.slow
-def test_changed_eval_param_reruns_only_evaluate(pipeline_repo, tmp_path):
-    root = clone_workspace(pipeline_repo.root, tmp_path / "eval-change")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["eval"]["batch_size"] = params["eval"]["batch_size"] // 2
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run_repro(root)
-    ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["evaluate"], out.stdout
 
 
 def _micro_profile(root: Path) -> None:
@@ -206,6 +199,7 @@ def _sealed(root: Path, milestone: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_path):
     """Two clean copies, same seed, CPU. The first runs to the end. The second's `dvc repro` is killed
     (SIGKILL, the whole process group) once its second milestone is out, then `dvc repro` runs again: DVC

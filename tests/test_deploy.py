@@ -1,8 +1,8 @@
 """The deploy stage, `tinyllama serve`'s argument checks, the Serve configs and the RayService manifest.
 
 Fast: the configs pass Ray Serve's own schema and name our application builder; bad flags and
-params are one line and exit 2. Slow: `tinyllama deploy` on a model dir, end to end (Ray's own
-`serve deploy`, the openai-client check, metrics/serve.json), leaving no Ray behind.
+params are one line and exit 2. Slow: what the shared pipeline run's deploy stage measured (Ray's own
+`serve deploy`, the openai-client check, metrics/serve.json), and a model that fails to load.
 """
 
 from __future__ import annotations
@@ -122,25 +122,22 @@ def test_without_a_cluster_the_flow_prints_the_command_that_serves(tmp_path):
 
 
 @pytest.mark.slow
-def test_deploy_stage_serves_checks_measures_and_stops(tmp_path, served_model_dir):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params(tmp_path, model=str(served_model_dir),
-                                                                 check_max_tokens=16)))
-    before = {p.name for p in Path("/tmp").glob("tl-serve-*")}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([str(Path(sys.executable).parent / "tinyllama"), "deploy", "--params",
-                             str(tmp_path / "params.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stdout + result.stderr
-    metrics = json.loads((tmp_path / "metrics" / "serve.json").read_text())
-    assert 0 < metrics["time_to_ready_s"] < 300 and 0 < metrics["ttft_s"] < 10
+def test_the_pipelines_deploy_stage_served_checked_and_measured_the_champion(pipeline_repo):
+    """The shared run's deploy stage (`tinyllama deploy` through dvc.yaml: Ray's own `serve deploy`, the
+    openai-client checks, stopped after) left metrics/serve.json: every check passed, every measure was
+    taken (how fast depends on the machine, so no limit is asserted), and the served model is the champion."""
+    root = pipeline_repo.root
+    metrics = json.loads((root / "metrics" / "serve.json").read_text())
+    lineage = json.loads((root / "models" / "deploy" / "lineage.json").read_text())
+    assert metrics["model_ref"] == lineage["model_ref"] == load_params(root / "params.yaml").deploy.model
+    assert metrics["time_to_ready_s"] > 0 and metrics["ttft_s"] > 0
     assert metrics["tokens_per_s"]["1"] > 0 and metrics["tokens_per_s"]["8"] > 0
     checks = metrics["checks"]
     assert checks["stream_equal"] is True and checks["bad_request"] == 400
     assert checks["chat_finish_reason"] in ("stop", "length")
-    assert checks["lineage"]["base_milestone"] == "1M" and checks["lineage"]["model_dir"] == str(served_model_dir.resolve())
-    assert (tmp_path / "models" / "deploy" / "serve_config.yaml").is_file()
-    assert {p.name for p in Path("/tmp").glob("tl-serve-*")} == before, "the stage left a Ray temp dir behind"
+    assert lineage.items() <= checks["lineage"].items(), "the server reports the deploy stage's lineage"
+    assert checks["lineage"]["base_milestone"] in {p.name for p in (root / "models" / "pretrain").iterdir()}
+    assert Path(metrics["serve_config"]).is_file()
 
 
 @pytest.mark.slow

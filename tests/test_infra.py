@@ -46,7 +46,7 @@ def test_rays_validator_rejects_a_broken_cluster_config():
 
     config = _yaml("ray/cluster-16gpu.yaml")
     config["available_node_types"]["gpu_a100x8"]["min_worker"] = config["available_node_types"]["gpu_a100x8"].pop("min_workers")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="'min_worker' was unexpected"):
         validate_config(config)
 
 

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mlflow_ui(pipeline_repo, tmp_path_factory):
-    root = clone_workspace(pipeline_repo.root, tmp_path_factory.mktemp("mlflow-ui") / "repo")
+    root = clone_workspace(pipeline_repo.root, tmp_path_factory.mktemp("mlflow-ui") / "repo", outputs=False,
+                           dvc_cache=False)
     port = free_port()
     log = root.parent / "mlflow-server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -1,13 +1,18 @@
-"""Fault tolerance of the pretrain stage, proven by bitwise-equal final weights (CPU, deterministic):
-a training worker SIGKILLed mid-run, a killed driver rerun with `--resume auto`, a corrupt newest
-checkpoint, and the FSDP2 code path against DDP."""
+"""The pretrain stage on a local Ray: one uninterrupted reference run (what it writes, learns and logs), and
+fault tolerance proven by final weights bitwise equal to it (CPU, deterministic): a training worker SIGKILLed
+mid-run, a killed driver rerun with `--resume auto`, a corrupt newest checkpoint, and FSDP2 against DDP."""
 
+import contextlib
+import io
+import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -17,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import pretrain_params, train_worker_processes, write_prepared
+from conftest import pretrain_params, time_limit, train_worker_processes, write_prepared
 
 pytestmark = pytest.mark.slow
 
@@ -47,19 +52,79 @@ def _assert_bitwise_equal(a: dict, b: dict):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@dataclass
+class Reference:
+    """The uninterrupted run: its workspace, what pretrain returned and printed, its final weights."""
+    root: Path
+    metrics: dict
+    output: str
+    weights: dict[str, torch.Tensor]
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root}/mlflow.db"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, local_ray):
-    """Final weights of an uninterrupted run."""
+    """An uninterrupted run: what the fault tests must end in, and what the learning test reads."""
     from tasks.pretrain.stage import pretrain
 
     root = tmp_path_factory.mktemp("reference")
+    printed = io.StringIO()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     try:
-        pretrain(_workspace(root))
+        with time_limit(900, "the reference pretrain run"), contextlib.redirect_stdout(printed):
+            metrics = pretrain(_workspace(root))
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI")
-    return _final_weights(root)
+    return Reference(root, metrics, printed.getvalue(), _final_weights(root))
 
+
+def test_pretrain_learns_exports_milestones_and_logs(reference):
+    from model.hf import load_hf, read_hf_config
+
+    root, steps = reference.root, STEPS
+    written = json.loads((root / "metrics" / "pretrain.json").read_text())
+    assert written == reference.metrics
+    assert set(written) == {"mlflow_run_id", "final_train_loss", "final_val_loss", "tokens", "steps",
+                            "wall_time_s", "tokens_per_s"}
+    assert (written["steps"], written["tokens"]) == (steps, steps * 1024)
+    assert written["final_val_loss"] < math.log(512) - 1.0  # below chance: the arithmetic-sequence fixture is learnable
+    assert written["tokens_per_s"] > 0 and written["wall_time_s"] > 0
+
+    milestones = {"8.192K": 8, FINAL: steps}
+    for name, step in milestones.items():
+        directory = root / "models" / "pretrain" / name
+        meta = read_hf_config(directory)["tinyllama"]
+        assert meta == {"milestone": name, "milestone_tokens": step * 1024, "tokens_seen": step * 1024, "step": step}
+        assert (directory / "tokenizer.model").read_bytes() == \
+            (root / "models" / "tokenizer" / "tokenizer.model").read_bytes()
+    early, late = (load_hf(root / "models" / "pretrain" / name) for name in milestones)
+    val = torch.tensor([[(7 + i) % 512 for i in range(65)]])  # an unseen alpha-like row
+    with torch.no_grad():
+        assert late.loss(val) < early.loss(val)
+
+    client = MlflowClient(tracking_uri=reference.tracking_uri)
+    run = client.get_run(written["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["model.preset"] == "micro"
+    assert run.data.params["derived.grad_accum"] == "2"
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, steps + 1)), key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(8, steps + 1, 8))
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert losses[-1] < losses[0] - 1.0
+    for name in milestones:  # each milestone's HF dir is browsable in the run's artifacts
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, f"checkpoints/{name}")}
+        assert f"checkpoints/{name}/model.safetensors" in logged and f"checkpoints/{name}/config.json" in logged
+
+    run_dirs = list((root / "checkpoints").iterdir())
+    assert len(run_dirs) == 1
+    kept = sorted(p.name for p in run_dirs[0].iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert kept == [f"checkpoint_{step:010d}" for step in (steps - 4, steps)]  # every 4 steps, keep_checkpoints: 2
+    assert f"step {steps}/{steps} | tokens {FINAL}/{FINAL} | loss" in reference.output
 
 
 def test_killed_worker_resumes_to_identical_weights(reference, tmp_path, monkeypatch, local_ray):
@@ -80,7 +145,7 @@ def test_killed_worker_resumes_to_identical_weights(reference, tmp_path, monkeyp
     victim.send_signal(signal.SIGKILL)
     driver.join(timeout=600)
     assert outcome["metrics"]["steps"] == STEPS
-    _assert_bitwise_equal(_final_weights(tmp_path), reference)
+    _assert_bitwise_equal(_final_weights(tmp_path), reference.weights)
 
 
 def test_killed_driver_reruns_resume_past_a_corrupt_checkpoint(reference, tmp_path):
@@ -116,7 +181,7 @@ def test_killed_driver_reruns_resume_past_a_corrupt_checkpoint(reference, tmp_pa
     assert f"resume checkpoint {newest.name} is corrupt" in output
     assert f"resuming from {previous.name}" in output
     assert (newest.parent / f"corrupt-{newest.name}").is_dir()
-    _assert_bitwise_equal(_final_weights(tmp_path), reference)
+    _assert_bitwise_equal(_final_weights(tmp_path), reference.weights)
 
 
 def test_fsdp2_on_cpu_matches_ddp_and_resumes_from_sharded_checkpoints(reference, tmp_path, monkeypatch, local_ray):
@@ -129,9 +194,9 @@ def test_fsdp2_on_cpu_matches_ddp_and_resumes_from_sharded_checkpoints(reference
     params = _workspace(tmp_path, strategy="fsdp")
     first = pretrain(params)
     weights = _final_weights(tmp_path)
-    assert weights.keys() == reference.keys()
-    for key in reference:
-        torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert weights.keys() == reference.weights.keys()
+    for key in reference.weights:
+        torch.testing.assert_close(weights[key], reference.weights[key], rtol=1e-4, atol=1e-5, msg=key)
 
     previous, newest = _checkpoints(tmp_path)[-2:]
     shards = sorted(p.name for p in (newest / "shards").iterdir())

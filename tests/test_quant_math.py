@@ -76,7 +76,10 @@ def test_block_quantization_error_is_within_half_a_step(qtype, levels):
     unclipped = np.abs(blocks) <= amax * (levels - 1) / levels
     assert np.all(error[unclipped] <= np.broadcast_to(step / 2 + slack, error.shape)[unclipped])
     assert np.all(error <= step + slack)
-    assert np.all(error >= 0) and error.mean() > 0  # it does quantize
+    # The block's largest weight is exactly a code (±levels steps): only the fp16 rounding of d is left on it.
+    largest = np.abs(blocks).argmax(axis=1)
+    assert np.all(error[np.arange(len(blocks)), largest] <= slack[:, 0])
+    assert error.mean() > slack.mean()  # the others do lose precision: it quantizes
 
 
 def test_f16_has_block_size_one():

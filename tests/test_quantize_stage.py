@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import yaml
+from conftest import time_limit
 from eval_fixtures import make_project
 
 from tasks.cli import main as cli
@@ -42,7 +43,8 @@ def project(tmp_path_factory, eval_models):
     root = tmp_path_factory.mktemp("quantize")
     project = make_project(root, eval_models, f"sqlite:///{root / 'mlflow.db'}")
     project["quantize_params"] = _write_params(project, root / "quantize.yaml")
-    project["rc"] = cli(["quantize", "--params", str(project["quantize_params"])])
+    with time_limit(900, "the quantize stage on the micro project"):
+        project["rc"] = cli(["quantize", "--params", str(project["quantize_params"])])
     yield project
     if saved is not None:
         os.environ["MLFLOW_TRACKING_URI"] = saved
@@ -63,6 +65,7 @@ def test_writes_every_gguf_and_the_quality_table(project):
     assert list(metrics["types"]) == ["fp32", "int8", *TYPES]
     rows = metrics["types"]
     assert rows["fp32"]["ppl_ratio"] == pytest.approx(1.0) and rows["fp32"]["kld"] == pytest.approx(0, abs=1e-12)
+    assert rows["fp32"]["same_top"] == 1.0  # the baseline against itself
     for name in ("int8", *TYPES):
         row = rows[name]
         assert row["ppl"] > 1 and 0 <= row["same_top"] <= 1 and row["kld"] >= 0 and 0 <= row["eval_avg"] <= 1, name

@@ -42,3 +42,16 @@ def test_the_cluster_profile_gives_its_workers_nccl_error_handling():
     prefect = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
     assert all("TORCH_NCCL" not in str(d["work_pool"]["job_variables"]) for d in prefect["deployments"]), \
         "worker env belongs in the Ray job's runtime env, not only the Prefect worker's"
+
+
+def test_ray_is_sized_by_the_cores_this_process_may_use():
+    """A process pinned to one core (taskset, a container's cpuset) gets a one-CPU Ray, whatever the host has."""
+    from tasks.ray_cluster import usable_cpus
+
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert 1 <= usable_cpus() <= len(allowed)

@@ -26,7 +26,7 @@ from tasks.errors import UserError
 from tasks.files import write_json_atomic
 from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
-from tasks.ray_cluster import free_port
+from tasks.ray_cluster import free_port, usable_cpus
 from tasks.tracking import tracking_uri
 
 METRICS = "serve"  # metrics/serve.json
@@ -61,7 +61,7 @@ def _serve_deploy(config: dict, dashboard_port: int, work: Path) -> None:
 
 def _local_copy(config: dict, port: int) -> dict:
     """The same application on this machine: one replica that fits its cores, on 127.0.0.1:`port`."""
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     app = dict(config["applications"][0])
     app["args"] = {**app["args"], "cpus": min(app["args"]["cpus"], cores)}
     deployments = []
@@ -86,7 +86,7 @@ def deploy(params: Params) -> dict:
     port, dashboard_port = free_port(), free_port()
     local = _local_copy(config, port)
     base_url = f"http://127.0.0.1:{port}"
-    with serve_session(os.cpu_count() or 1, "127.0.0.1", port, dashboard_port):
+    with serve_session(usable_cpus(), "127.0.0.1", port, dashboard_port):
         start = time.monotonic()
         _serve_deploy(local, dashboard_port, config_path.parent)
         wait_healthy(f"{base_url}/health", READY_TIMEOUT_S)
