@@ -105,7 +105,7 @@ class BatchDecoder:
 
     @property
     def device(self) -> torch.device:
-        return self.cache.k.device
+        return self.cache.device
 
     def has_free_slot(self) -> bool:
         return bool(self.free)

@@ -45,7 +45,7 @@ class _Rows:
     """The cache as `Attention` sees it in a step: write this step's keys/values of rows 0..B-1 at their
     positions, return those rows' whole cache (a view: no gather)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor):
         self.k, self.v, self.positions = k, v, positions
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
 
@@ -53,7 +53,7 @@ class _Rows:
         b = k.shape[0]
         self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)
         self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
-        return self.k[layer, :b], self.v[layer, :b]
+        return self.k[layer][:b], self.v[layer][:b]
 
 
 class StaticStep(nn.Module):
@@ -64,9 +64,10 @@ class StaticStep(nn.Module):
     def __init__(self, model, cache: SlotCache):
         super().__init__()
         self.model = model
-        self.register_buffer("k", cache.k, persistent=False)
-        self.register_buffer("v", cache.v, persistent=False)
-        self.register_buffer("key_positions", torch.arange(cache.k.shape[3], device=cache.k.device),
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            self.register_buffer(f"k{layer}", k, persistent=False)
+            self.register_buffer(f"v{layer}", v, persistent=False)
+        self.register_buffer("key_positions", torch.arange(cache.max_len + cache.spare, device=cache.device),
                              persistent=False)
         self.last_rope = model.config.max_seq_len - 1
 
@@ -75,7 +76,8 @@ class StaticStep(nn.Module):
         rope = positions.clamp(max=self.last_rope)  # scratch positions: any angle will do
         cos, sin = model.rope_cos[rope][:, None], model.rope_sin[rope][:, None]
         mask = (self.key_positions <= positions[:, :, None])[:, None]
-        cache = _Rows(self.k, self.v, positions)
+        n = len(model.layers)
+        cache = _Rows([getattr(self, f"k{i}") for i in range(n)], [getattr(self, f"v{i}") for i in range(n)], positions)
         x = model.embed_tokens(idx)
         for layer in model.layers:
             x = layer(x, cos, sin, 0, cache, mask)
@@ -91,7 +93,7 @@ class DecodeStep:
         if self.widths[-1] > cache.spare:
             raise ValueError(f"width {self.widths[-1]} exceeds the cache's scratch tail of {cache.spare}")
         self.module = StaticStep(model, cache)
-        self.device = cache.k.device
+        self.device = cache.device
         self.compiled = compile
         # On CPU one graph with a dynamic batch dim serves every bucket; torch specializes a size of 1, so
         # a lone row is fed as two there (a GEMV and a two-row GEMM read the same weights: same cost).
