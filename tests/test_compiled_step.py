@@ -88,3 +88,14 @@ def test_prompt_lookup_on_the_compiled_verify_step(decoders):
     assert out == run_all(eager, [(REPETITIVE, 24, Sampling())])
     assert compiled.stats["target_passes"] - passes < 1 + 24  # fewer target passes than tokens: guesses were kept
     assert graphs() == before
+
+
+def test_int8_is_compiled_like_fp32():
+    """The int8 engine (grouped q/k/v and gate/up matmuls) on the compiled step: the same greedy tokens as eager int8."""
+    from model.quant import quantize_int8
+
+    torch.manual_seed(22)
+    model = quantize_int8(Llama(micro()))
+    jobs = [(p, 12, Sampling()) for p in PROMPTS[:3]]
+    eager = run_all(BatchDecoder(model, 2, prefill_chunk=8), jobs)
+    assert run_all(BatchDecoder(model, 2, prefill_chunk=8, compile=True), jobs) == eager
