@@ -1,4 +1,4 @@
-"""Decode speed at batch 1: our engine in fp32 and int8 vs llama.cpp on F16, Q8_0 and Q4_0 GGUFs.
+"""Decode speed at batch 1: our engine in fp32 and int8 (compiled and eager) vs llama.cpp on F32, F16, Q8_0, Q4_0.
 
 Why it is built this way: the machine is shared and noisy, so every contender decodes the same
 prompt from the same weights in one process, round-robin (the first contender rotates each round),
@@ -6,6 +6,12 @@ and ratios are taken within a round before the median is reported. Weights are r
 not depend on them); each model is written as an HF dir once and exported to GGUF with
 model/gguf.py, so llama.cpp runs exactly the files the quantize stage makes. Decode tokens/s counts
 the tokens after the first one (the first includes the prompt's prefill), greedy, no EOS stop.
+Our compiled contenders decode on model/step.py's compiled step, compiled before the rounds (its
+time is reported as `compile_s`); "eager" ones are the same engine with `compile=False`.
+
+Roofline: at batch 1 a decode step reads every weight once, so bytes of weights per token (the
+embedding row aside) ÷ the copy bandwidth measured on this machine in the same run is the
+memory-bound ceiling in tokens/s; each contender's fraction of it is reported.
 
     .venv/bin/python benchmarks/quantize.py            # tiny preset and bench-55m, 5 rounds × 64 tokens
     .venv/bin/python benchmarks/quantize.py --quick    # smoke run: 2 rounds × 16 tokens
@@ -34,11 +40,37 @@ from model.quant import quantize_int8  # noqa: E402
 from tasks.files import write_json_atomic  # noqa: E402
 
 CONFIGS = {"tiny": lambda: preset("tiny"), "bench-55m": lambda: preset("bench-55m")}
-GGUF_CONTENDERS = ("F16", "Q8_0", "Q4_0")
-CONTENDERS = ("fp32", "int8", *(f"llama.cpp {q}" for q in GGUF_CONTENDERS))
-# (numerator, denominator): ours against ours, then ours against llama.cpp at a comparable width
-RATIOS = (("int8", "fp32"), ("fp32", "llama.cpp F16"), ("int8", "llama.cpp Q8_0"), ("int8", "llama.cpp Q4_0"))
-INT8_TARGET = 1.5
+GGUF_CONTENDERS = ("F32", "F16", "Q8_0", "Q4_0")
+OURS = ("fp32", "fp32 eager", "int8", "int8 eager")
+# (numerator, denominator) -> target (None: reported only), per config
+RATIOS = {("int8", "fp32"): None, ("fp32", "fp32 eager"): {"tiny": 2.0, "bench-55m": 1.3},
+          ("int8", "int8 eager"): None, ("fp32", "llama.cpp F32"): {"bench-55m": 0.8},
+          ("fp32", "llama.cpp F16"): {"tiny": 0.5}, ("int8", "llama.cpp Q8_0"): {"bench-55m": 0.8},
+          ("int8", "llama.cpp Q4_0"): None}
+BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}  # llama.cpp's block layouts
+
+
+def copy_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s moved by a large tensor copy (read + write), best of `repeats`: the machine's memory bandwidth."""
+    torch.set_num_threads(threads)
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def weight_bytes(model: Llama, contender: str) -> float:
+    """Bytes of weights one decode step reads (everything but the embedding table, of which it reads a row)."""
+    if contender.startswith("llama.cpp"):
+        matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+        vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+        return matrices * BYTES_PER_WEIGHT[contender.split()[-1]] + vectors * 4
+    tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "embed" not in n and "rope" not in n]
+    return float(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def synthetic_tokenizer(vocab_size: int) -> bytes:
@@ -71,7 +103,8 @@ def build(name: str, workdir: Path, threads: int) -> dict:
     torch.manual_seed(0)
     tokenizer_dir = save_tokenizer_dir(synthetic_tokenizer(config.vocab_size), workdir / f"{name}-tokenizer")
     hf_dir = save_hf(Llama(config), workdir / name, tokenizer_dir=tokenizer_dir)
-    contenders = {"fp32": load_hf(hf_dir), "int8": quantize_int8(load_hf(hf_dir))}
+    fp32, int8 = load_hf(hf_dir), quantize_int8(load_hf(hf_dir))
+    contenders = {"fp32": fp32, "fp32 eager": fp32, "int8": int8, "int8 eager": int8}
     for qtype in GGUF_CONTENDERS:
         path = export_gguf(hf_dir, workdir / f"{name}-{qtype}.gguf", qtype).path
         contenders[f"llama.cpp {qtype}"] = LlamaCpp(model_path=str(path), n_ctx=config.max_seq_len,
@@ -79,10 +112,10 @@ def build(name: str, workdir: Path, threads: int) -> dict:
     return contenders
 
 
-def decode_tokens_per_s(engine, prompt: list[int], new_tokens: int) -> float:
+def decode_tokens_per_s(engine, prompt: list[int], new_tokens: int, compiled: bool = False) -> float:
     """Greedy decode of `new_tokens`; tokens/s over all but the first (which pays for the prefill)."""
     if isinstance(engine, Llama):
-        stream = generate_stream(engine, prompt, max_new_tokens=new_tokens, eos_id=None)
+        stream = generate_stream(engine, prompt, max_new_tokens=new_tokens, eos_id=None, compile=compiled)
     else:
         stream = engine.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
     stamps = []
@@ -96,23 +129,38 @@ def decode_tokens_per_s(engine, prompt: list[int], new_tokens: int) -> float:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     result = {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
-              "prompt_tokens": args.prompt_tokens, "configs": {}}
+              "prompt_tokens": args.prompt_tokens, "configs": {}, "copy_bandwidth_gb_s": []}
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as workdir:
         for name in args.configs:
             contenders = build(name, Path(workdir), args.threads)
             prompt = [1] + [(7 * i) % 250 + 3 for i in range(args.prompt_tokens - 1)]
-            for engine in contenders.values():  # warm-up: first calls allocate caches and threads
-                decode_tokens_per_s(engine, prompt, 4)
+            compile_s = {}
+            for contender, engine in contenders.items():  # warm-up: compiles, allocates caches and threads
+                start = time.perf_counter()
+                decode_tokens_per_s(engine, prompt, 4, contender in ("fp32", "int8"))
+                compile_s[contender] = round(time.perf_counter() - start, 1)
             speeds = {c: [] for c in contenders}
+            bandwidths = []
             for round_index in range(args.rounds):
+                bandwidths.append(copy_bandwidth(args.threads))
                 order = list(contenders)[round_index % len(contenders):] + list(contenders)[:round_index % len(contenders)]
                 for contender in order:
-                    speeds[contender].append(decode_tokens_per_s(contenders[contender], prompt, args.new_tokens))
+                    speeds[contender].append(decode_tokens_per_s(contenders[contender], prompt, args.new_tokens,
+                                                                 contender in ("fp32", "int8")))
                 print(f"{name} round {round_index + 1}: " + ", ".join(f"{c} {speeds[c][-1]:.1f}" for c in contenders),
                       flush=True)
             ratios = {f"{a} / {b}": statistics.median(x / y for x, y in zip(speeds[a], speeds[b])) for a, b in RATIOS}
+            targets = {f"{a} / {b}": t[name] for (a, b), t in RATIOS.items() if t and name in t}
+            bandwidth = statistics.median(bandwidths)
+            # llama.cpp's bytes come from the fp32 model's shapes and the GGUF type's block layout
+            roofline = {c: bandwidth / weight_bytes(contenders["int8" if c.startswith("int8") else "fp32"], c)
+                        for c in contenders}
+            fractions = {c: statistics.median(speeds[c]) / roofline[c] for c in contenders}
+            result["copy_bandwidth_gb_s"].append(bandwidth / 1e9)
             result["configs"][name] = {"tokens_per_s": {c: statistics.median(v) for c, v in speeds.items()},
-                                       "rounds": speeds, "ratios": ratios}
+                                       "rounds": speeds, "ratios": ratios, "targets": targets,
+                                       "roofline_tokens_per_s": roofline, "roofline_fraction": fractions,
+                                       "warm_up_s": compile_s}
             for engine in contenders.values():
                 if hasattr(engine, "close"):
                     engine.close()
@@ -121,14 +169,17 @@ def run(args) -> dict:
 
 def report(result: dict) -> str:
     lines = [f"decode tok/s at batch 1, median of {result['rounds']} rounds, {result['new_tokens']} new tokens after "
-             f"a {result['prompt_tokens']}-token prompt, {result['threads']} threads"]
+             f"a {result['prompt_tokens']}-token prompt, {result['threads']} threads; copy bandwidth "
+             + ", ".join(f"{b:.1f}" for b in result["copy_bandwidth_gb_s"]) + " GB/s"]
     for name, entry in result["configs"].items():
-        lines.append(f"\n{name}: " + ", ".join(f"{c} {v:.1f}" for c, v in entry["tokens_per_s"].items()))
+        lines.append(f"\n{name}: warm-up (compile) s " + ", ".join(f"{c} {v}" for c, v in entry["warm_up_s"].items()))
+        for c, v in entry["tokens_per_s"].items():
+            lines.append(f"  {c:<16} {v:8.1f} tok/s  roofline {entry['roofline_tokens_per_s'][c]:8.1f}  "
+                         f"fraction {entry['roofline_fraction'][c]:.2f}")
         for label, value in entry["ratios"].items():
-            mark = ""
-            if label == "int8 / fp32":
-                mark = "  (target ≥ 1.5×: " + ("met" if value >= INT8_TARGET else "MISSED") + ")"
-            lines.append(f"  {label:<22} {value:.2f}×{mark}")
+            target = entry["targets"].get(label)
+            mark = "" if target is None else f"  (target ≥ {target}×: " + ("met" if value >= target else "MISSED") + ")"
+            lines.append(f"  {label:<28} {value:.2f}×{mark}")
     return "\n".join(lines)
 
 

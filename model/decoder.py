@@ -26,6 +26,7 @@ from model.llama import Llama
 from model.sampling import Sampling, accept_drafts, accept_greedy, draw, probabilities
 from model.slots import SlotCache, forward_rows
 from model.speculative import DraftModel, PromptLookup
+from model.step import DecodeStep
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
@@ -73,7 +74,7 @@ class Event:
 
 class BatchDecoder:
     def __init__(self, model: Llama, slots: int, max_len: int | None = None, prefill_chunk: int = 256,
-                 draft: Llama | PromptLookup | None = None, k: int = 4):
+                 draft: Llama | PromptLookup | None = None, k: int = 4, compile: bool = False):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
         limit = model.config.max_seq_len
@@ -87,9 +88,15 @@ class BatchDecoder:
         self.model, self.k, self.prefill_chunk = model, k, prefill_chunk
         self.max_len = min(max_len or limit, limit)
         spare = max(prefill_chunk, k + 1)
-        self.cache = SlotCache.for_model(model, slots, self.max_len, spare)
+        rows = max(slots, 2) if compile else slots  # a compiled CPU step feeds a lone row as two (model/step.py)
+        self.cache = SlotCache.for_model(model, rows, self.max_len, spare)
+        widths = (1, k + 1) if draft is not None else (1,)
+        self.decode_step = DecodeStep(model, self.cache, widths, compile)
         self.lookup = draft if isinstance(draft, PromptLookup) else None
-        self.drafter = DraftModel(draft, slots, self.max_len, spare) if isinstance(draft, Llama) else None
+        self.drafter = DraftModel(draft, rows, self.max_len, spare, widths, compile) if isinstance(draft, Llama) else None
+        self.decode_step.warm_up()
+        if self.drafter is not None:
+            self.drafter.step.warm_up()
         self.slots = slots
         self.free = list(range(slots))
         self.running: dict[int, Running] = {}
@@ -98,7 +105,7 @@ class BatchDecoder:
 
     @property
     def device(self) -> torch.device:
-        return self.cache.k.device
+        return self.cache.device
 
     def has_free_slot(self) -> bool:
         return bool(self.free)
@@ -167,19 +174,20 @@ class BatchDecoder:
         else:
             proposals = [([], None)] * len(seqs)
         chunks = [s.tokens[s.filled:] + drafts for s, (drafts, _) in zip(seqs, proposals)]
-        keep = [len(drafts) + 1 for drafts, _ in proposals]
-        logits = torch.cat(forward_rows(self.model, self.cache, [s.slot for s in seqs], [s.filled for s in seqs],
-                                        chunks, keep))
-        starts = [sum(keep[:i]) for i in range(len(seqs))]
-        choices = logits.argmax(-1).tolist()
+        keep = [len(drafts) + 1 for drafts, _ in proposals]  # = len(chunks[i]): every fed token is scored
+        grid = self.decode_step.run([s.slot for s in seqs], [s.filled for s in seqs], chunks)
+        choices = grid.argmax(-1).tolist()  # the step's one device->host transfer (greedy rows need no more)
         sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
-        rows = [starts[i] + j for i in sampled for j in range(keep[i])]
-        probs = dict(zip(sampled, probabilities(logits[rows], [seqs[i].sampling for i in sampled for _ in
-                                                                range(keep[i])]).split([keep[i] for i in sampled])))
+        probs = {}
+        if sampled:
+            slots = [seqs[i].slot for i in sampled for _ in range(keep[i])]
+            columns = [j for i in sampled for j in range(keep[i])]
+            settings = [seqs[i].sampling for i in sampled for _ in range(keep[i])]
+            probs = dict(zip(sampled, probabilities(grid[slots, columns], settings).split([keep[i] for i in sampled])))
         self.stats["target_passes"] += 1
         for i, (seq, (drafts, proposal)) in enumerate(zip(seqs, proposals)):
             if seq.sampling.greedy:
-                new, accepted = accept_greedy(drafts, choices[starts[i]:starts[i] + keep[i]])
+                new, accepted = accept_greedy(drafts, choices[seq.slot][:keep[i]])
             else:
                 new, accepted = accept_drafts(probs[i], drafts, proposal, seq.generator)
             event = events.setdefault(seq.id, Event(seq.id))

@@ -10,10 +10,15 @@ while they might still be forming (model/stops.py), so a streamed stop sequence 
 as the draft), and verifies them with the target in one forward pass. Greedy, it is exact: its output
 is the target's greedy output, token for token; sampling, it uses the rejection scheme, whose
 output is distributed as the target's own samples. The draft only changes how many target passes it takes.
+
+`compile=True` decodes on the compiled step (model/step.py) of one persistent one-sequence decoder per
+(model, draft, k), built at the model's whole context and compiled on first use (`warm_up` does that
+at load, so the first request does not pay for it); eager calls build a decoder per call, sized to it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -51,6 +56,22 @@ def _decode_one(decoder: BatchDecoder, prompt: list[int], max_new_tokens: int, s
         decoder.cancel(seq)
 
 
+_COMPILED: weakref.WeakKeyDictionary[Llama, dict] = weakref.WeakKeyDictionary()
+
+
+def warm_up(model: Llama, draft: Llama | PromptLookup | None = None, k: int = 4) -> BatchDecoder:
+    """The compiled one-sequence decoder of `model` (with `draft` and `k`), compiling it on first call."""
+    decoders = _COMPILED.setdefault(model, {})
+    key = (type(draft).__name__, id(draft) if isinstance(draft, Llama) else vars(draft) if draft else None, k)
+    key = repr(key)
+    if key not in decoders:
+        limit = model.config.max_seq_len if not isinstance(draft, Llama) else min(model.config.max_seq_len,
+                                                                                   draft.config.max_seq_len)
+        prefill = limit - 1  # a prompt is prefilled in one chunk, as an eager call does
+        decoders[key] = BatchDecoder(model, slots=1, prefill_chunk=prefill, draft=draft, k=k, compile=True)
+    return decoders[key]
+
+
 def _budget(limit: int, prompt: list[int], max_new_tokens: int) -> int:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
@@ -59,7 +80,7 @@ def _budget(limit: int, prompt: list[int], max_new_tokens: int) -> int:
 
 def generate_stream(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos_id: int | None = 2,
-                    stop: Sequence[Sequence[int]] | None = None) -> Iterator[int]:
+                    stop: Sequence[Sequence[int]] | None = None, compile: bool = False) -> Iterator[int]:
     """Yield new token ids one by one (prompt excluded), stopping at EOS (not yielded), at a stop
     sequence (not yielded), after `max_new_tokens`, or when the context is full."""
     prompt = check_prompt(prompt_ids, model.config.vocab_size, model.config.max_seq_len)
@@ -67,21 +88,25 @@ def generate_stream(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int
     budget = _budget(model.config.max_seq_len, prompt, max_new_tokens)
     if budget == 0:
         return
-    decoder = BatchDecoder(model, slots=1, max_len=len(prompt) + budget, prefill_chunk=len(prompt))
+    if compile:
+        decoder = warm_up(model)
+    else:
+        decoder = BatchDecoder(model, slots=1, max_len=len(prompt) + budget, prefill_chunk=len(prompt))
     yield from _decode_one(decoder, prompt, budget, sampling, eos_id, stop)
 
 
 def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos_id: int | None = 2,
-             stop: Sequence[Sequence[int]] | None = None) -> list[int]:
+             stop: Sequence[Sequence[int]] | None = None, compile: bool = False) -> list[int]:
     """The new token ids `generate_stream` yields, as a list."""
-    return list(generate_stream(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, eos_id, stop))
+    return list(generate_stream(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, eos_id, stop,
+                                compile))
 
 
 def speculative_stream(target: Llama, draft: Llama | PromptLookup, prompt_ids: Sequence[int], max_new_tokens: int = 64,
                        k: int = 4, eos_id: int | None = 2, stop: Sequence[Sequence[int]] | None = None,
                        stats: dict | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                       seed: int | None = None) -> Iterator[int]:
+                       seed: int | None = None, compile: bool = False) -> Iterator[int]:
     """Speculative decoding; greedy (the default), yields exactly what `generate_stream(target, ...,
     temperature=0)` yields.
 
@@ -96,14 +121,18 @@ def speculative_stream(target: Llama, draft: Llama | PromptLookup, prompt_ids: S
     prompt = check_prompt(prompt_ids, target.config.vocab_size, limit)
     sampling = Sampling(temperature, top_p, top_k, seed)
     budget = _budget(limit, prompt, max_new_tokens)
-    decoder = BatchDecoder(target, slots=1, max_len=len(prompt) + budget + 1, prefill_chunk=len(prompt),
-                           draft=draft, k=k)
+    if compile:
+        decoder = warm_up(target, draft, k)
+    else:
+        decoder = BatchDecoder(target, slots=1, max_len=len(prompt) + budget + 1, prefill_chunk=len(prompt),
+                               draft=draft, k=k)
+    before = dict(decoder.stats)
     counts = stats if stats is not None else {}
     try:
         if budget > 0:
             yield from _decode_one(decoder, prompt, budget, sampling, eos_id, stop)
     finally:
-        counts.update(decoder.stats)
+        counts.update({name: value - before[name] for name, value in decoder.stats.items()})
 
 
 def speculative_generate(target: Llama, draft: Llama | PromptLookup, prompt_ids: Sequence[int], max_new_tokens: int = 64,

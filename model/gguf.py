@@ -1,4 +1,4 @@
-"""GGUF export: any HF Llama dir of ours as a file llama.cpp loads (F16, Q8_0, Q4_0, Q5_0).
+"""GGUF export: any HF Llama dir of ours as a file llama.cpp loads (F32, F16, Q8_0, Q4_0, Q5_0).
 
 Written with the `gguf` package (llama.cpp's own gguf-py), so the container format, tensor names and
 block quantizers are llama.cpp's. What its HF converter does for a Llama, done here the same way:
@@ -33,6 +33,7 @@ from model.hf import config_from_hf, load_hf, read_hf_config, to_hf_state_dict
 from model.files import GGUF_TYPES, TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE
 from model.tokenizer import BOS_ID, EOS_ID, UNK_ID, parse_model
 
+EXPORT_TYPES = ("F32", *GGUF_TYPES)  # F32 too: the same bytes per weight as our fp32 engine (benchmarks)
 LINEAGE_PREFIX = "tinyllama.lineage."
 _PAD_SCORE = -1000.0  # what llama.cpp's converter gives [PAD] tokens beyond the SentencePiece vocab
 
@@ -61,15 +62,15 @@ def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 def _qtype(name: str):
     import gguf
 
-    if name not in GGUF_TYPES:
-        raise ValueError(f"quant type {name!r} is not supported (supported: {', '.join(GGUF_TYPES)})")
+    if name not in EXPORT_TYPES:
+        raise ValueError(f"quant type {name!r} is not supported (supported: {', '.join(EXPORT_TYPES)})")
     return gguf.GGMLQuantizationType[name]
 
 
 def _file_type(name: str):
     import gguf
 
-    return {"F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    return {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
             "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0}[name]
 
 
@@ -103,7 +104,7 @@ def encode_tensor(tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, str]:
     import gguf
 
     data = tensor.detach().to(torch.float32).numpy()
-    if data.ndim <= 1:
+    if data.ndim <= 1 or qtype == "F32":
         return data, "F32"
     if data.shape[-1] % block_size(qtype):
         qtype = "F16"

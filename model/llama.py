@@ -111,7 +111,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
         b, t, _ = x.shape
-        q, k, v = parallel_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        if hasattr(self, "qkv"):  # int8, grouped (model/quant.py)
+            q, k, v = self.qkv(x).split(self.qkv.splits, dim=-1)
+        else:
+            q, k, v = parallel_linear(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -139,7 +142,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.mlp_dim, config.dim, bias=False)
 
     def forward(self, x):
-        gate, up = parallel_linear(x, self.gate_proj, self.up_proj)
+        if hasattr(self, "gate_up"):  # int8, grouped (model/quant.py)
+            gate, up = self.gate_up(x).split(self.gate_up.splits, dim=-1)
+        else:
+            gate, up = parallel_linear(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -8,6 +8,11 @@ activations and scales, its fp32 path is scalar code ~10x slower than an fp32 GE
 are cast to bf16 for the matmul and the output back to the model's dtype; the scales are rounded up
 to bf16 *before* the weights are rounded, so the stored pair is exact (|w - q·s| ≤ s/2).
 The embedding (a lookup, no matmul) and the norms stay as they are.
+
+Grouped matmuls: q/k/v read the same input, and so do gate/up; each group becomes one `Int8Linear` on
+the concatenated weights (`qkv` on the attention, `gate_up` on the MLP), so a decode step runs one int8
+matmul per group instead of three or two (fewer dispatches, one pass over the activations). Scales are
+per output channel, so grouping changes no number: the grouped layer's rows are the separate layers' rows.
 """
 
 from __future__ import annotations
@@ -45,10 +50,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> "Int8Linear":
+        """`linear` quantized (or `weight`, when given, in its place: a group's concatenated weights)."""
         if linear.bias is not None:
             raise ValueError("Int8Linear: a linear layer with a bias is not supported (Llama has none)")
-        return cls(*quantize_weight(linear.weight))
+        return cls(*quantize_weight(linear.weight if weight is None else weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -59,9 +65,27 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def _group(module: nn.Module) -> None:
+    """Replace `module`'s linear layers that read one input by one grouped `Int8Linear` (see the docstring)."""
+    for group, names in GROUPS.items():
+        if all(isinstance(getattr(module, name, None), nn.Linear) for name in names):
+            layers = [getattr(module, name) for name in names]
+            grouped = Int8Linear.from_linear(nn.Linear(layers[0].in_features, sum(l.out_features for l in layers),
+                                                       bias=False, device="meta"), torch.cat([l.weight for l in layers]))
+            grouped.splits = [layer.out_features for layer in layers]
+            for name in names:
+                delattr(module, name)
+            setattr(module, group, grouped)
+
+
 def quantize_int8(model: Llama) -> Llama:
-    """Replace every `nn.Linear` of `model` by an `Int8Linear`, in place; returns the model (in eval mode).
-    It forwards and decodes (`model.generate`) as before; it is for inference only."""
+    """Replace every `nn.Linear` of `model` by an `Int8Linear` (q/k/v and gate/up grouped), in place;
+    returns the model (in eval mode). It forwards and decodes as before; it is for inference only."""
+    for module in list(model.modules()):
+        _group(module)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")

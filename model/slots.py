@@ -26,9 +26,12 @@ class SlotCache:
         if slots < 1:
             raise ValueError(f"slots: must be >= 1, got {slots}")
         self.slots, self.max_len, self.spare = slots, max_len, spare
-        shape = (config.n_layer, slots, config.n_kv_head, max_len + spare, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One tensor per layer, not one for all: a compiled step writes each in place (an index_put into a
+        # view of a shared tensor makes inductor copy the whole layer out and back every step).
+        shape = (slots, config.n_kv_head, max_len + spare, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.device = torch.device(device)
 
     @classmethod
     def for_model(cls, model, slots: int, max_len: int | None = None, spare: int = 1) -> "SlotCache":
@@ -60,7 +63,7 @@ class SlotBatch:
         ends = [s + c for s, c in zip(starts, counts)]
         if max(ends) > cache.max_len:
             raise ValueError(f"sequence of {max(ends)} tokens exceeds the context of {cache.max_len}")
-        device = cache.k.device
+        device = cache.device
         self.cache = cache
         self.rows = _as_index(rows)
         self.row_ids = torch.tensor(list(rows), device=device)
@@ -97,7 +100,7 @@ def forward_rows(model, cache: SlotCache, rows: Sequence[int], starts: Sequence[
     rows reach the vocabulary projection, the costly part for a small model)."""
     counts = [len(c) for c in chunks]
     width = max(counts)
-    device = cache.k.device
+    device = cache.device
     idx = torch.zeros((len(chunks), width), dtype=torch.long, device=device)
     for i, chunk in enumerate(chunks):
         idx[i, :len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)

@@ -21,6 +21,7 @@ import torch
 from model.llama import Llama
 from model.sampling import draw, probabilities
 from model.slots import SlotCache, forward_rows
+from model.step import DecodeStep
 
 
 class PromptLookup:
@@ -53,9 +54,11 @@ class DraftModel:
     first feeds what it lacks (the tokens the target accepted since), then drafts one token per forward.
     """
 
-    def __init__(self, model: Llama, slots: int, max_len: int, spare: int):
+    def __init__(self, model: Llama, slots: int, max_len: int, spare: int, widths: Sequence[int] = (1,),
+                 compile: bool = False):
         self.model = model
         self.cache = SlotCache.for_model(model, slots, max_len, spare)
+        self.step = DecodeStep(model, self.cache, widths, compile)
 
     def prefill(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]]) -> None:
         forward_rows(self.model, self.cache, slots, starts, chunks, [1] * len(chunks))
@@ -67,8 +70,12 @@ class DraftModel:
         active = [i for i, k in enumerate(ks) if k > 0]
         while active:
             chunks = [(seqs[i].tokens + drafts[i])[seqs[i].draft_filled:] for i in active]
-            logits = torch.cat(forward_rows(self.model, self.cache, [seqs[i].slot for i in active],
-                                            [seqs[i].draft_filled for i in active], chunks, [1] * len(active)))
+            slots, starts = [seqs[i].slot for i in active], [seqs[i].draft_filled for i in active]
+            if self.step.width(max(len(c) for c in chunks)) is None:  # a long catch-up: eagerly, at any width
+                logits = torch.cat(forward_rows(self.model, self.cache, slots, starts, chunks, [1] * len(active)))
+            else:  # the compiled step; each row's last fed token predicts its next draft
+                grid = self.step.run(slots, starts, chunks)
+                logits = grid[slots, [len(c) - 1 for c in chunks]]
             choices = logits.argmax(-1).tolist()
             for row, i in enumerate(active):
                 seq = seqs[i]

@@ -15,6 +15,7 @@ key is read from the replica's environment and never logged (serving/auth.py).
 import logging
 import os
 import threading
+import time
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -46,6 +47,9 @@ class ServeArgs(BaseModel):
     prefill_chunk: int = Field(128, ge=1)        # prompt tokens prefilled per step
     stream_interval: int = Field(1, ge=1)        # tokens per streamed chunk after the first
     cpus: int = Field(1, ge=1)                   # the replica's CPUs, and its torch threads
+    device: Literal["cpu", "cuda"] = "cpu"       # cuda: the replica asks Serve for a GPU (num_gpus 1)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = True                         # the compiled decode step (model/step.py), compiled at load
     lineage_file: str | None = None              # the deploy stage's lineage.json
 
 
@@ -112,12 +116,16 @@ class OpenAIServer:
 
         try:
             torch.set_num_threads(self.args.cpus)
-            served = load(self.args.model, self.args.name, self.args.draft, self.args.quant, self.args.lineage_file)
+            served = load(self.args.model, self.args.name, self.args.draft, self.args.quant, self.args.lineage_file,
+                          self.args.device, self.args.dtype)
+            start = time.monotonic()
             decoder = BatchDecoder(served.model, self.args.slots, prefill_chunk=self.args.prefill_chunk,
-                                   draft=served.draft, k=self.args.draft_tokens)
+                                   draft=served.draft, k=self.args.draft_tokens, compile=self.args.compile)
             engine = Engine(decoder, self.args.max_waiting, self.args.cpus, serve_observer())
             self.service = OpenAIService(served, engine, self.args.stream_interval)
-            logger.info("serving %s from %s (%d slots)", served.name, served.directory, self.args.slots)
+            logger.info("serving %s from %s (%d slots, %s %s, %s in %.1f s)", served.name, served.directory,
+                        self.args.slots, self.args.device, self.args.dtype,
+                        "compiled" if self.args.compile else "eager", time.monotonic() - start)
         except Exception as exc:
             self.load_error = f"loading {self.args.model} failed: {exc}"
             logger.error(self.load_error)
@@ -162,5 +170,10 @@ def build_app(args: dict) -> serve.Application:
     settings = parse_args(args)
     return OpenAIServer.options(
         max_ongoing_requests=settings.slots + settings.max_waiting + ONGOING_MARGIN,
-        ray_actor_options={"num_cpus": settings.cpus},
+        ray_actor_options=actor_options(settings),
     ).bind(settings.model_dump())
+
+
+def actor_options(settings: ServeArgs) -> dict:
+    """A replica's resources: its CPUs, and one GPU when it serves on cuda."""
+    return {"num_cpus": settings.cpus, **({"num_gpus": 1} if settings.device == "cuda" else {})}

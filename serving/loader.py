@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.devices import check_device, check_dtype
 from model.files import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 from model.hf import load_hf, read_hf_config
 from model.llama import Llama
@@ -71,12 +72,14 @@ def lineage(directory: Path, lineage_file: str | None) -> dict:
 
 
 def load(model_dir: str, name: str | None = None, draft: str | None = None, quant: str = "none",
-         lineage_file: str | None = None) -> ServedModel:
-    """Load everything a replica serves; `ValueError`s name the file or argument at fault."""
+         lineage_file: str | None = None, device: str = "cpu", dtype: str = "fp32") -> ServedModel:
+    """Load everything a replica serves, on `device` in `dtype` (model/devices.py); `ValueError`s name the
+    file or argument at fault."""
     directory = Path(model_dir)
     if not directory.is_dir():
         raise ValueError(f"model: not a directory: {directory}")
-    model = _quantize(load_hf(directory), quant)
+    where = {"device": check_device(device), "dtype": check_dtype(dtype)}
+    model = _quantize(load_hf(directory, **where), quant)
     tokenizer = Tokenizer.load(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"model: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's {model.config.vocab_size}")
@@ -88,7 +91,7 @@ def load(model_dir: str, name: str | None = None, draft: str | None = None, quan
     elif draft:
         if not Path(draft).is_dir():
             raise ValueError(f"draft: not a directory (nor {PROMPT_LOOKUP!r}): {draft}")
-        drafter = _quantize(load_hf(draft), quant)
+        drafter = _quantize(load_hf(draft, **where), quant)
         if drafter.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"draft: vocab_size {drafter.config.vocab_size} differs from the model's "
                              f"{model.config.vocab_size}")

@@ -475,6 +475,8 @@ class DeployParams(Section):
     num_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)  # above num_replicas: Serve autoscales between the two
     cpus_per_replica: int = Field(2, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: each replica asks Ray for one GPU (checked where it serves)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     slots: int = Field(8, ge=1)
     max_waiting: int = Field(64, ge=0)
     check_max_tokens: int = Field(32, ge=1)

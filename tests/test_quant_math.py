@@ -120,9 +120,14 @@ def test_quantize_int8_replaces_every_linear_and_decodes():
     with torch.no_grad():
         expected = model(x)
     fp32_tokens = generate(model, [1, 5, 9], max_new_tokens=8)
+    attention = model.layers[0].self_attn
+    separate = [quantize_weight(layer.weight) for layer in (attention.q_proj, attention.k_proj, attention.v_proj)]
     quantize_int8(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert not linears and sum(isinstance(m, Int8Linear) for m in model.modules()) == 7 * 2 + 1
+    # per layer: q/k/v grouped, o, gate/up grouped, down; and the head
+    assert not linears and sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * 2 + 1
+    assert torch.equal(attention.qkv.weight, torch.cat([q for q, _ in separate]))  # grouping changes no number
+    assert torch.equal(attention.qkv.scale, torch.cat([s for _, s in separate]))
     with torch.no_grad():
         got = model(x)
     assert ((got - expected).norm() / expected.norm()) < 0.02

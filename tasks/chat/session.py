@@ -12,19 +12,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from model.chat import check_messages, render, stop_strings, tokenize
-from model.generate import generate_stream
+from model.generate import generate_stream, warm_up
 from model.textstream import TextStream
 
 
 class ChatSession:
     def __init__(self, model, tokenizer, template_source: str, system: str | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None):
+                 seed: int | None = None, compile: bool = False):
         self.model, self.tokenizer, self.source = model, tokenizer, template_source
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict] = []
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         self.max_new_tokens = max_new_tokens
+        self.compile = compile
+        if compile:
+            warm_up(model)  # compiled now, so the first reply does not wait for it
 
     @property
     def history(self) -> list[dict]:
@@ -52,7 +55,7 @@ class ChatSession:
                              f"context of {self.model.config.max_seq_len}")
         stream = TextStream(self.tokenizer, prompt, stop_strings(self.source))
         for token in generate_stream(self.model, prompt, self.max_new_tokens, eos_id=self.tokenizer.eos_id,
-                                     **self.sampling):
+                                     compile=self.compile, **self.sampling):
             if piece := stream.push(token):
                 yield piece
             if stream.done:

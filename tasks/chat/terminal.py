@@ -30,6 +30,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P")
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="eager decoding (debugging); by default the decode step is compiled at start")
 
 
 def _template_source(directory, name: str | None) -> str:
@@ -70,7 +72,7 @@ def main(args) -> int:
     check_sampling_args(args)
     model, tokenizer, source = _load(args)
     session = ChatSession(model, tokenizer, source, args.system, args.max_new_tokens, args.temperature,
-                          args.top_p, args.top_k, args.seed)
+                          args.top_p, args.top_k, args.seed, args.compile)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model} ({COMMANDS_HELP})")

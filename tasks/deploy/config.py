@@ -56,7 +56,8 @@ def serve_args(params: Params, directory: Path, lineage_path: Path, tracking_uri
         draft = str(resolve(draft, tracking_uri, "deploy.draft").resolve())
     return {"model": str(directory.resolve()), "draft": draft, "draft_tokens": deploy.draft_tokens,
             "quant": deploy.quant, "api_key_env": deploy.api_key_env, "slots": deploy.slots,
-            "max_waiting": deploy.max_waiting, "cpus": deploy.cpus_per_replica,
+            "max_waiting": deploy.max_waiting, "cpus": deploy.cpus_per_replica, "device": deploy.device,
+            "dtype": deploy.dtype,
             "lineage_file": str(lineage_path.resolve())}
 
 
@@ -64,7 +65,7 @@ def serve_config(params: Params, args: dict, host: str, port: int) -> dict:
     """A Serve config for `serve deploy` (its args checked by the app's own parser, the whole by Ray's schema)."""
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import build_app, parse_args
+    from serving.app import actor_options, build_app, parse_args
 
     try:
         parse_args(args)
@@ -72,7 +73,7 @@ def serve_config(params: Params, args: dict, host: str, port: int) -> dict:
         raise UserError(f"deploy: {exc}") from None
 
     deploy = params.deploy
-    deployment: dict = {"name": "tinyllama", "ray_actor_options": {"num_cpus": deploy.cpus_per_replica},
+    deployment: dict = {"name": "tinyllama", "ray_actor_options": actor_options(parse_args(args)),
                         "max_ongoing_requests": deploy.slots + deploy.max_waiting + 8}
     if deploy.max_replicas > deploy.num_replicas:
         deployment["autoscaling_config"] = {"min_replicas": deploy.num_replicas, "max_replicas": deploy.max_replicas,

@@ -11,6 +11,7 @@ import importlib.util
 import signal
 import threading
 
+from model.devices import check_device
 from tasks.deploy.champion import resolve
 from tasks.errors import UserError
 
@@ -32,6 +33,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--slots", type=int, default=8, help="sequences decoding together")
     parser.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and the replica's torch threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the replica decodes (cuda: it asks Ray for one GPU)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights and activations")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="eager decoding (debugging); by default the decode step is compiled at load")
     parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
                         help="tokens per streamed chunk after the first (larger: less overhead per token)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ references")
@@ -49,7 +55,12 @@ def serve_args(args) -> dict:
     values = {"model": str(resolve(args.model, args.tracking_uri).resolve()), "name": args.name, "draft": draft,
               "draft_tokens": args.draft_tokens, "quant": args.quant, "api_key_env": args.api_key_env,
               "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus,
-              "stream_interval": args.stream_interval}
+              "stream_interval": args.stream_interval, "device": args.device, "dtype": args.dtype,
+              "compile": args.compile}
+    try:
+        check_device(args.device, "--device")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if args.quant == "int8" and importlib.util.find_spec("model.quant") is None:
         raise UserError("--quant: int8 needs model/quant.py (the quantization work), which this build lacks")
     try:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from model.devices import check_device
 from tasks.deploy import check
 from tasks.deploy.champion import resolve
 from tasks.deploy.config import lineage, model_ref, serve_args, serve_config, write_yaml
@@ -67,7 +68,7 @@ def _local_copy(config: dict, port: int) -> dict:
     deployments = []
     for deployment in app["deployments"]:
         local = {k: v for k, v in deployment.items() if k != "autoscaling_config"}
-        local.update(num_replicas=1, ray_actor_options={"num_cpus": app["args"]["cpus"]})
+        local.update(num_replicas=1, ray_actor_options={**deployment["ray_actor_options"], "num_cpus": app["args"]["cpus"]})
         deployments.append(local)
     app["deployments"] = deployments
     return {**config, "http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
@@ -77,6 +78,10 @@ def deploy(params: Params) -> dict:
     from tasks.deploy.ray_serve import serve_session, wait_healthy
 
     config_path, config = write_artifacts(params)
+    try:
+        check_device(params.deploy.device, "deploy.device")  # the local check serves here, on this machine's device
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     print(f"deploy: Serve config {config_path} (model {config['applications'][0]['args']['model']})", flush=True)
     api_key = None
     if params.deploy.api_key_env:

@@ -1,0 +1,159 @@
+"""The decode step on a static-shape slot cache, compiled once per shape bucket (gpt-fast's way).
+
+Why: eager decoding of a small model is dispatch-bound (hundreds of tiny ops per token, each a Python
+call), and a cache whose attended length grows every step changes shapes every step, which a compiled
+graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, not by the request:
+
+- the cache is preallocated (slots x (max_len + spare) per layer, model/slots.py) and attended over
+  its whole length every step; which keys a query sees is data (a mask built from the fed
+  positions: key position <= query position), so a step's shapes never depend on sequence lengths;
+- a step feeds the first `B` slots (B: a batch bucket, the smallest at least one past the highest
+  slot in use; sequences take the lowest free slot, so B stays small), `W` tokens each (W: a width
+  bucket, 1 for plain decoding, k + 1 for a speculative verify). Rows with nothing to feed (free,
+  still prefilling, or short of W) write to the cache's scratch tail past `max_len`, which no real
+  query reads, and their logits are ignored;
+- on CPU the batch dimension is dynamic (one inductor graph for every bucket >= 2, one for 1: torch
+  specializes sizes 0/1); on CUDA each bucket is its own static graph, captured as a CUDA graph
+  (`mode="reduce-overhead"`), the cache being a module buffer so the graph's addresses stay fixed.
+
+`warm_up()` compiles every bucket at load, so no request pays for compilation. The step returns
+the logits of every fed position (B, W, vocab): what the caller does with them (argmax, sampling,
+and, per row, any logits processing) is the caller's, on the device, before one transfer to the host.
+Compiled and eager steps run the same code (`compile=False` is the eager engine, for debugging).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from model.slots import SlotCache
+
+
+def batch_buckets(slots: int) -> tuple[int, ...]:
+    """1, 2, 4, ... and `slots` itself: the batch sizes a step is compiled for."""
+    sizes, size = [], 1
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, slots)
+
+
+class _Rows:
+    """The cache as `Attention` sees it in a step: write this step's keys/values of rows 0..B-1 at their
+    positions, return those rows' whole cache (a view: no gather)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor):
+        self.k, self.v, self.positions = k, v, positions
+        self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+
+    def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = k.shape[0]
+        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)
+        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
+        return self.k[layer][:b], self.v[layer][:b]
+
+
+class StaticStep(nn.Module):
+    """`forward(idx, positions)`: (B, W) token ids fed at (B, W) cache positions of slots 0..B-1 →
+    (B, W, vocab) logits. The cache's tensors are this module's buffers (shared with `cache`, so the
+    eager prefill of model/slots.py writes into the same memory)."""
+
+    def __init__(self, model, cache: SlotCache):
+        super().__init__()
+        self.model = model
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            self.register_buffer(f"k{layer}", k, persistent=False)
+            self.register_buffer(f"v{layer}", v, persistent=False)
+        self.register_buffer("key_positions", torch.arange(cache.max_len + cache.spare, device=cache.device),
+                             persistent=False)
+        self.last_rope = model.config.max_seq_len - 1
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        rope = positions.clamp(max=self.last_rope)  # scratch positions: any angle will do
+        cos, sin = model.rope_cos[rope][:, None], model.rope_sin[rope][:, None]
+        mask = (self.key_positions <= positions[:, :, None])[:, None]
+        n = len(model.layers)
+        cache = _Rows([getattr(self, f"k{i}") for i in range(n)], [getattr(self, f"v{i}") for i in range(n)], positions)
+        x = model.embed_tokens(idx)
+        for layer in model.layers:
+            x = layer(x, cos, sin, 0, cache, mask)
+        return model.lm_head(model.norm(x)).float()
+
+
+class DecodeStep:
+    """A `StaticStep` for a slot cache, eager or compiled, fed per bucket; `run` pads a step's rows to
+    its buckets, and `warm_up` compiles each (batch bucket, width) before the first request."""
+
+    def __init__(self, model, cache: SlotCache, widths: Sequence[int] = (1,), compile: bool = False):
+        self.cache, self.widths = cache, tuple(sorted(set(widths)))
+        if self.widths[-1] > cache.spare:
+            raise ValueError(f"width {self.widths[-1]} exceeds the cache's scratch tail of {cache.spare}")
+        self.module = StaticStep(model, cache)
+        self.device = cache.device
+        self.compiled = compile
+        # On CPU one graph with a dynamic batch dim serves every bucket; torch specializes a size of 1, so
+        # a lone row is fed as two there (a GEMV and a two-row GEMM read the same weights: same cost).
+        self.dynamic = compile and self.device.type != "cuda"
+        self.buckets = batch_buckets(cache.slots)
+        if self.dynamic:
+            self.buckets = tuple(sorted({max(b, 2) for b in self.buckets}))
+            if cache.slots < 2:
+                raise ValueError("a compiled CPU step needs a cache of >= 2 slots (a lone row is fed as two)")
+        self.fn = self.module
+        if compile:
+            cuda = self.device.type == "cuda"
+            # CUDA graphs need static shapes: one graph per bucket. On CPU, a dynamic batch dim is one graph.
+            self.fn = torch.compile(self.module, mode="reduce-overhead" if cuda else None,
+                                    dynamic=False if cuda else None, fullgraph=True)
+
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def width(self, tokens: int) -> int | None:
+        """The width bucket that holds `tokens` fed per row (None: wider than any, feed it eagerly)."""
+        return next((w for w in self.widths if w >= tokens), None)
+
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            torch._dynamo.mark_dynamic(idx, 0, min=2, max=self.buckets[-1])
+            torch._dynamo.mark_dynamic(positions, 0, min=2, max=self.buckets[-1])
+        out = self.fn(idx, positions)
+        return out.clone() if self.compiled and self.device.type == "cuda" else out  # CUDA graphs reuse outputs
+
+    def run(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed `chunks[i]` at positions `starts[i]`.. of slot `slots[i]`; returns the (B, W, vocab) logits
+        grid, row = slot, column j = the j-th fed token of that slot (padding rows/columns: ignore)."""
+        width = self.width(max(len(c) for c in chunks))
+        if width is None:
+            raise ValueError(f"a row feeds {max(len(c) for c in chunks)} tokens; the widest bucket is {self.widths[-1]}")
+        with torch.inference_mode():
+            return self._run(slots, starts, chunks, width)
+
+    def _run(self, slots, starts, chunks, width: int) -> torch.Tensor:
+        b = self.bucket(max(slots) + 1)
+        scratch = torch.arange(self.cache.max_len, self.cache.max_len + width)
+        positions = scratch.repeat(b, 1)
+        idx = torch.zeros((b, width), dtype=torch.long)
+        for slot, start, chunk in zip(slots, starts, chunks):
+            n = len(chunk)
+            idx[slot, :n] = torch.as_tensor(chunk, dtype=torch.long)
+            positions[slot, :n] = torch.arange(start, start + n)
+        return self(idx.to(self.device, non_blocking=True), positions.to(self.device, non_blocking=True))
+
+    def warm_up(self) -> None:
+        """Run every (batch bucket, width) once (CUDA graphs: three times, to record them) on scratch
+        positions only, so compilation happens now, not on a request's path; the cache's real
+        entries are untouched."""
+        if not self.compiled:
+            return
+        repeats = 3 if self.device.type == "cuda" else 1
+        with torch.inference_mode():
+            for width in self.widths:
+                for b in self.buckets:
+                    positions = torch.arange(self.cache.max_len, self.cache.max_len + width).repeat(b, 1)
+                    for _ in range(repeats):
+                        self(torch.zeros((b, width), dtype=torch.long, device=self.device), positions.to(self.device))
