@@ -49,7 +49,7 @@ class ServeArgs(BaseModel):
     cpus: int = Field(1, ge=1)                   # the replica's CPUs, and its torch threads
     device: Literal["cpu", "cuda"] = "cpu"       # cuda: the replica asks Serve for a GPU (num_gpus 1)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = True                         # the compiled decode step (model/step.py), compiled at load
+    compile: bool = False                        # the compiled decode step (model/step.py), compiled at load
     lineage_file: str | None = None              # the deploy stage's lineage.json
 
 

@@ -477,6 +477,9 @@ class DeployParams(Section):
     cpus_per_replica: int = Field(2, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"  # cuda: each replica asks Ray for one GPU (checked where it serves)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # The compiled decode step (model/step.py), compiled when a replica loads: on for GPU replicas, off for the
+    # tiny CPU profile, whose compile (~2 min on 2 cores) would cost more than it saves in the DAG.
+    compile: bool = False
     slots: int = Field(8, ge=1)
     max_waiting: int = Field(64, ge=0)
     check_max_tokens: int = Field(32, ge=1)

@@ -57,7 +57,7 @@ def serve_args(params: Params, directory: Path, lineage_path: Path, tracking_uri
     return {"model": str(directory.resolve()), "draft": draft, "draft_tokens": deploy.draft_tokens,
             "quant": deploy.quant, "api_key_env": deploy.api_key_env, "slots": deploy.slots,
             "max_waiting": deploy.max_waiting, "cpus": deploy.cpus_per_replica, "device": deploy.device,
-            "dtype": deploy.dtype,
+            "dtype": deploy.dtype, "compile": deploy.compile,
             "lineage_file": str(lineage_path.resolve())}
 
 

@@ -36,8 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the replica decodes (cuda: it asks Ray for one GPU)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights and activations")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="eager decoding (debugging); by default the decode step is compiled at load")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode on the compiled step (model/step.py), compiled at load: pays off on a GPU "
+                             "and for long sessions; on CPU a tiny model compiles for minutes")
     parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
                         help="tokens per streamed chunk after the first (larger: less overhead per token)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ references")
