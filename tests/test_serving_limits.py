@@ -201,6 +201,7 @@ def test_the_grafana_dashboard_charts_metrics_the_server_exports(server):
                            .read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     wanted = {re.sub(r"_bucket$", "", name) for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
+    wanted.discard("ray_tinyllama_spec_acceptance_rate")  # set once a draft has proposed tokens, which may not happen
     assert {"ray_tinyllama_num_requests_running", "ray_tinyllama_kv_cache_usage_perc"} <= wanted
     deadline, missing = time.monotonic() + 90, wanted
     while missing:
