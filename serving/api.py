@@ -4,6 +4,11 @@ Kept apart from the Ray Serve wiring (serving/app.py) so what a response contain
 one place. Each choice is one engine sequence; its tokens become text as they are final
 and stop strings (the request's and the model's `stop_strings`) end it without ever being sent
 (model/textstream.py), after which the sequence is cancelled at once.
+
+Tokenizing and rendering run on one thread beside the event loop (a long prompt must not stall the
+other streams of the replica); the request limits (serving/protocol.py `Limits`) are checked before
+anything reaches the engine. An engine that fails ends its requests with a 500 "engine failed" (an
+error event on a stream that already started), never with the internal reason.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -20,11 +26,16 @@ from starlette.responses import JSONResponse, StreamingResponse
 from model.chat import check_messages, render
 from model.sampling import Sampling
 from model.textstream import TextStream
-from serving.engine import Engine, QueueFull, Submitted
+from serving.engine import FAILED, Engine, EngineFailed, QueueFull, Submitted
 from serving.loader import ServedModel
-from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits
 
 DONE = "data: [DONE]\n\n"
+ENGINE_FAILED = "engine failed; this replica is being replaced, retry the request"
+
+
+def engine_failed(status: int = 500) -> APIError:
+    return APIError(status, ENGINE_FAILED, None, "engine_failed")
 
 
 @dataclass
@@ -38,9 +49,18 @@ class Piece:
 
 
 class OpenAIService:
-    def __init__(self, served: ServedModel, engine: Engine, stream_interval: int = 1):
-        self.served, self.engine, self.stream_interval = served, engine, stream_interval
+    def __init__(self, served: ServedModel, engine: Engine, stream_interval: int = 1, limits: Limits = Limits()):
+        self.served, self.engine, self.stream_interval, self.limits = served, engine, stream_interval, limits
         self.created = int(time.time())
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tinyllama-tokenize")
+
+    def close(self) -> None:
+        """The replica's shutdown: the engine thread and the tokenizing thread end."""
+        self.engine.stop()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, work: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work, *args)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{
@@ -49,10 +69,12 @@ class OpenAIService:
             "chat_template": self.served.chat_template is not None, "lineage": self.served.lineage}]}
 
     async def completions(self, body: CompletionRequest):
-        prompts = [self._encode_text(p) for p in body.prompt]
+        self.limits.check_stops(body.stop)
+        prompts = await self._off_loop(self._encode_texts, body.prompt)
         return await self._respond(body, prompts, "text_completion", "cmpl", "prompt")
 
     async def chat(self, body: ChatCompletionRequest):
+        self.limits.check_stops(body.stop)
         if self.served.chat_template is None:
             raise APIError(400, f"model {self.served.name!r} has no chat template (tokenizer_config.json "
                                 "chat_template); use /v1/completions", "messages")
@@ -63,12 +85,15 @@ class OpenAIService:
             where, _, reason = str(exc).partition(": ")
             param = where.replace("[", ".").replace("]", "")
             raise APIError(400, f"{param}: {reason}", param) from None
-        text = render(self.served.chat_template, messages, add_generation_prompt=True).text
-        return await self._respond(body, [self.served.tokenizer.encode_chat(text)[0]], "chat.completion",
-                                   "chatcmpl", "messages")
+        prompt = await self._off_loop(self._encode_chat, messages)
+        return await self._respond(body, [prompt], "chat.completion", "chatcmpl", "messages")
 
-    def _encode_text(self, text: str) -> list[int]:
-        return self.served.tokenizer.encode(text, bos=True)
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return [self.served.tokenizer.encode(text, bos=True) for text in texts]
+
+    def _encode_chat(self, messages: list[dict]) -> list[int]:
+        text = render(self.served.chat_template, messages, add_generation_prompt=True).text
+        return self.served.tokenizer.encode_chat(text)[0]
 
     def _submitted(self, body, prompts: list[list[int]], prompt_field: str) -> list[Submitted]:
         if body.model != self.served.name:
@@ -78,9 +103,7 @@ class OpenAIService:
         limit_field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         requests, loop = [], asyncio.get_running_loop()
         for prompt in prompts:
-            if len(prompt) >= context:
-                raise APIError(400, f"{prompt_field}: {len(prompt)} tokens; this model's maximum context length "
-                                    f"is {context} tokens", prompt_field, "context_length_exceeded")
+            self.limits.check_prompt(len(prompt), context, prompt_field)
             max_tokens = body.token_limit() or context - len(prompt)
             if len(prompt) + max_tokens > context:
                 raise APIError(400, f"{limit_field}: this model's maximum context length is {context} tokens; the "
@@ -93,7 +116,9 @@ class OpenAIService:
         try:
             self.engine.submit(requests)
         except QueueFull as exc:
-            raise APIError(429, str(exc), None, "server_busy") from None
+            raise APIError(429, str(exc), None, "server_busy", self.limits.retry_after()) from None
+        except EngineFailed:
+            raise engine_failed(503) from None
         return requests
 
     async def _respond(self, body, prompts, kind: str, id_prefix: str, prompt_field: str):
@@ -124,8 +149,8 @@ class OpenAIService:
         held, held_tokens, started = "", 0, False
         try:
             async for event in events:
-                if event.finish == "error":
-                    raise RuntimeError(f"the engine failed: {self.engine.error}")
+                if event.finish == FAILED:
+                    raise engine_failed()
                 held += text.push(*event.tokens)
                 held_tokens += len(event.tokens)
                 if event.finish is not None:
@@ -153,10 +178,15 @@ class OpenAIService:
             if kind == "chat.completion":
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(n)])
-            async for piece in pieces:
-                usage["completion_tokens"] += piece.tokens
-                if piece.text or piece.finish:
-                    yield chunk([_delta_body(kind, piece)])
+            try:
+                async for piece in pieces:
+                    usage["completion_tokens"] += piece.tokens
+                    if piece.text or piece.finish:
+                        yield chunk([_delta_body(kind, piece)])
+            except APIError as exc:  # the stream has started (200): the error goes in it, as vLLM sends it
+                yield f"data: {json.dumps(exc.body())}\n\n"
+                yield DONE
+                return
             if include_usage:
                 yield chunk([], usage=_usage(usage))
             yield DONE
@@ -182,7 +212,11 @@ def _delta_body(kind: str, piece: Piece) -> dict:
 
 
 async def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
-    """Interleave the choices' pieces as they come; closing this closes (so cancels) every choice."""
+    """Interleave the choices' pieces as they come; closing this closes (so cancels) every choice.
+
+    Each choice is pumped by a task of its own; on the way out the pumps are cancelled and awaited
+    before the choices are closed, so no choice is closed while its pump is still inside it (a
+    client that leaves mid-stream cancels all its choices, without "generator already running")."""
     if len(streams) == 1:
         try:
             async for piece in streams[0]:
@@ -215,5 +249,6 @@ async def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for stream in streams:
             await stream.aclose()

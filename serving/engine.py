@@ -34,6 +34,13 @@ class QueueFull(Exception):
     """More sequences are waiting than the engine accepts."""
 
 
+class EngineFailed(Exception):
+    """The engine thread died: this replica serves nothing more until Serve replaces it."""
+
+
+FAILED = "error"  # the `finish` of every sequence the engine ended because it failed
+
+
 @dataclass
 class Submitted:
     """One sequence a request asked for, as the event loop sees it."""
@@ -72,8 +79,8 @@ class Engine:
         self._cancelled: list[Submitted] = []
         self._running: dict[int, Submitted] = {}
         self._stopped = False
-        self.error: str | None = None  # the last failed step, for the client and /health
-        self._thread = threading.Thread(target=self._loop, name="tinyllama-engine", daemon=True)
+        self.error: str | None = None  # why the engine thread died (for the replica's log and health check)
+        self._thread = threading.Thread(target=self._run, name="tinyllama-engine", daemon=True)
         self._thread.start()
 
     @property
@@ -84,9 +91,15 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
     def submit(self, requests: list[Submitted]) -> None:
         """Queue sequences (all of one HTTP request, or none of them: `QueueFull`)."""
         with self._wake:
+            if self.error is not None:
+                raise EngineFailed("engine failed")
             free_slots = self.decoder.slots - len(self._running)  # those the next step admits at once
             if len(self._waiting) + len(requests) > self.max_waiting + free_slots:
                 raise QueueFull(f"server busy: {len(self._waiting)} sequences already waiting "
@@ -119,6 +132,7 @@ class Engine:
             self.cancel(request)
 
     def stop(self) -> None:
+        """End the engine thread (the replica's shutdown hook); sequences still running get no more tokens."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
@@ -138,12 +152,21 @@ class Engine:
             request.seq_id = self.decoder.add(request.prompt, request.max_tokens, request.sampling, request.eos_id)
             self._running[request.seq_id] = request
 
-    def _fail_all(self, exc: Exception) -> list[Event]:
-        logger.exception("decode step failed; ending the %d running sequences", len(self._running))
-        for seq_id in list(self._running):
-            self.decoder.cancel(seq_id)
-        self.error = f"{type(exc).__name__}: {exc}"
-        return [Event(seq_id, finish="error") for seq_id in self._running]
+    def _run(self) -> None:
+        """The thread's body: any exception (a step, an admission) ends every sequence it holds with
+        `FAILED` and marks the engine failed, so no request hangs and the replica reports unhealthy."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            logger.exception("the engine thread failed; ending %d running and %d waiting sequences",
+                             len(self._running), len(self._waiting))
+            with self._wake:
+                self.error = f"{type(exc).__name__}: {exc}"
+                ended = [*self._running.values(), *self._waiting]
+                self._running.clear()
+                self._waiting.clear()
+            for request in ended:
+                request.deliver(Event(-1 if request.seq_id is None else request.seq_id, finish=FAILED))
 
     def _loop(self) -> None:
         if self.threads:
@@ -158,10 +181,7 @@ class Engine:
                 if self._stopped:
                     return
                 self.observer.on_step(len(self._running), len(self._waiting))
-            try:
-                events = self.decoder.step()
-            except Exception as exc:  # a bug must not hang every client: end them all with the reason
-                events = self._fail_all(exc)
+            events = self.decoder.step()
             now = time.monotonic()
             delivered = []
             with self._wake:

@@ -8,6 +8,7 @@ Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,15 +21,45 @@ class APIError(Exception):
     """An error response: HTTP status, message, the request field it concerns, OpenAI's type/code."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             429: "rate_limit_exceeded", 503: "service_unavailable"}
+             413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a replica (the `deploy:` params; serving/app.py ServeArgs)."""
+
+    max_body_bytes: int = 1 << 20          # a larger body is a 413 before it is read
+    max_prompt_tokens: int | None = None   # None: the context less one token
+    max_stop_chars: int = 64               # each stop string (text streams hold back up to this much)
+    max_top_logprobs: int = 20             # the most `top_logprobs` a request may ask (vLLM's max_logprobs)
+    retry_after_s: int = 1                 # Retry-After of a 429 (the engine's queue, Serve's queue)
+
+    def check_stops(self, stops: list[str]) -> None:
+        for i, stop in enumerate(stops):
+            if len(stop) > self.max_stop_chars:
+                raise APIError(400, f"stop: stop sequence {i} has {len(stop)} characters; at most "
+                                    f"{self.max_stop_chars} are accepted", "stop")
+
+    def check_prompt(self, tokens: int, context: int, field: str) -> None:
+        """A prompt must leave room for one generated token, and stay within `max_prompt_tokens`."""
+        limit = min(self.max_prompt_tokens or context - 1, context - 1)
+        if tokens > limit:
+            what = (f"this model's maximum context length is {context} tokens" if limit == context - 1
+                    else f"this server accepts at most {limit} prompt tokens (max_prompt_tokens)")
+            raise APIError(400, f"{field}: {tokens} tokens; {what}", field, "context_length_exceeded")
+
+    def retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 def validation_error(errors: list[dict]) -> APIError:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from model.config import LlamaConfig, preset
 from model.files import GGUF_TYPES
+from serving.auth import is_loopback
 from tasks.errors import UserError
 
 _TOKEN_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -482,12 +483,22 @@ class DeployParams(Section):
     compile: bool = False
     slots: int = Field(8, ge=1)
     max_waiting: int = Field(64, ge=0)
+    stream_interval: int = Field(1, ge=1)          # tokens per streamed chunk after the first (vLLM's option)
+    max_queued_requests: int = Field(16, ge=0)     # requests Serve's proxy holds for busy replicas before 429
+    retry_after_s: int = Field(1, ge=1)            # Retry-After of every 429
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies: 413
+    max_prompt_tokens: int | None = Field(None, ge=1)  # null: the model's context less one token
+    max_stop_chars: int = Field(64, ge=1)          # the length of each stop string
+    max_top_logprobs: int = Field(20, ge=0)        # the most top_logprobs a request may ask
     check_max_tokens: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _replicas(self):
         if self.max_replicas < self.num_replicas:
             raise ValueError(f"deploy.max_replicas ({self.max_replicas}) is below deploy.num_replicas ({self.num_replicas})")
+        if not self.api_key_env and not is_loopback(self.host):
+            raise ValueError(f"deploy.api_key_env: required when deploy.host ({self.host}) is not a loopback address; "
+                             "a server others can reach must check a key")
         return self
 
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tasks.cli import main as cli
+from tasks.errors import UserError
 from tasks.params import load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,14 @@ def test_serve_config_passes_rays_schema_and_builds_our_app(tmp_path, served_mod
     assert app.args["draft"] == "prompt-lookup"
     (deployment,) = app.deployments
     assert deployment.autoscaling_config == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}
+    deploy = params.deploy
+    assert deployment.max_queued_requests == deploy.max_queued_requests
+    assert deployment.backpressure_config.status_code == 429
+    assert deployment.backpressure_config.retry_after_s == deploy.retry_after_s
+    assert {k: app.args[k] for k in ("stream_interval", "max_body_bytes", "max_prompt_tokens", "max_stop_chars",
+                                     "max_top_logprobs", "max_queued_requests", "retry_after_s")} == \
+        deploy.model_dump(include={"stream_interval", "max_body_bytes", "max_prompt_tokens", "max_stop_chars",
+                                   "max_top_logprobs", "max_queued_requests", "retry_after_s"})
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
     lineage = json.loads((tmp_path / "models" / "deploy" / "lineage.json").read_text())
     assert lineage == {"model_ref": str(served_model_dir), "model_dir": str(served_model_dir.resolve())}
@@ -68,12 +77,23 @@ def test_rayservice_manifest_runs_our_application_builder():
 
     args = parse_args(app.args)
     assert args.api_key_env == "TINYLLAMA_API_KEY" and args.cpus == app.deployments[0].ray_actor_options.num_cpus
+    (deployment,) = app.deployments
+    assert deployment.max_ongoing_requests == args.max_ongoing_requests()
+    assert deployment.max_queued_requests == args.max_queued_requests and args.stream_interval > 1
+    assert deployment.backpressure_config.model_dump() == args.backpressure()
     job = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayjob.yaml").read_text())
     image = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     cluster = service["spec"]["rayClusterConfig"]
     images = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]]
     images += [c["image"] for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
     assert set(images) == {image} and cluster["rayVersion"] == job["spec"]["rayClusterSpec"]["rayVersion"]
+
+
+def test_a_host_beyond_loopback_needs_an_api_key(tmp_path):
+    with pytest.raises(UserError, match="deploy.api_key_env: required when deploy.host \\(0.0.0.0\\)"):
+        parse_params(_params(tmp_path, host="0.0.0.0"))
+    for host, key in (("0.0.0.0", "TINYLLAMA_API_KEY"), ("127.0.0.1", None), ("::1", None), ("localhost", None)):
+        assert parse_params(_params(tmp_path, host=host, api_key_env=key)).deploy.host == host
 
 
 def test_build_app_rejects_bad_args_naming_the_field():

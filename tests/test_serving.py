@@ -11,76 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
-import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
-from servers import free_port, start, stop, wait_http
+from serving_server import API_KEY, serving
 
 pytestmark = pytest.mark.slow
 
-API_KEY_ENV = "TINYLLAMA_TEST_KEY"
-API_KEY = "sk-test-3f9c1d0b7e2a"
 SLOTS, WAITING = 4, 28
 NAME = "tiny-chat"
 
 
-class Server:
-    def __init__(self, url: str, metrics_url: str, log: Path, model_dir: Path, temp_root: Path):
-        self.url, self.metrics_url, self.log, self.model_dir, self.temp_root = url, metrics_url, log, model_dir, temp_root
-
-    def client(self, **kwargs):
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120, **kwargs)
-
-    def async_client(self):
-        import openai
-
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/health", timeout=10) as response:
-            return json.loads(response.read())
-
-    def post(self, path: str, body: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(f"{self.url}{path}", data=body, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-
 @pytest.fixture(scope="module")
 def server(served_model_dir, tmp_path_factory):
-    port, metrics_port = free_port(), free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, API_KEY_ENV: API_KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [str(Path(sys.executable).parent / "tinyllama"), "serve", "--model", str(served_model_dir),
-               "--name", NAME, "--port", str(port), "--api-key-env", API_KEY_ENV, "--draft", "prompt-lookup",
-               "--slots", str(SLOTS), "--max-waiting", str(WAITING), "--cpus", "2", "--metrics-port", str(metrics_port),
-               "--stream-interval", "2"]
-    proc = start(command, log, env=env)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 300, proc, log)
-        deadline = time.monotonic() + 60
-        while "ready in" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        ray_logs = Path(log.read_text().split("Ray and replica logs: ")[1].split()[0])
-        yield Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log, served_model_dir,
-                     ray_logs)
-    finally:
-        stop(proc, grace=60)
+    flags = ["--name", NAME, "--draft", "prompt-lookup", "--slots", str(SLOTS), "--max-waiting", str(WAITING),
+             "--cpus", "2", "--stream-interval", "2"]
+    with serving(served_model_dir, tmp_path_factory.mktemp("serve"), *flags) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +267,8 @@ def test_a_missing_or_wrong_api_key_is_a_401_and_the_key_is_never_logged(server)
 
 
 def test_prometheus_metrics_through_ray(server):
-    wanted = ["tinyllama_tokens_generated", "tinyllama_requests_running", "tinyllama_requests_waiting",
+    wanted = ["tinyllama_generation_tokens", "tinyllama_prompt_tokens", "tinyllama_num_requests_running",
+              "tinyllama_num_requests_waiting", "tinyllama_kv_cache_usage_perc",
               "tinyllama_time_to_first_token_seconds_bucket", "tinyllama_time_per_output_token_seconds_bucket",
               "tinyllama_spec_acceptance_rate"]
     deadline, text = time.monotonic() + 60, ""
@@ -329,5 +280,5 @@ def test_prometheus_metrics_through_ray(server):
         time.sleep(2)
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
-    generated = [line for line in text.splitlines() if line.startswith("ray_tinyllama_tokens_generated")]
+    generated = [line for line in text.splitlines() if line.startswith("ray_tinyllama_generation_tokens")]
     assert generated and float(generated[0].split()[-1]) > 0

@@ -2,7 +2,8 @@
 
 The config is Ray Serve's own schema (`ray.serve.schema.ServeDeploySchema`, checked before it is
 written): one application built by `serving.app:build_app` with the `deploy:` params as its args,
-the replica count (or an autoscaling range) and CPUs per replica on its deployment. Paths in it are
+the replica count (or an autoscaling range), CPUs per replica and the overload limits on its deployment
+(`max_ongoing_requests`, `max_queued_requests`, answered by Serve with 429 and Retry-After). Paths in it are
 absolute: Serve's replicas do not run in the repo.
 """
 
@@ -58,6 +59,10 @@ def serve_args(params: Params, directory: Path, lineage_path: Path, tracking_uri
             "quant": deploy.quant, "api_key_env": deploy.api_key_env, "slots": deploy.slots,
             "max_waiting": deploy.max_waiting, "cpus": deploy.cpus_per_replica, "device": deploy.device,
             "dtype": deploy.dtype, "compile": deploy.compile,
+            "stream_interval": deploy.stream_interval,
+            "max_queued_requests": deploy.max_queued_requests, "retry_after_s": deploy.retry_after_s,
+            "max_body_bytes": deploy.max_body_bytes, "max_prompt_tokens": deploy.max_prompt_tokens,
+            "max_stop_chars": deploy.max_stop_chars, "max_top_logprobs": deploy.max_top_logprobs,
             "lineage_file": str(lineage_path.resolve())}
 
 
@@ -68,13 +73,15 @@ def serve_config(params: Params, args: dict, host: str, port: int) -> dict:
     from serving.app import actor_options, build_app, parse_args
 
     try:
-        parse_args(args)
+        settings = parse_args(args)
     except ValueError as exc:
         raise UserError(f"deploy: {exc}") from None
 
     deploy = params.deploy
-    deployment: dict = {"name": "tinyllama", "ray_actor_options": actor_options(parse_args(args)),
-                        "max_ongoing_requests": deploy.slots + deploy.max_waiting + 8}
+    deployment: dict = {"name": "tinyllama", "ray_actor_options": actor_options(settings),
+                        "max_ongoing_requests": settings.max_ongoing_requests(),
+                        "max_queued_requests": settings.max_queued_requests,
+                        "backpressure_config": settings.backpressure()}
     if deploy.max_replicas > deploy.num_replicas:
         deployment["autoscaling_config"] = {"min_replicas": deploy.num_replicas, "max_replicas": deploy.max_replicas,
                                             "target_ongoing_requests": deploy.slots}

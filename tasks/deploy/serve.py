@@ -2,7 +2,7 @@
 
 The same application `serve deploy CONFIG` runs on a cluster (serving/app.py `build_app`), started
 here with Ray sized to `--cpus` and Serve's proxy on `--host`/`--port` (127.0.0.1 by default: a
-server is only reachable from elsewhere when asked).
+server is only reachable from elsewhere when asked, and then only with `--api-key-env`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import signal
 import threading
 
 from model.devices import check_device
+from serving.auth import is_loopback
 from tasks.deploy.champion import resolve
 from tasks.errors import UserError
 
@@ -44,12 +45,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ references")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus metrics (Ray's, Serve's and the server's) at this port's /metrics")
+    limits = parser.add_argument_group("limits (default: the application's, as in params.yaml's deploy:)")
+    for flag, metavar, what in LIMIT_FLAGS:
+        limits.add_argument(flag, type=int, default=None, metavar=metavar, help=what)
+
+
+LIMIT_FLAGS = [
+    ("--max-queued-requests", "N", "requests Serve's proxy holds while the replica is busy, then 429"),
+    ("--retry-after-s", "S", "the Retry-After seconds of every 429"),
+    ("--max-body-bytes", "N", "larger request bodies get 413"),
+    ("--max-prompt-tokens", "N", "longer prompts get 400 (default: the context less one token)"),
+    ("--max-stop-chars", "N", "the longest stop string accepted"),
+    ("--max-top-logprobs", "N", "the most top_logprobs a request may ask"),
+]
 
 
 def serve_args(args) -> dict:
     """The Serve application args (serving.app.ServeArgs) these flags mean; bad values name the flag."""
     from serving.app import parse_args
 
+    if not args.api_key_env and not is_loopback(args.host):
+        raise UserError(f"--api-key-env: required with --host {args.host} (not a loopback address): a server "
+                        "others can reach must check a key")
     draft = args.draft
     if draft and draft != PROMPT_LOOKUP:
         draft = str(resolve(draft, args.tracking_uri, "--draft").resolve())
@@ -58,6 +75,10 @@ def serve_args(args) -> dict:
               "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus,
               "stream_interval": args.stream_interval, "device": args.device, "dtype": args.dtype,
               "compile": args.compile}
+    for flag, _, _ in LIMIT_FLAGS:
+        field = flag.removeprefix("--").replace("-", "_")
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
     try:
         check_device(args.device, "--device")
     except ValueError as exc:
