@@ -209,8 +209,8 @@ def evaluate_and_register(params: Params, layout: Layout, jobs: list[Job], train
     from tasks.evaluate.stage import settings_note
     from tasks.evaluate.scoring import collect_inputs
     from tasks.registry import register_chat_model
-    from tasks.sft.chat_eval import eval_items
-    from tasks.sft.evaluation import evaluate_model, log_evaluation
+    from tasks.sft.chat_accuracy import eval_items
+    from tasks.sft.scorecard import evaluate_model, log_evaluation
     from tasks.sft.report import model_metrics
     from tasks.tracking import tracking_uri
 
