@@ -2,9 +2,11 @@
 
 Every chat model the pipeline trains (SFT, and SFT+DPO) is a *version* of one registered model
 (`sft.registered_model`, `tinyllama-chat`), its HF dir logged as artifacts of the run that trained
-it, tagged with its lineage. The alias `champion` names the version with the best held-out chat
-accuracy and moves only when a new version beats it, so `models:/tinyllama-chat@champion` is
-always the best chat model trained so far (quantize and deploy consume it through `resolve_model`).
+it, tagged with its lineage. The alias `champion` names the version with the best chat accuracy on
+held-out wordings (questions worded as no SFT/DPO example is, tasks/sft/wordings.py) and moves only
+when a new version beats it (a version tagged before that measure, without `ACCURACY_TAG`, counts
+as -1), so `models:/tinyllama-chat@champion` is always the best chat model trained so far
+(quantize and deploy consume it through `resolve_model`).
 
 Re-registering the same weights (a re-run that changed nothing) finds the existing version by
 its weights hash instead of adding a duplicate.
@@ -25,7 +27,7 @@ from tasks.files import sha256_file
 from tasks.layout import CONFIG_FILE, WEIGHTS_FILE
 
 CHAMPION = "champion"
-ACCURACY_TAG, WEIGHTS_TAG = "chat_accuracy", "weights_sha256"
+ACCURACY_TAG, WEIGHTS_TAG = "heldout_chat_accuracy", "weights_sha256"
 CACHE_ENV = "TINYLLAMA_MODEL_CACHE"
 _REF = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 
@@ -57,7 +59,8 @@ def register_chat_model(tracking_uri: str, name: str, run_id: str, model_dir: Pa
                         tags: dict[str, str], chat_accuracy: float) -> Registered:
     """Log `model_dir` under `<artifact_path>-<weights hash prefix>` of run `run_id` (unique: a later
     model never overwrites the files an earlier version points at) and register it as a version of
-    `name` (`tags` plus its chat accuracy and weights hash); move `champion` to it if it is the best."""
+    `name` (`tags` plus its held-out chat accuracy and weights hash); move `champion` to it if it is
+    the best."""
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
@@ -66,7 +69,8 @@ def register_chat_model(tracking_uri: str, name: str, run_id: str, model_dir: Pa
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Chat models of the tinyllama pipeline; "
-                                                         f"@{CHAMPION} is the best held-out chat accuracy.")
+                                                         f"@{CHAMPION} is the best chat accuracy on held-out "
+                                                         "wordings.")
     existing = client.search_model_versions(f"name = '{name}' and tags.{WEIGHTS_TAG} = '{weights}'")
     if existing:
         version, new = existing[0], False

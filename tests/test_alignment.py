@@ -1,7 +1,7 @@
 """The sft and dpo stages on the real tiny pipeline (the shared `pipeline_repo` run: every dvc.yaml
-stage through `dvc repro` on a clean copy of the repo): chat models that answer in-template better
-after SFT and again after DPO, the EVAL-style table, MLflow runs and the registry with its champion,
-`tinyllama chat` with the champion, transformers reading the chat dirs, and bad input failing before
+stage through `dvc repro` on a clean copy of the repo): chat models that answer questions in held-out
+wordings better after SFT and not worse after DPO, the EVAL-style table, MLflow runs and the registry
+with its champion, `tinyllama chat` with the champion, transformers reading the chat dirs, and bad input failing before
 any training."""
 
 from __future__ import annotations
@@ -33,19 +33,25 @@ def _client(root: Path):
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
-def test_chat_accuracy_rises_from_base_to_sft_to_dpo(pipeline_repo):
+def test_chat_accuracy_on_held_out_wordings_rises_from_base_to_sft_and_dpo_does_not_lower_it(pipeline_repo):
+    from tasks.sft.intervals import paired
+
     root = pipeline_repo.root
     variants = _params(root)["sft"]["variants"]
     sft, dpo = _metrics(root, "sft"), _metrics(root, "dpo")
     assert len(variants) >= 2 and len({v["base"] for v in variants}) >= 2 and any(v.get("dpo") for v in variants)
     for variant in variants:
         entry = sft[variant["name"]]
-        print(f"\n{variant['name']} (base {variant['base']}): chat accuracy base {entry['base']['chat_accuracy']:.3f}"
-              f" → SFT {entry['sft']['chat_accuracy']:.3f}"
+        print(f"\n{variant['name']} (base {variant['base']}): held-out chat accuracy base "
+              f"{entry['base']['chat_accuracy']:.3f} → SFT {entry['sft']['chat_accuracy']:.3f}"
               + (f" → SFT+DPO {dpo[variant['name']]['dpo']['chat_accuracy']:.3f}" if variant.get("dpo") else ""))
-        assert entry["sft"]["chat_accuracy"] > entry["base"]["chat_accuracy"]
+        columns = entry["sft"]["chat"]
+        assert {"seen", "held-out", "multi-turn"} <= set(columns) and columns["held-out"]["n"] >= 200
+        assert entry["sft"]["chat_accuracy"] == columns["held-out"]["accuracy"]
+        assert columns["held-out"]["ci95"][0] > entry["base"]["chat"]["held-out"]["ci95"][1]
         if variant.get("dpo"):
-            assert dpo[variant["name"]]["dpo"]["chat_accuracy"] > entry["sft"]["chat_accuracy"]
+            after = dpo[variant["name"]]["dpo"]["chat"]["held-out"]
+            assert paired(columns["held-out"]["answers"], after["answers"])["ci95"][1] >= 0  # not significantly worse
     print("stage wall s:", {k: v for k, v in pipeline_repo.stage_seconds.items() if k in ("sft", "dpo")})
 
 
@@ -67,7 +73,8 @@ def test_chat_models_carry_their_template_and_the_table_has_every_row(pipeline_r
             meta = json.loads((directory / "config.json").read_text())["tinyllama"]
             assert meta["variant"] == variant["name"] and meta["base_milestone"] == variant["base"]
     table = (root / "metrics" / "chat_table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| chat")]
+    rows = [line for line in table.splitlines() if line.startswith("| chat") and line.split(" | ")[2] in
+            ("base", "SFT", "SFT+DPO")]
     assert len(rows) == sum(3 if v.get("dpo") else 2 for v in variants)
     assert json.loads(dvc(root, "status", "--json").stdout) == {}
 
@@ -84,16 +91,18 @@ def test_mlflow_runs_and_registry_with_the_champion(pipeline_repo):
     accuracies = {}
     for version in versions:
         tags = version.tags
-        assert {"variant", "base_milestone", "tokens", "template", "dvc_stage_hash", "chat_accuracy"} <= set(tags)
+        expected_tags = {"variant", "base_milestone", "tokens", "template", "dvc_stage_hash", "heldout_chat_accuracy"}
+        assert expected_tags <= set(tags)
         assert len(tags["dvc_stage_hash"]) == 64  # the stage ran under `dvc repro`
-        accuracies[str(version.version)] = float(tags["chat_accuracy"])
+        accuracies[str(version.version)] = float(tags["heldout_chat_accuracy"])
     champion = client.get_model_version_by_alias(name, "champion")
     assert accuracies[str(champion.version)] == max(accuracies.values())
 
     for variant, entry in sft.items():
         run = client.get_run(entry["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == pretrain_run and run.info.status == "FINISHED"
-        for key in ("base/chat_accuracy", "sft/chat_accuracy", "sft/eval/avg", "sft/loss"):
+        for key in ("base/chat_accuracy", "sft/chat_accuracy", "sft/chat/held-out/ci95_low", "sft/chat/seen/accuracy",
+                    "sft/eval/avg", "sft/loss"):
             assert key in run.data.metrics, key
     for variant, entry in dpo.items():
         dpo_runs = client.search_runs([run.info.experiment_id],
@@ -110,12 +119,12 @@ def test_tinyllama_chat_with_the_champion_answers_like_greedy_decoding(pipeline_
     from model.tokenizer import Tokenizer
     from tasks.params import load_params
     from tasks.registry import resolve_model
-    from tasks.sft.chat_eval import answer, eval_items
+    from tasks.sft.chat_accuracy import answer, eval_items
 
     root = pipeline_repo.root
     _, uri = _client(root)
     env = {**env_for(root), "TINYLLAMA_MODEL_CACHE": str(tmp_path / "cache")}
-    item = eval_items(load_params(root / "params.yaml"))[0]
+    item = next(i for i in eval_items(load_params(root / "params.yaml")) if len(i.messages) == 1)  # no system
     question = item.messages[-1]["content"]
     result = subprocess.run([str(root / ".venv" / "bin" / "tinyllama"), "chat", "--model",
                              "models:/tinyllama-chat@champion", "--max-new-tokens", "32"], cwd=root, env=env,

@@ -58,7 +58,7 @@ def test_champion_moves_only_to_a_better_version_and_resolves(store):
     client = MlflowClient(uri)
     champion = client.get_model_version_by_alias("tinyllama-chat", CHAMPION)
     assert str(champion.version) == "4" and champion.tags["variant"] == "chat-a" and champion.run_id == run_id
-    assert champion.tags["chat_accuracy"] == "0.550000" and len(champion.tags["weights_sha256"]) == 64
+    assert champion.tags["heldout_chat_accuracy"] == "0.550000" and len(champion.tags["weights_sha256"]) == 64
 
     resolved = resolve_model("models:/tinyllama-chat@champion", uri)
     assert resolved == tmp_path / "cache" / "tinyllama-chat" / "4"

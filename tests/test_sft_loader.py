@@ -80,3 +80,28 @@ def test_a_job_carries_its_variants_recipe_typed_and_revalidated(tmp_path):
     shipped = pickle.loads(pickle.dumps(dpo.recipe))
     assert isinstance(shipped, DpoRecipe) and (shipped.beta, shipped.loss_type) == (0.25, "ipo")
     assert not hasattr(shipped, "sources")
+
+
+def test_dpo_progress_total_is_the_positions_its_steps_run(tmp_path):
+    """Pair micro-batches are trimmed to their longest pair: the progress line's total must be what the
+    steps run (the sum the loop counts), not the plan's untrimmed tokens_per_step × steps."""
+    from conftest import pretrain_params
+    from tasks.params import DpoRecipe
+    from tasks.sft.objectives import AlignmentJob, DpoObjective
+
+    params = pretrain_params(tmp_path)  # 2 workers
+    workers, items, length = params.train.workers, 21, 64
+    recipe = {"epochs": 3.0, "lr": 1e-3, "min_lr": 0.0, "schedule": "cosine", "warmup_ratio": 0.1,
+              "weight_decay": 0.0, "batch_size": 8, "micro_batch": 2}
+    rng = np.random.default_rng(0)
+    objective = DpoObjective(AlignmentJob("dpo", "v", "s", "d", "h", items, length, False, DpoRecipe(**recipe),
+                                         "", ()))
+    objective._arrays = {f"train_{kind}_{name}": np.zeros((items, length), np.int32)
+                         for kind in ("chosen", "rejected") for name in ("inputs", "targets", "positions")}
+    objective._arrays |= {f"train_{kind}_lengths": rng.integers(4, length, items).astype(np.int32)
+                          for kind in ("chosen", "rejected")}
+    plan = objective.plan(params)
+    loaders = [objective.loader(params, plan, rank, workers) for rank in range(workers)]
+    run = sum(batch["inputs"].size for step in range(plan.total_steps) for loader in loaders
+              for batch in loader.step_batches(step))
+    assert objective.total_tokens(params) == run < plan.total_steps * plan.tokens_per_step

@@ -9,12 +9,14 @@ the Zephyr recipe), trained through the training library (tasks/train/), evaluat
   datasets.py     a variant's sources → checked, tokenized, packed / padded arrays
   reading.py      chat data sources (files, globs, s3://, hf://) → examples, skipped rows counted
   formats.py      one row of each public layout → a conversation or a preference pair
-  world_chat.py   the tiny profile's chat data from the embedded world, held out from every eval item
+  wordings.py     the world chat's question wordings, split (frozen, versioned) into train and held-out
+  world_chat.py   the tiny profile's chat data and chat questions from the embedded world
   sequences.py    conversations / pairs → token sequences with what is learned (chat template, length policy)
   rows.py         sequences → fixed-length training rows, packed (best-fit decreasing) or padded
   loader.py       rows / pairs in seeded epochs, resumable; the set's file
   dpo_loss.py     the DPO losses (sigmoid, hinge, ipo) and TRL's reward metrics
-  chat_eval.py    the held-out chat accuracy (greedy generation)
-  evaluation.py   a chat model through the lm-eval suite + chat accuracy, into MLflow
+  chat_accuracy.py  the chat accuracy per column (seen / held-out wordings, multi-turn), greedy, batched
+  intervals.py    Wilson 95% intervals, the paired (McNemar) comparison of two models
+  scorecard.py    a chat model through the lm-eval suite + chat accuracy, into MLflow
   report.py       sft.json / dpo.json and the base vs SFT vs SFT+DPO table
 """

@@ -61,6 +61,7 @@ class AlignmentObjective(Objective):
         self.label = f"{job.kind} {job.variant}: "
         self.metric_prefix = f"{job.kind}/"
         self._arrays: dict[str, np.ndarray] | None = None
+        self._total_tokens: int | None = None
 
     def plan(self, params: Params) -> StepPlan:
         recipe = self.job.recipe
@@ -102,10 +103,24 @@ class AlignmentObjective(Objective):
     def _rows(self, split: str) -> list[Rows]:
         return [Rows.from_arrays(self.arrays, f"{split}_{name}") for name in self.row_sets]
 
+    def _length(self, rows: list[Rows], indices: np.ndarray) -> int:
+        return max(1, max(int(r.lengths[indices].max()) for r in rows) if not self.job.packed else self.job.row_length)
+
+    def total_tokens(self, params: Params) -> int:
+        """The positions the planned steps run (what the progress line counts): padded micro-batches are
+        trimmed to their longest item, so walk every rank's micro-batches of the run (lengths only, once)."""
+        if self._total_tokens is None:
+            plan, rows, world = self.plan(params), self._rows("train"), params.train.workers
+            micro = self.job.recipe.micro_batch
+            loaders = [EpochLoader(self.job.items, lambda i: len(rows) * len(i) * self._length(rows, i), params.seed,
+                                   micro, plan.grad_accum, rank, world) for rank in range(world)]
+            self._total_tokens = sum(sum(loader.step_batches(step)) for step in range(plan.total_steps)
+                                     for loader in loaders)
+        return self._total_tokens
+
     def _batch(self, rows: list[Rows], indices: np.ndarray) -> dict[str, np.ndarray]:
         """The selected items of each Rows stacked (DPO: chosen then rejected), trimmed to the longest."""
-        length = max(int(r.lengths[indices].max()) for r in rows) if not self.job.packed else self.job.row_length
-        length = max(length, 1)
+        length = self._length(rows, indices)
         return {name: np.concatenate([getattr(r, name)[indices, :length] for r in rows])
                 for name in ("inputs", "targets", "positions")}
 

@@ -1,7 +1,7 @@
 """Each trained chat model scored, logged into its variant's MLflow run and registered.
 
 The SFT stage scores the base milestone too, so a variant's row compares with where it started; every
-model gets the lm-eval suite and the held-out chat accuracy (tasks/sft/evaluation.py), is logged into
+model gets the lm-eval suite and the held-out chat accuracy (tasks/sft/scorecard.py), is logged into
 its variant's run (`base/…`, `sft/…`, `dpo/…`) and becomes a version of `sft.registered_model`
 tagged with its lineage (variant, tokens, the stage's DVC hash).
 """
@@ -27,8 +27,8 @@ def evaluate_and_register(params: Params, layout: Layout, jobs: list[Job], train
     from tasks.evaluate.scoring import collect_inputs
     from tasks.evaluate.stage import settings_note
     from tasks.registry import register_chat_model
-    from tasks.sft.chat_eval import eval_items
-    from tasks.sft.evaluation import evaluate_model, log_evaluation
+    from tasks.sft.chat_accuracy import eval_items
+    from tasks.sft.scorecard import evaluate_model, log_evaluation
     from tasks.sft.report import model_metrics
     from tasks.tracking import tracking_uri
 

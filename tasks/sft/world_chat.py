@@ -1,10 +1,16 @@
 """The tiny profile's chat data, generated from the embedded world (`data.builtin`): SFT
-conversations, DPO preference pairs and the held-out chat-accuracy questions.
+conversations, DPO preference pairs and the chat evaluation's questions.
 
-Every (person, relation) fact of the world goes to exactly one of three parts, drawn from the seed:
-questions about `eval` facts are never asked in SFT or DPO data, so the chat accuracy measures
-whether the chat model surfaces what pretraining taught it, not what alignment showed it. `dpo`
-facts are not in the SFT data either, so the SFT model has something left to be corrected on.
+What it must teach is the mapping from a question to the fact it asks for, not a few strings, so:
+- the people are split once, from the seed: the evaluation's people (`EVAL_PEOPLE_FRACTION`) are
+  never named in any SFT or DPO example, so a right answer comes from what pretraining taught;
+- every question SFT and DPO ask uses a `train` wording of the template set (wordings.py), many per
+  fact; the evaluation asks the same facts in `train` wordings (the "seen" column) and in
+  `held-out` wordings no example uses (the "held-out" column), with and without the system prompt,
+  plus a follow-up about the person named in the turn before (the "multi-turn" column);
+- a DPO pair's rejected answer mostly states another relation of the same person ("The home of
+  X is in Seville." asked for X's hobby), the failure a wording-matching model makes, and otherwise
+  a wrong value of the asked relation in the chosen answer's phrasing.
 
 Nothing here may leak the pretraining eval items (tasks/data/corpus/world.py): answers use only the
 statement phrasings `World.phrasings` allows for that person (never a held-out or reserved one),
@@ -21,19 +27,15 @@ from tasks.data.corpus.world import World, make_world
 from tasks.params import ChatSourceParams, Params
 from tasks.sft.formats import Preference
 from tasks.sft.reading import SourceRead
+from tasks.sft.wordings import FOLLOW_UPS, SYSTEM, wordings
 
-QUESTIONS = {
-    "city": ("Where does {p} live?", "In which city does {p} live?", "Which city is home to {p}?"),
-    "job": ("What is the job of {p}?", "What does {p} do for a living?", "What work does {p} do?"),
-    "pet": ("What pet does {p} have?", "Which animal does {p} keep as a pet?", "What kind of pet does {p} own?"),
-    "colour": ("What colour does {p} like?", "What is the favourite colour of {p}?", "Which colour does {p} prefer?"),
-    "hobby": ("What is the hobby of {p}?", "What does {p} enjoy doing?", "How does {p} spend free time?"),
-}
-SYSTEM = "You are a helpful assistant who knows everyone in town."
-EVAL_FRACTION, DPO_FRACTION = 0.25, 0.25
-PAIRS_PER_FACT = 3     # DPO pairs per fact: different question phrasings and wrong values
-EVAL_PHRASINGS = 2     # held-out questions per eval fact, in different phrasings (less phrasing luck)
-SYSTEM_EVERY = 3       # one SFT conversation in this many starts with the system message
+COLUMNS = ("seen", "held-out", "multi-turn")
+EVAL_PEOPLE_FRACTION = 1 / 3
+SFT_WORDINGS_PER_FACT = 4   # single-question conversations per fact, each in another train wording
+FOLLOW_UP_CONVERSATIONS = 2  # per person: every relation asked in turn, after the first by a follow-up
+PAIRS_PER_FACT = 3           # DPO pairs per fact: all but the last reject another relation's statement
+EVAL_WORDINGS = 5            # questions per eval fact and column, each in another wording
+SYSTEM_EVERY = 3             # one SFT conversation / DPO pair in this many starts with the system message
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ChatEvalItem:
     messages: tuple[dict, ...]   # ends with the user's question
     answer: str                  # the gold value the reply must contain
     wrong: tuple[str, ...] = ()  # other values of the relation: a reply naming one of them is wrong
+    column: str = "held-out"     # seen | held-out | multi-turn (a file's items count as held-out)
 
 
 @dataclass(frozen=True)
@@ -48,17 +51,23 @@ class WorldChat:
     sft: list[tuple[dict, ...]]
     dpo: list[Preference]
     eval: list[ChatEvalItem]
+    eval_people: tuple[str, ...]
 
 
-def _split(world: World, rng: random.Random) -> dict[str, list[tuple[int, str]]]:
-    facts = [(person, relation.name) for person in range(len(world.people)) for relation in RELATIONS]
-    rng.shuffle(facts)
-    n_eval, n_dpo = round(len(facts) * EVAL_FRACTION), round(len(facts) * DPO_FRACTION)
-    return {"eval": facts[:n_eval], "dpo": facts[n_eval:n_eval + n_dpo], "sft": facts[n_eval + n_dpo:]}
+def _people(world: World, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(chat people, eval people)."""
+    order = list(range(len(world.people)))
+    rng.shuffle(order)
+    n_eval = round(len(order) * EVAL_PEOPLE_FRACTION)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def _question(world: World, person: int, relation: str, rng: random.Random) -> dict:
-    return {"role": "user", "content": rng.choice(QUESTIONS[relation]).format(p=world.people[person].name)}
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _ask(world: World, person: int, template: str) -> dict:
+    return _user(template.format(p=world.people[person].name))
 
 
 def _answer(world: World, person: int, relation: str, rng: random.Random, value: str | None = None) -> dict:
@@ -68,59 +77,80 @@ def _answer(world: World, person: int, relation: str, rng: random.Random, value:
     return {"role": "assistant", "content": render(phrasing, who.name, value or who.value(relation))}
 
 
-def _sft(world: World, facts: list[tuple[int, str]], rng: random.Random) -> list[tuple[dict, ...]]:
-    """Two single-question conversations per fact, and per person one conversation asking all of
-    their SFT facts in turn (the model must keep answering about the person last named)."""
+def _with_system(turns: list[dict], system: bool) -> tuple[dict, ...]:
+    return tuple([{"role": "system", "content": SYSTEM}] * system + turns)
+
+
+def _follow_up_turns(world: World, person: int, relations: list[str], rng: random.Random) -> list[dict]:
+    """The first relation asked by name, each next one by a follow-up about the same person."""
+    first, *rest = relations
+    turns = [_ask(world, person, rng.choice(wordings(first, "train"))), _answer(world, person, first, rng)]
+    for relation in rest:
+        turns += [_user(rng.choice(FOLLOW_UPS[relation])), _answer(world, person, relation, rng)]
+    return turns
+
+
+def _sft(world: World, people: list[int], rng: random.Random) -> list[tuple[dict, ...]]:
     conversations = []
-    for person, relation in facts:
-        for _ in range(2):
-            conversations.append([_question(world, person, relation, rng), _answer(world, person, relation, rng)])
-    by_person: dict[int, list[str]] = {}
-    for person, relation in facts:
-        by_person.setdefault(person, []).append(relation)
-    for person in sorted(by_person):
-        turns = []
-        for relation in by_person[person]:
-            turns += [_question(world, person, relation, rng), _answer(world, person, relation, rng)]
-        conversations.append(turns)
+    for person in people:
+        for relation in (r.name for r in RELATIONS):
+            for template in rng.sample(wordings(relation, "train"), SFT_WORDINGS_PER_FACT):
+                conversations.append([_ask(world, person, template), _answer(world, person, relation, rng)])
+        for _ in range(FOLLOW_UP_CONVERSATIONS):
+            conversations.append(_follow_up_turns(world, person, rng.sample([r.name for r in RELATIONS],
+                                                                             len(RELATIONS)), rng))
     rng.shuffle(conversations)
-    system = {"role": "system", "content": SYSTEM}
-    return [tuple([system] * (i % SYSTEM_EVERY == 0) + turns) for i, turns in enumerate(conversations)]
+    return [_with_system(turns, i % SYSTEM_EVERY == 0) for i, turns in enumerate(conversations)]
 
 
-def _dpo(world: World, facts: list[tuple[int, str]], rng: random.Random) -> list[Preference]:
-    """Chosen states the true value, rejected the same phrasing with a false one."""
+def _dpo(world: World, people: list[int], rng: random.Random) -> list[Preference]:
+    """Chosen states the asked fact; rejected states another relation of the person, or (the last
+    pair of a fact) the asked relation with a false value in the same phrasing."""
     pairs = []
-    for person, relation in facts:
-        gold = world.people[person].value(relation)
-        wrongs = rng.sample([v for v in RELATION_BY_NAME[relation].values if v != gold], PAIRS_PER_FACT)
-        for wrong in wrongs:
-            question = _question(world, person, relation, rng)
-            state = rng.getstate()
-            chosen = _answer(world, person, relation, rng)
-            rng.setstate(state)  # the same phrasing for both: only the value differs
-            rejected = _answer(world, person, relation, rng, value=wrong)
-            pairs.append(Preference((question,), (chosen,), (rejected,)))
+    for person in people:
+        for relation in (r.name for r in RELATIONS):
+            gold = world.people[person].value(relation)
+            others = rng.sample([r.name for r in RELATIONS if r.name != relation], PAIRS_PER_FACT - 1)
+            for template, other in zip(rng.sample(wordings(relation, "train"), PAIRS_PER_FACT), others + [None]):
+                wrong = rng.choice([v for v in RELATION_BY_NAME[relation].values if v != gold])
+                state = rng.getstate()
+                chosen = _answer(world, person, relation, rng)
+                if other is None:
+                    rng.setstate(state)  # the same phrasing for both: only the value differs
+                    rejected = _answer(world, person, relation, rng, value=wrong)
+                else:
+                    rejected = _answer(world, person, other, rng)
+                prompt = _with_system([_ask(world, person, template)], len(pairs) % SYSTEM_EVERY == 0)
+                pairs.append(Preference(prompt, (chosen,), (rejected,)))
     rng.shuffle(pairs)
     return pairs
 
 
-def _eval(world: World, facts: list[tuple[int, str]], rng: random.Random) -> list[ChatEvalItem]:
+def _eval(world: World, people: list[int], rng: random.Random) -> list[ChatEvalItem]:
+    """Per fact `EVAL_WORDINGS` questions in train and as many in held-out wordings (every other one
+    with the system prompt), and one follow-up after a question about another of the person's facts."""
     items = []
-    for person, relation in facts:
-        gold = world.people[person].value(relation)
-        wrong = tuple(v for v in RELATION_BY_NAME[relation].values if v != gold)
-        name = world.people[person].name
-        for question in rng.sample(QUESTIONS[relation], EVAL_PHRASINGS):
-            items.append(ChatEvalItem(({"role": "user", "content": question.format(p=name)},), gold, wrong))
+    names = [r.name for r in RELATIONS]
+    for person in people:
+        for index, relation in enumerate(names):
+            gold = world.people[person].value(relation)
+            wrong = tuple(v for v in RELATION_BY_NAME[relation].values if v != gold)
+            for column, split in (("seen", "train"), ("held-out", "held-out")):
+                for n, template in enumerate(rng.sample(wordings(relation, split), EVAL_WORDINGS)):
+                    items.append(ChatEvalItem(_with_system([_ask(world, person, template)], n % 2 == 0), gold,
+                                              wrong, column))
+            before = names[(index + 1) % len(names)]
+            turns = _follow_up_turns(world, person, [before, relation], rng)[:-1]  # ends with the follow-up
+            items.append(ChatEvalItem(_with_system(turns, index % 2 == 0), gold, wrong, "multi-turn"))
     return items
 
 
 def world_chat(seed: int, entities: int) -> WorldChat:
     world = make_world(seed, entities)
     rng = random.Random(f"tinyllama-chat/{seed}")
-    parts = _split(world, rng)
-    return WorldChat(_sft(world, parts["sft"], rng), _dpo(world, parts["dpo"], rng), _eval(world, parts["eval"], rng))
+    chat_people, eval_people = _people(world, rng)
+    return WorldChat(_sft(world, chat_people, rng), _dpo(world, chat_people, rng), _eval(world, eval_people, rng),
+                     tuple(world.people[p].name for p in eval_people))
 
 
 def chat_for(params: Params) -> WorldChat:
