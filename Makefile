@@ -17,7 +17,7 @@ LLAMA_CPP_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_HIP=OFF -DGGML_METAL=OFF -DGGML_V
 	-DGGML_OPENCL=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast services services-stop clean
+.PHONY: setup run lint test test-fast services services-stop clean
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,12 +34,15 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/python -m flows.pipeline --params $(PARAMS)
 
-## Whole test suite, slow end-to-end tests included (pytest's "no tests" exit 5 is a failure).
-test: setup
+## The linter, then the whole test suite, slow end-to-end tests included (pytest's "no tests" exit 5 is a failure).
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-test-fast: setup
+lint: setup
+	$(BIN)/ruff check .
+
+test-fast: setup lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 services: setup

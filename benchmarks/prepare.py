@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -84,8 +84,8 @@ def write_params(work: Path, corpus: Path, workers: int) -> Path:
 
 def train_tokenizer(params_file: Path) -> None:
     from model.tokenizer import save_tokenizer_dir, train_sentencepiece
-    from tasks.params import load_params
     from tasks.data.sources import iter_documents
+    from tasks.params import load_params
 
     params = load_params(params_file)
     model = train_sentencepiece(iter_documents(params.data.sources[0], params), params.tokenizer.vocab_size,
@@ -97,8 +97,8 @@ def raw_encode(params_file: Path) -> dict:
     """Child mode: the baseline. Documents are read first (untimed); then only encode_batch,
     in chunks of the stage's size, one BOS per document counted like the stage counts it."""
     from model.tokenizer import Tokenizer
-    from tasks.params import load_params
     from tasks.data.sources import SourceReader, parse_chunk
+    from tasks.params import load_params
 
     params = load_params(params_file)
     source = params.data.sources[0]

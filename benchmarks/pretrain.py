@@ -92,7 +92,6 @@ def _bare_worker(rank: int, world: int, port: int, config, steps: int, device: s
 
 def bare_round(params, root: Path, steps: int) -> dict:
     import torch.multiprocessing as mp
-
     from servers import free_port
 
     out = root / "bare.json"

@@ -50,8 +50,8 @@ ALPACA = ROOT.parent / "shared" / "assets" / "sft" / "llamafactory_alpaca_en_dem
 def sequences(tokenizer_dir: Path, max_length: int) -> dict[str, list]:
     from model.chat import template
     from model.tokenizer import Tokenizer
-    from tasks.sft.sequences import Encoder
     from tasks.sft.formats import alpaca_row
+    from tasks.sft.sequences import Encoder
     from tasks.sft.world_chat import world_chat
 
     encoder = Encoder(Tokenizer.load(tokenizer_dir), template("zephyr").source, max_length, "drop")
@@ -218,7 +218,6 @@ def main() -> int:
         entry = {"sequences": len(seqs), "real_tokens": real}
         for layout, rows in layouts.items():
             median = statistics.median(seconds[layout])
-            positions = int(rows.lengths.sum()) if layout == "padded" else len(rows) * args.max_length
             entry[layout] = {"rows": len(rows), "epoch_s": round(median, 2), "real_tokens_per_s": round(real / median),
                              "rounds_s": [round(s, 2) for s in seconds[layout]]}
         entry["packed_speedup"] = round(entry["padded"]["epoch_s"] / entry["packed"]["epoch_s"], 2)

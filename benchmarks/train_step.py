@@ -91,7 +91,8 @@ def build_ours_blocks(config: LlamaConfig, state: dict) -> Contender:
 
 
 def build_hf(config: LlamaConfig, state: dict, compiled: bool) -> Contender:
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
 
     hf_config = HFConfig(**config_to_hf(config))
     model = LlamaForCausalLM(hf_config).train()

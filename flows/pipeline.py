@@ -22,8 +22,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.dag import Stage, load_stages
-from flows.repro import RAN, UP_TO_DATE
 from flows.report import artifact_key, read_metrics, run_ids, run_link, stage_markdown, summary
+from flows.repro import RAN, UP_TO_DATE
 from flows.serve import SERVE_LOG, deploy_to_cluster, how_to_serve, start_local, url
 from tasks.errors import UserError
 from tasks.files import write_atomic
@@ -167,8 +167,11 @@ def _patient_ephemeral_server():
     """Without PREFECT_API_URL, Prefect starts a throwaway server: give it time (unless the user chose),
     and no telemetry (its heartbeat competes for the throwaway sqlite database with the first flow run's
     writes and prints a "database is locked" traceback when it loses)."""
-    from prefect.settings import (PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-                                  temporary_settings)
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     settings = {}
     if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:

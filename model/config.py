@@ -62,7 +62,7 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_overrides(self, **overrides) -> "LlamaConfig":
+    def with_overrides(self, **overrides) -> LlamaConfig:
         known = {f.name for f in fields(self)}
         for key in overrides:
             if key not in known:

@@ -28,6 +28,8 @@ from model.slots import SlotCache, forward_rows
 from model.speculative import DraftModel, PromptLookup
 from model.step import DecodeStep
 
+GREEDY = Sampling()  # the default of BatchDecoder.add (Sampling is frozen, so one instance serves all)
+
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
     prompt = [int(t) for t in prompt_ids]
@@ -110,7 +112,7 @@ class BatchDecoder:
     def has_free_slot(self) -> bool:
         return bool(self.free)
 
-    def add(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+    def add(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = GREEDY,
             eos_id: int | None = 2) -> int:
         """Start a sequence in the lowest free slot (so running rows stay contiguous); returns its id."""
         prompt = check_prompt(prompt_ids, self.model.config.vocab_size, self.max_len)

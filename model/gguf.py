@@ -29,8 +29,8 @@ import torch
 
 from model.atomic import atomic_file
 from model.config import LlamaConfig
-from model.hf import config_from_hf, load_hf, read_hf_config, to_hf_state_dict
 from model.files import GGUF_TYPES, TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE
+from model.hf import config_from_hf, load_hf, read_hf_config, to_hf_state_dict
 from model.tokenizer import BOS_ID, EOS_ID, UNK_ID, parse_model
 
 EXPORT_TYPES = ("F32", *GGUF_TYPES)  # F32 too: the same bytes per weight as our fp32 engine (benchmarks)

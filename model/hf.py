@@ -22,8 +22,14 @@ from safetensors.torch import save_file
 
 from model.atomic import atomic_dir
 from model.config import LlamaConfig
-from model.files import (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE,
-                         WEIGHTS_INDEX_FILE)
+from model.files import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILES,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+)
 from model.llama import Llama
 
 BOS_ID, EOS_ID = 1, 2

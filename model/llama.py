@@ -252,7 +252,7 @@ class Llama(nn.Module):
         weight = self.embed_tokens.weight  # the activations' dtype, also when the linears are int8 (model/quant.py)
         return KVCache(self.config, batch, max_len, weight.dtype, weight.device)
 
-    def compile_loss(self, **compile_kwargs) -> "Llama":
+    def compile_loss(self, **compile_kwargs) -> Llama:
         """torch.compile `loss` as a whole (embedding, every block, the chunked loss) into one graph.
         On an unsharded model this is the faster path (benchmarks/train_step.py: ~1.1-1.2× per-block
         compilation); it compiles longer, and it does not compose with FSDP2, whose per-block hooks
@@ -260,7 +260,7 @@ class Llama(nn.Module):
         self.loss = torch.compile(self.loss, **compile_kwargs)
         return self
 
-    def compile_blocks(self, **compile_kwargs) -> "Llama":
+    def compile_blocks(self, **compile_kwargs) -> Llama:
         """torch.compile each decoder block in place. The blocks share one graph, so compile time is
         that of one block however deep the model; the loss stays eager (model/loss.py)."""
         for block in self.layers:

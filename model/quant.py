@@ -50,7 +50,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> Int8Linear:
         """`linear` quantized (or `weight`, when given, in its place: a group's concatenated weights)."""
         if linear.bias is not None:
             raise ValueError("Int8Linear: a linear layer with a bias is not supported (Llama has none)")
@@ -73,8 +73,8 @@ def _group(module: nn.Module) -> None:
     for group, names in GROUPS.items():
         if all(isinstance(getattr(module, name, None), nn.Linear) for name in names):
             layers = [getattr(module, name) for name in names]
-            grouped = Int8Linear.from_linear(nn.Linear(layers[0].in_features, sum(l.out_features for l in layers),
-                                                       bias=False, device="meta"), torch.cat([l.weight for l in layers]))
+            grouped = Int8Linear.from_linear(nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                                                       bias=False, device="meta"), torch.cat([layer.weight for layer in layers]))
             grouped.splits = [layer.out_features for layer in layers]
             for name in names:
                 delattr(module, name)

@@ -34,7 +34,7 @@ class SlotCache:
         self.device = torch.device(device)
 
     @classmethod
-    def for_model(cls, model, slots: int, max_len: int | None = None, spare: int = 1) -> "SlotCache":
+    def for_model(cls, model, slots: int, max_len: int | None = None, spare: int = 1) -> SlotCache:
         """A cache for `model` (a `Llama`), of its dtype and device; `max_len` defaults to its context,
         `spare` is the most tokens one row feeds per forward."""
         config = model.config
@@ -42,7 +42,7 @@ class SlotCache:
         weight = model.embed_tokens.weight  # the activations' dtype, also when the linears are int8 (model/quant.py)
         return cls(config, slots, max_len, spare, weight.dtype, weight.device)
 
-    def batch(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int]) -> "SlotBatch":
+    def batch(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int]) -> SlotBatch:
         """One forward's view: row i feeds `counts[i]` tokens at positions `starts[i]`, `starts[i] + 1`, ...
         (the tokens its slot's cache lacks)."""
         return SlotBatch(self, rows, starts, counts)

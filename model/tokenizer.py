@@ -248,7 +248,7 @@ class Tokenizer:
         return ids, offsets
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
+    def load(cls, directory: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         directory = Path(directory)

@@ -32,6 +32,7 @@ from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest,
 
 DONE = "data: [DONE]\n\n"
 ENGINE_FAILED = "engine failed; this replica is being replaced, retry the request"
+DEFAULT_LIMITS = Limits()  # OpenAIService's default (Limits is frozen, so one instance serves all)
 
 
 def engine_failed(status: int = 500) -> APIError:
@@ -49,7 +50,8 @@ class Piece:
 
 
 class OpenAIService:
-    def __init__(self, served: ServedModel, engine: Engine, stream_interval: int = 1, limits: Limits = Limits()):
+    def __init__(self, served: ServedModel, engine: Engine, stream_interval: int = 1,
+                 limits: Limits = DEFAULT_LIMITS):
         self.served, self.engine, self.stream_interval, self.limits = served, engine, stream_interval, limits
         self.created = int(time.time())
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tinyllama-tokenize")

@@ -26,7 +26,6 @@ import torch
 from model.decoder import BatchDecoder, Event
 from model.sampling import Sampling
 
-
 logger = logging.getLogger("tinyllama.serving")
 
 

@@ -15,8 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.files import (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILES,
-                         TOKENIZER_MODEL_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
+from model.files import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILES,
+    TOKENIZER_MODEL_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+)
 from tasks.params import Params
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE",
@@ -86,7 +93,7 @@ class Layout:
     alignment_checkpoints: str | None = None  # sft.checkpoint_dir: the same for SFT and DPO runs
 
     @classmethod
-    def from_params(cls, params: Params, root: Path | None = None) -> "Layout":
+    def from_params(cls, params: Params, root: Path | None = None) -> Layout:
         paths = params.paths
         alignment = resolve(params.sft.checkpoint_dir, root) if params.sft is not None else None
         return cls(data=Path(resolve(paths.data, root)), models=Path(resolve(paths.models, root)),

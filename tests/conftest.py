@@ -84,6 +84,7 @@ def small_tokenizer_dir(tmp_path_factory):
     import random
 
     from data_fixtures import document, program
+
     from model.tokenizer import save_tokenizer_dir, train_sentencepiece
 
     rng = random.Random(0)
@@ -237,7 +238,6 @@ def eval_models(small_tokenizer_dir):
     trained on the items' answers (scores ~1.0) and one random (~chance). Trained once per session
     (~10 s, one thread); write them out with `eval_fixtures.write_checkpoint`, never mutate them."""
     import torch
-
     from eval_fixtures import eval_items, fact_texts, random_model, trained_model
 
     threads = torch.get_num_threads()
@@ -295,6 +295,35 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- random micro target and draft
+
+
+@pytest.fixture(scope="module")
+def target():
+    """A random micro Llama (seed 10) in eval mode, the target of the decoding tests
+    (tests/test_generate.py, tests/test_serving_math.py); one per module, never mutate it."""
+    import torch
+
+    from model.config import micro
+    from model.llama import Llama
+
+    torch.manual_seed(10)
+    return Llama(micro()).eval()
+
+
+@pytest.fixture(scope="module")
+def draft():
+    """A smaller random micro Llama (seed 11, one layer, same vocabulary) in eval mode: the draft
+    model speculative decoding pairs with `target`; one per module, never mutate it."""
+    import torch
+
+    from model.config import micro
+    from model.llama import Llama
+
+    torch.manual_seed(11)
+    return Llama(micro().with_overrides(n_layer=1, dim=32, n_head=2, n_kv_head=1, mlp_dim=64)).eval()
 
 
 # ---------------------------------------------------------------- a servable chat model dir

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pipeline_repo import clone_workspace, dvc, env_for, run
 
 pytestmark = pytest.mark.slow
@@ -98,13 +97,13 @@ def test_mlflow_runs_and_registry_with_the_champion(pipeline_repo):
     champion = client.get_model_version_by_alias(name, "champion")
     assert accuracies[str(champion.version)] == max(accuracies.values())
 
-    for variant, entry in sft.items():
+    for entry in sft.values():
         run = client.get_run(entry["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == pretrain_run and run.info.status == "FINISHED"
         for key in ("base/chat_accuracy", "sft/chat_accuracy", "sft/chat/held-out/ci95_low", "sft/chat/seen/accuracy",
                     "sft/eval/avg", "sft/loss"):
             assert key in run.data.metrics, key
-    for variant, entry in dpo.items():
+    for entry in dpo.values():
         dpo_runs = client.search_runs([run.info.experiment_id],
                                       f"tags.`mlflow.parentRunId` = '{entry['mlflow_run_id']}'")
         assert len(dpo_runs) == 1

@@ -15,8 +15,8 @@ import ast
 import sys
 
 import pytest
-
 from imports import imported_names, module_file, project_modules
+
 from tasks.cli import COMMANDS
 
 NEVER_IN_MODEL = ("ray", "prefect", "mlflow", "dvc", "lm_eval", "tasks", "flows", "serving")

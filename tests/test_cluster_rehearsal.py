@@ -30,9 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import point_at_s3, pretrain_params, time_limit, train_worker_processes
+from safetensors.torch import load_file
 from servers import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.slow

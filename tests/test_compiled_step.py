@@ -4,6 +4,7 @@ batching and speculative decoding, and no recompilation once the buckets are war
 
 import pytest
 import torch
+from test_serving_math import PROMPTS, REPETITIVE, run_all
 from torch._dynamo.utils import counters
 
 from model.config import micro
@@ -13,7 +14,6 @@ from model.sampling import Sampling
 from model.slots import SlotCache
 from model.speculative import PromptLookup
 from model.step import DecodeStep, batch_buckets
-from test_serving_math import PROMPTS, REPETITIVE, run_all
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(600)]
 

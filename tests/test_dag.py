@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from flows.dag import load_stages
 from imports import imported_project_files, is_package_marker
 from pipeline_repo import clone_workspace, dvc, fresh_copy, run_repro
+
+from flows.dag import load_stages
 from tasks.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_repo import clone_workspace, env_for
+from servers import free_port, get_json, port_open, post_json
 
 from flows.dag import load_stages
 from flows.report import artifact_key
-from pipeline_repo import clone_workspace, env_for
-from servers import free_port, get_json, port_open, post_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = {"tiny-cpu", "tinyllama-1.1b-16gpu"}

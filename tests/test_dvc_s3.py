@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from data_fixtures import write_params, write_slimpajama, write_starcoderdata
+
 from tasks.cli import main as cli
 
 DVC = Path(sys.executable).with_name("dvc")

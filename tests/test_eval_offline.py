@@ -13,9 +13,18 @@ from eval_fixtures import ASSETS, ROOT, random_model, write_checkpoint
 
 from tasks.errors import UserError
 from tasks.evaluate.harness import load_checkpoint, run_lm_eval
-from tasks.evaluate.lm_eval_offline import (OFFLINE_TASKS, arc_rows, boolq_rows, hellaswag_jsonl_rows,
-                                            hellaswag_text_rows, load_offline_rows, openbookqa_rows, packaged_yaml,
-                                            piqa_rows, winogrande_rows)
+from tasks.evaluate.lm_eval_offline import (
+    OFFLINE_TASKS,
+    arc_rows,
+    boolq_rows,
+    hellaswag_jsonl_rows,
+    hellaswag_text_rows,
+    load_offline_rows,
+    openbookqa_rows,
+    packaged_yaml,
+    piqa_rows,
+    winogrande_rows,
+)
 from tasks.evaluate.tasksets import build_taskset
 from tasks.params import parse_params
 
@@ -40,7 +49,7 @@ def _jsonl(path, rows):
 
 
 def _ai2(stem, labels, key):
-    return {"id": "q1", "question": {"stem": stem, "choices": [{"text": f"t{l}", "label": l} for l in labels]},
+    return {"id": "q1", "question": {"stem": stem, "choices": [{"text": f"t{label}", "label": label} for label in labels]},
             "answerKey": key}
 
 

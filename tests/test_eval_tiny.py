@@ -16,7 +16,6 @@ from tasks.evaluate.harness import load_checkpoint, run_lm_eval
 from tasks.evaluate.lm_eval_tiny import check_items, tiny_task_config
 from tasks.evaluate.tasksets import build_taskset
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

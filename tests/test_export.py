@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.train.checkpoint import MILESTONES_DIR, checkpoint_name
 from tasks.pretrain.export import DELAY_ENV, PendingExports
+from tasks.train.checkpoint import MILESTONES_DIR, checkpoint_name
 
 WORLD, STEPS, DELAY_S = 2, 3, 4.0
 
@@ -50,7 +50,6 @@ def _train_and_checkpoint(rank: int, port: int, run_dir: str, reference: str) ->
 @pytest.fixture
 def sharded_run(tmp_path):
     import torch.multiprocessing as mp
-
     from servers import free_port
 
     run_dir, reference = tmp_path / "run", tmp_path / "reference.safetensors"

@@ -20,18 +20,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPT = [1, 17, 250, 31, 400, 9]
 
 
-@pytest.fixture(scope="module")
-def target():
-    torch.manual_seed(10)
-    return Llama(micro()).eval()
-
-
-@pytest.fixture(scope="module")
-def draft():
-    torch.manual_seed(11)
-    return Llama(micro().with_overrides(n_layer=1, dim=32, n_head=2, n_kv_head=1, mlp_dim=64)).eval()
-
-
 def _greedy_without_cache(model, prompt, n):
     ids = list(prompt)
     with torch.no_grad():

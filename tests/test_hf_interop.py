@@ -24,7 +24,8 @@ def _hf_model(directory):
 
 def _random_hf(tied: bool):
     """A transformers LlamaForCausalLM with transformers' own random init (not ours)."""
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(5)
     return LlamaForCausalLM(HFConfig(**config_to_hf(micro().with_overrides(tie_embeddings=tied)))).eval()

@@ -58,7 +58,6 @@ def _train(rank: int, port: int, out: str) -> None:
 
 def test_hsdp_on_a_2x2_mesh_trains_like_fsdp_over_all_ranks(tmp_path):
     import torch.multiprocessing as mp
-
     from servers import free_port
 
     out = tmp_path / "losses.json"

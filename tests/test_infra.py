@@ -227,7 +227,7 @@ def test_worker_dockerfile_parses_into_a_cuda_image_with_a_compiler_and_a_builde
 
 def _image_platform_tags() -> set:
     """Every wheel tag pip accepts inside the image: CPython 3.11 on x86_64 with the base's glibc."""
-    from packaging.tags import cpython_tags, compatible_tags
+    from packaging.tags import compatible_tags, cpython_tags
 
     glibc = {"ubuntu22.04": 35, "ubuntu24.04": 39}[_dockerfile_stages()[0]["base"].rsplit("-", 1)[1]]
     platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(glibc, 4, -1)]

@@ -5,8 +5,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import pretrain_params, write_prepared
+
 from tasks.errors import UserError
 from tasks.pretrain.loader import MixedLoader, ShardCache, SourceOrder, open_prepared, token_dtype, val_batches
 

@@ -3,7 +3,6 @@ flow `make run` calls): no traceback, no repeated warning, at most ~150 lines, a
 each stage in its own log file whose path the run printed."""
 
 import pytest
-
 from console import problems
 
 

@@ -13,7 +13,6 @@ import sys
 import urllib.parse
 
 import pytest
-
 from pipeline_repo import clone_workspace
 from servers import free_port, get_json, post_json, start, stop, wait_http
 

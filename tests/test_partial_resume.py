@@ -21,8 +21,7 @@ def _save_then_restore(rank: int, port: int, run_dir: str, out: str) -> None:
     from model.llama import Llama
     from tasks.files import read_json
     from tasks.layout import CHECKPOINT_FILE
-    from tasks.train.checkpoint import (SHARD_DIR, _load_sharded, checkpoint_name, gather_model,
-                                        restore, save_checkpoint)
+    from tasks.train.checkpoint import SHARD_DIR, _load_sharded, checkpoint_name, gather_model, restore, save_checkpoint
     from tasks.train.parallel import Parallel, build_optimizer
     from tasks.train.partial_reads import shard_reader
 
@@ -65,7 +64,6 @@ def _save_then_restore(rank: int, port: int, run_dir: str, out: str) -> None:
 
 def test_each_rank_fetches_only_the_shards_holding_its_slices(tmp_path):
     import torch.multiprocessing as mp
-
     from servers import free_port
 
     out = tmp_path / "rank1.json"

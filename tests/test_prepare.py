@@ -15,12 +15,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from data_fixtures import (
+    GITHUB_MARKER,
+    ROOT,
+    slimpajama_rows,
+    write_jsonl,
+    write_params,
+    write_slimpajama,
+    write_starcoderdata,
+)
 
-from data_fixtures import (GITHUB_MARKER, ROOT, slimpajama_rows, write_jsonl, write_params,
-                           write_slimpajama, write_starcoderdata)
 from model.tokenizer import Tokenizer
-from tasks.data import sources
 from tasks.cli import main as cli
+from tasks.data import sources
 from tasks.data.packing import Packer, is_val
 from tasks.data.shards import ShardWriter
 from tasks.data.sources import iter_documents

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import pretrain_params
+
 from tasks.errors import UserError
 from tasks.pretrain.stage import pretrain
 

@@ -19,10 +19,9 @@ import psutil
 import pytest
 import torch
 import yaml
+from conftest import pretrain_params, time_limit, train_worker_processes, write_prepared
 from mlflow import MlflowClient
 from safetensors.torch import load_file
-
-from conftest import pretrain_params, time_limit, train_worker_processes, write_prepared
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import yaml
-
 from conftest import pretrain_params
 
 

@@ -16,7 +16,6 @@ import urllib.request
 
 import pytest
 import torch
-
 from serving_server import API_KEY, serving
 
 pytestmark = pytest.mark.slow

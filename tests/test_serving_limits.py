@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from serving_server import API_KEY, serving
 
 SLOTS, WAITING, QUEUED, RETRY_AFTER = 2, 2, 4, 3

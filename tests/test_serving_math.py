@@ -11,7 +11,6 @@ from model.sampling import Sampling, accept_drafts, probabilities
 from model.slots import SlotCache, forward_rows
 from model.speculative import PromptLookup
 from model.textstream import TextStream
-from test_generate import draft, target  # noqa: F401  (the same random micro target and smaller draft)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -180,6 +180,7 @@ def test_world_chat_never_states_a_pretraining_eval_item():
 
 def _params(tmp_path, **variant):
     from conftest import pretrain_params
+
     from tasks.params import parse_params
 
     raw = pretrain_params(tmp_path).model_dump(mode="json")

@@ -10,9 +10,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import pretrain_params, train_worker_processes
+from safetensors.torch import load_file
 from test_pretrain_faults import _assert_bitwise_equal
 
 pytestmark = pytest.mark.slow

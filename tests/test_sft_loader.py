@@ -45,6 +45,7 @@ def test_the_data_file_must_match_its_hash(tmp_path):
 
 def test_alignment_plans_follow_trl_recipe_knobs(tmp_path):
     from conftest import pretrain_params
+
     from tasks.params import DpoRecipe, ScheduleParams
     from tasks.sft.objectives import AlignmentJob, DpoObjective, SftObjective
 
@@ -86,6 +87,7 @@ def test_dpo_progress_total_is_the_positions_its_steps_run(tmp_path):
     """Pair micro-batches are trimmed to their longest pair: the progress line's total must be what the
     steps run (the sum the loop counts), not the plan's untrimmed tokens_per_step × steps."""
     from conftest import pretrain_params
+
     from tasks.params import DpoRecipe
     from tasks.sft.objectives import AlignmentJob, DpoObjective
 

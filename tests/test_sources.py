@@ -9,12 +9,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from data_fixtures import (
+    GITHUB_MARKER,
+    make_params,
+    slimpajama_rows,
+    write_jsonl,
+    write_slimpajama,
+    write_starcoderdata,
+)
 
-from data_fixtures import (GITHUB_MARKER, make_params, slimpajama_rows, write_jsonl, write_slimpajama,
-                           write_starcoderdata)
 from tasks.data import sources
-from tasks.errors import UserError
 from tasks.data.sources import Chunk, SourceReader, iter_documents, parse_chunk
+from tasks.errors import UserError
 
 
 def _source(tmp_path, **spec):

@@ -16,11 +16,18 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import yaml
+from data_fixtures import document, program
 from transformers import AutoTokenizer
 
-from data_fixtures import document, program
-from model.tokenizer import (MIN_VOCAB, Tokenizer, hf_backend, parse_model, save_tokenizer_dir, sentences,
-                             train_sentencepiece)
+from model.tokenizer import (
+    MIN_VOCAB,
+    Tokenizer,
+    hf_backend,
+    parse_model,
+    save_tokenizer_dir,
+    sentences,
+    train_sentencepiece,
+)
 from tasks import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +339,7 @@ def _bad_inputs(tmp_path: Path, model_file: Path):
         ({**pretrained, "model_file": str(model_file), "vocab_size": 2048}, fixed_model, None,
          f"tokenizer.vocab_size: 2048 does not match tokenizer.model_file {model_file} ({VOCAB} pieces)"),
         ({**pretrained, "model_file": str(model_file)}, {"preset": "tiny"}, None,
-         f"model.preset: the model's vocab_size is 2048 (preset 'tiny') but tokenizer.model_file"),
+         "model.preset: the model's vocab_size is 2048 (preset 'tiny') but tokenizer.model_file"),
         ({"kind": "train", "vocab_size": 100}, None, None, "tokenizer.vocab_size: Input should be greater than or equal to 259"),
         ({"kind": "train", "vocab_size": MIN_VOCAB}, None, None, f"tokenizer.vocab_size: vocab size {MIN_VOCAB} is too small"),
         ({"kind": "train", "vocab_size": 30000}, None, None, "tokenizer.vocab_size: vocab size 30000 is more than"),

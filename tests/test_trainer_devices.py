@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import pretrain_params, write_prepared
 
 CUDA = torch.cuda.is_available()
@@ -35,6 +34,7 @@ def _trainer(root: Path, device: str, precision: str):
 
 def _run_and_resume(root: Path, device: str, backend: str, precision: str) -> dict:
     from servers import free_port
+
     from tasks.train.checkpoint import save_checkpoint
 
     write_prepared(root / "data", root / "models" / "tokenizer", {"alpha": 1, "beta": 3},

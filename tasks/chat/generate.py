@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasks.errors import UserError
 
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="HF Llama dir (config.json, "
                         "model.safetensors, tokenizer files), e.g. models/pretrain/1M")

@@ -67,8 +67,8 @@ def _load(args):
 
 
 def main(args) -> int:
-    from tasks.chat.session import ChatSession
     from tasks.chat.generate import check_sampling_args
+    from tasks.chat.session import ChatSession
 
     check_sampling_args(args)
     model, tokenizer, source = _load(args)

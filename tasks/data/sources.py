@@ -26,8 +26,9 @@ import hashlib
 import io
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from tasks.errors import UserError
 from tasks.files import sha256_file

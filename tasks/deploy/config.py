@@ -20,6 +20,7 @@ from tasks.files import write_atomic
 from tasks.layout import Layout
 from tasks.params import Params, format_tokens
 
+
 def model_ref(params: Params) -> str:
     """The configured model, or the last pretrain milestone when none is configured."""
     if params.deploy.model:

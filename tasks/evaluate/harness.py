@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.layout import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from tasks.evaluate.tasksets import TaskSet
+from tasks.layout import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from tasks.params import EvalParams
 
 PREFERRED_METRICS = ("acc_norm", "acc")

@@ -93,7 +93,7 @@ def boolq_rows(path: Path) -> list[dict]:
     out = []
     for n, row in enumerate(_jsonl(path), 1):
         answer = row["label"] if "label" in row else _field(path, n, row, "answer")
-        truth = {"true": 1, "false": 0, True: 1, False: 0, 1: 1, 0: 0}.get(
+        truth = {"true": 1, "false": 0, True: 1, False: 0}.get(  # 1 and 0 match True and False
             answer.lower() if isinstance(answer, str) else answer)
         if truth is None:
             raise UserError(f"{path}:{n}: BoolQ answer {answer!r} is not true/false")

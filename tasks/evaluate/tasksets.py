@@ -22,7 +22,6 @@ from tasks.layout import EVAL_TASKS_FILE, Layout
 from tasks.params import Params
 
 
-
 @dataclass(frozen=True)
 class TaskSet:
     names: list[str]

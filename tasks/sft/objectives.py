@@ -25,12 +25,11 @@ import torch
 
 from model.llama import Llama
 from tasks.params import DpoRecipe, Params, ScheduleParams
-from tasks.train.objective import ExportContext, Objective, Recipe
-from tasks.train.schedule import StepPlan
 from tasks.sft.dpo_loss import preference_loss
 from tasks.sft.loader import EpochLoader, load_arrays
 from tasks.sft.rows import Rows
-
+from tasks.train.objective import ExportContext, Objective, Recipe
+from tasks.train.schedule import StepPlan
 
 START_MILESTONE, MODEL_MILESTONE = "start", "model"  # sealed milestones of an SFT/DPO run's dir
 

@@ -28,8 +28,8 @@ def evaluate_and_register(params: Params, layout: Layout, jobs: list[Job], train
     from tasks.evaluate.stage import settings_note
     from tasks.registry import register_chat_model
     from tasks.sft.chat_accuracy import eval_items
-    from tasks.sft.scorecard import evaluate_model, log_evaluation
     from tasks.sft.report import model_metrics
+    from tasks.sft.scorecard import evaluate_model, log_evaluation
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri(params)

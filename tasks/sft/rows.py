@@ -38,7 +38,7 @@ class Rows:
         return {f"{prefix}{name}": getattr(self, name) for name in ("inputs", "targets", "positions", "lengths")}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "Rows":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> Rows:
         return cls(*(arrays[f"{prefix}{name}"] for name in ("inputs", "targets", "positions", "lengths")))
 
 

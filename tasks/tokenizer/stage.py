@@ -48,7 +48,6 @@ def build_tokenizer(params: Params) -> Path:
 
 def _pretrained(params: Params) -> bytes:
     from model.tokenizer import parse_model
-
     from tasks.remote_inputs import read_input_file
 
     path = params.tokenizer.model_file  # a local path or a URI (s3://…) every node reaches

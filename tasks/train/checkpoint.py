@@ -40,12 +40,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from tasks.files import (BrokenSeal, exists, fetch_sealed, materialize_sealed, move_tree, names_in, read_json,
-                         remove_tree, seal_record, sha256_file, upload, verify_sealed, write_json_atomic)
+from tasks.files import (
+    BrokenSeal,
+    exists,
+    fetch_sealed,
+    materialize_sealed,
+    move_tree,
+    names_in,
+    read_json,
+    remove_tree,
+    seal_record,
+    sha256_file,
+    upload,
+    verify_sealed,
+    write_json_atomic,
+)
 from tasks.layout import CHECKPOINT_FILE, MILESTONE_SEAL, join
 from tasks.layout import WEIGHTS_FILE as MODEL_FILE
 

@@ -50,7 +50,7 @@ class Placement:
     device: torch.device
 
     @classmethod
-    def from_ray(cls) -> "Placement":
+    def from_ray(cls) -> Placement:
         import ray.train
         import ray.train.torch
 
@@ -58,7 +58,7 @@ class Placement:
         return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
 
     @classmethod
-    def from_process_group(cls, device: torch.device) -> "Placement":
+    def from_process_group(cls, device: torch.device) -> Placement:
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
 

@@ -14,7 +14,6 @@ from torch import nn
 
 from model.llama import Llama
 
-
 TRAINING_METHODS = ("loss", "token_logprobs")
 """What training calls on the model instead of `forward`: the objectives' losses (pretraining and SFT
 use `loss`, DPO `token_logprobs`); each goes through the data-parallel wrapper."""

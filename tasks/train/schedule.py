@@ -21,7 +21,7 @@ class StepPlan:
     milestones: tuple[int, ...]  # token counts, increasing
 
     @classmethod
-    def from_params(cls, params: Params) -> "StepPlan":
+    def from_params(cls, params: Params) -> StepPlan:
         tokens_per_step = params.train.global_batch_tokens
         return cls(tokens_per_step=tokens_per_step, grad_accum=params.grad_accum,
                    total_steps=math.ceil(params.train.total_tokens / tokens_per_step),

@@ -10,8 +10,8 @@ the model must compute the output, not recall it. Distractors are outputs of *ne
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 OUTPUT = "# output:"
 WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "lamp", "cup", "star", "moon", "rain",

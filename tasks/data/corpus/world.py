@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tasks.data.corpus.vocab import CHAINS, FIRST_NAMES, LAST_NAMES, RELATIONS, RELATION_BY_NAME, Chain, is_cloze
+from tasks.data.corpus.vocab import CHAINS, FIRST_NAMES, LAST_NAMES, RELATION_BY_NAME, RELATIONS, Chain, is_cloze
 
 MAX_ITEMS_PER_TASK = 240
 """Enough items for a ±3-point standard error, few enough that a milestone eval takes seconds."""
