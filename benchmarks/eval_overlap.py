@@ -67,7 +67,8 @@ def measure(root: Path) -> dict:
             (inside if overlapped else outside).append((m.value, off[m.step]))
 
     def ratio(pairs):
-        return round(statistics.median(v for v, _ in pairs) / statistics.median(v for _, v in pairs), 3) if pairs else None
+        return (round(statistics.median(v for v, _ in pairs) / statistics.median(v for _, v in pairs), 3) if pairs
+                else None)
 
     metrics = {name: json.loads((root / name / "metrics" / "pretrain.json").read_text()) for name in ("off", "on")}
     return {"overlap_steps": len(inside), "other_steps": len(outside),

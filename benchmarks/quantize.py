@@ -69,7 +69,8 @@ def weight_bytes(model: Llama, contender: str) -> float:
         matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
         vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
         return matrices * BYTES_PER_WEIGHT[contender.split()[-1]] + vectors * 4
-    tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "embed" not in n and "rope" not in n]
+    tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if "embed" not in n and "rope" not in n]
     return float(sum(t.numel() * t.element_size() for t in tensors))
 
 

@@ -173,7 +173,8 @@ def engine_direct(model_dir: Path, prompts: list[str], requests: int, max_tokens
             decoder.add(queue.pop(), max_tokens, eos_id=tokenizer.eos_id)
         tokens += sum(len(event.tokens) for event in decoder.step())
     seconds = time.perf_counter() - start
-    return {"requests": requests, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    return {"requests": requests, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
 
 
 # ---------------------------------------------------------------- sequential baselines
@@ -257,7 +258,8 @@ def speculative(target_dir: Path, draft_dir: Path | None, max_tokens: int, count
             start, spec = time.perf_counter(), []
             for p in ids:
                 one = {}
-                spec.append(speculative_generate(target, drafter, p, max_tokens, k=4, eos_id=tokenizer.eos_id, stats=one))
+                spec.append(speculative_generate(target, drafter, p, max_tokens, k=4, eos_id=tokenizer.eos_id,
+                                                 stats=one))
                 for key in stats:
                     stats[key] += one[key]
             spec_s.append(time.perf_counter() - start)

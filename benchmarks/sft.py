@@ -199,7 +199,8 @@ def main() -> int:
     if args.from_run is not None or args.ray:
         result = from_run(args.from_run) if args.from_run is not None else ray_comparison(args.tokenizer, args.steps)
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.with_name("sft_from_run.json" if args.from_run else "sft_ray.json").write_text(json.dumps(result, indent=1))
+        args.json.with_name("sft_from_run.json" if args.from_run else "sft_ray.json").write_text(
+            json.dumps(result, indent=1))
         return 0
     rounds = 1 if args.quick else args.rounds
     torch.set_num_threads(args.threads)

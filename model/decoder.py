@@ -95,7 +95,8 @@ class BatchDecoder:
         widths = (1, k + 1) if draft is not None else (1,)
         self.decode_step = DecodeStep(model, self.cache, widths, compile)
         self.lookup = draft if isinstance(draft, PromptLookup) else None
-        self.drafter = DraftModel(draft, rows, self.max_len, spare, widths, compile) if isinstance(draft, Llama) else None
+        self.drafter = (DraftModel(draft, rows, self.max_len, spare, widths, compile) if isinstance(draft, Llama)
+                        else None)
         self.decode_step.warm_up()
         if self.drafter is not None:
             self.drafter.step.warm_up()
@@ -121,7 +122,8 @@ class BatchDecoder:
         if not self.free:
             raise RuntimeError("no free slot: wait for a sequence to finish")
         seq = Running(next(self._ids), heapq.heappop(self.free), prompt, len(prompt),
-                      min(max_new_tokens, self.max_len - len(prompt)), sampling, sampling.generator(self.device), eos_id)
+                      min(max_new_tokens, self.max_len - len(prompt)), sampling, sampling.generator(self.device),
+                      eos_id)
         self.running[seq.id] = seq
         return seq.id
 

@@ -135,8 +135,9 @@ def speculative_stream(target: Llama, draft: Llama | PromptLookup, prompt_ids: S
         counts.update({name: value - before[name] for name, value in decoder.stats.items()})
 
 
-def speculative_generate(target: Llama, draft: Llama | PromptLookup, prompt_ids: Sequence[int], max_new_tokens: int = 64,
-                         k: int = 4, eos_id: int | None = 2, stop: Sequence[Sequence[int]] | None = None,
-                         stats: dict | None = None, **sampling) -> list[int]:
+def speculative_generate(target: Llama, draft: Llama | PromptLookup, prompt_ids: Sequence[int],
+                         max_new_tokens: int = 64, k: int = 4, eos_id: int | None = 2,
+                         stop: Sequence[Sequence[int]] | None = None, stats: dict | None = None,
+                         **sampling) -> list[int]:
     """The new token ids `speculative_stream` yields, as a list."""
     return list(speculative_stream(target, draft, prompt_ids, max_new_tokens, k, eos_id, stop, stats, **sampling))

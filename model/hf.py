@@ -113,7 +113,8 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     )
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != config.head_dim:
-        raise ValueError(f"config.json head_dim: {head_dim} is not hidden_size / num_attention_heads = {config.head_dim}")
+        raise ValueError(f"config.json head_dim: {head_dim} is not hidden_size / num_attention_heads = "
+                         f"{config.head_dim}")
     return config
 
 
@@ -165,7 +166,8 @@ def _weight_files(directory: Path) -> list[Path]:
             if not (directory / shard).is_file():
                 raise ValueError(f"{directory / shard}: shard named in {WEIGHTS_INDEX_FILE} is missing")
         return [directory / shard for shard in shards]
-    raise ValueError(f"{single}: missing (no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}; only safetensors weights are loaded)")
+    raise ValueError(f"{single}: missing (no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}; "
+                     "only safetensors weights are loaded)")
 
 
 def read_hf_config(directory: str | Path) -> dict:

@@ -73,8 +73,10 @@ def _group(module: nn.Module) -> None:
     for group, names in GROUPS.items():
         if all(isinstance(getattr(module, name, None), nn.Linear) for name in names):
             layers = [getattr(module, name) for name in names]
-            grouped = Int8Linear.from_linear(nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
-                                                       bias=False, device="meta"), torch.cat([layer.weight for layer in layers]))
+            grouped = Int8Linear.from_linear(nn.Linear(layers[0].in_features,
+                                                       sum(layer.out_features for layer in layers),
+                                                       bias=False, device="meta"),
+                                             torch.cat([layer.weight for layer in layers]))
             grouped.splits = [layer.out_features for layer in layers]
             for name in names:
                 delattr(module, name)

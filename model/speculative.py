@@ -29,7 +29,8 @@ class PromptLookup:
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"prompt lookup n-gram sizes: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+            raise ValueError(f"prompt lookup n-gram sizes: need 1 <= min_ngram <= max_ngram, "
+                             f"got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:

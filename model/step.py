@@ -129,7 +129,8 @@ class DecodeStep:
         grid, row = slot, column j = the j-th fed token of that slot (padding rows/columns: ignore)."""
         width = self.width(max(len(c) for c in chunks))
         if width is None:
-            raise ValueError(f"a row feeds {max(len(c) for c in chunks)} tokens; the widest bucket is {self.widths[-1]}")
+            raise ValueError(f"a row feeds {max(len(c) for c in chunks)} tokens; "
+                             f"the widest bucket is {self.widths[-1]}")
         with torch.inference_mode():
             return self._run(slots, starts, chunks, width)
 

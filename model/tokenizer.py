@@ -255,7 +255,8 @@ class Tokenizer:
         for name in (TOKENIZER_MODEL_FILE, TOKENIZER_JSON_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"tokenizer dir {directory}: {name} not found")
-        return cls(Backend.from_file(str(directory / TOKENIZER_JSON_FILE)), (directory / TOKENIZER_MODEL_FILE).read_bytes())
+        return cls(Backend.from_file(str(directory / TOKENIZER_JSON_FILE)),
+                   (directory / TOKENIZER_MODEL_FILE).read_bytes())
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return self._wrap(self._backend.encode(text, add_special_tokens=False).ids, bos, eos)

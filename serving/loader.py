@@ -82,7 +82,8 @@ def load(model_dir: str, name: str | None = None, draft: str | None = None, quan
     model = _quantize(load_hf(directory, **where), quant)
     tokenizer = Tokenizer.load(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"model: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's {model.config.vocab_size}")
+        raise ValueError(f"model: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
+                         f"{model.config.vocab_size}")
     template = _json(directory / TOKENIZER_CONFIG_FILE).get("chat_template")
     stops = tuple(_json(directory / GENERATION_CONFIG_FILE).get("stop_strings") or ())
     drafter: Llama | PromptLookup | None = None

@@ -124,7 +124,8 @@ class SourceParams(Section):
     def _uri_or_builtin(self):
         if self.format == "builtin":
             if self.builtin_part is None:
-                raise ValueError(f"data.sources[{self.name}].builtin_part is required for format 'builtin' (text or code)")
+                raise ValueError(f"data.sources[{self.name}].builtin_part is required for format 'builtin' "
+                                 "(text or code)")
         elif not self.uri:
             raise ValueError(f"data.sources[{self.name}].uri is required for format '{self.format}'")
         return self
@@ -495,7 +496,8 @@ class DeployParams(Section):
     @model_validator(mode="after")
     def _replicas(self):
         if self.max_replicas < self.num_replicas:
-            raise ValueError(f"deploy.max_replicas ({self.max_replicas}) is below deploy.num_replicas ({self.num_replicas})")
+            raise ValueError(f"deploy.max_replicas ({self.max_replicas}) is below deploy.num_replicas "
+                             f"({self.num_replicas})")
         if not self.api_key_env and not is_loopback(self.host):
             raise ValueError(f"deploy.api_key_env: required when deploy.host ({self.host}) is not a loopback address; "
                              "a server others can reach must check a key")
@@ -521,7 +523,8 @@ class Params(Section):
     def _cross_section(self):
         config = self.model.build_config(self.tokenizer.vocab_size if self.tokenizer.kind == "train" else None)
         if self.data.seq_len > config.max_seq_len:
-            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's max_seq_len "
+                             f"({config.max_seq_len})")
         per_step = self.train.workers * self.train.micro_batch * self.data.seq_len
         if self.train.global_batch_tokens % per_step:
             raise ValueError(f"train.global_batch_tokens ({self.train.global_batch_tokens}) is not divisible by "
@@ -530,7 +533,8 @@ class Params(Section):
         names = {s.name for s in self.data.sources}
         for name in self.tokenizer.train_sources:
             if name not in names:
-                raise ValueError(f"tokenizer.train_sources: {name!r} is not a data.sources name ({', '.join(sorted(names))})")
+                raise ValueError(f"tokenizer.train_sources: {name!r} is not a data.sources name "
+                                 f"({', '.join(sorted(names))})")
         if self.sft is not None:
             self._check_variants(config)
         return self

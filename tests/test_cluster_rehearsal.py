@@ -214,5 +214,6 @@ def test_faults_on_shared_storage_end_in_the_uninterrupted_weights(workspace):
     assert sorted(p.name for p in (root / "models" / "pretrain").iterdir()) == sorted(MILESTONES)
     final = _weights(root)
     assert final.keys() == reference.keys()
-    assert all(torch.equal(final[k], reference[k]) for k in final), "the final weights differ from the uninterrupted run's"
+    assert all(torch.equal(final[k], reference[k])
+               for k in final), "the final weights differ from the uninterrupted run's"
     assert len(_s3().ls(f"{bucket}/shared/eval_cache")) >= len(MILESTONES), "milestone evals ran on the evaluator node"

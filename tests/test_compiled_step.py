@@ -91,7 +91,8 @@ def test_prompt_lookup_on_the_compiled_verify_step(decoders):
 
 
 def test_int8_is_compiled_like_fp32():
-    """The int8 engine (grouped q/k/v and gate/up matmuls) on the compiled step: the same greedy tokens as eager int8."""
+    """The int8 engine (grouped q/k/v and gate/up matmuls) on the compiled step: the same greedy tokens as
+    eager int8."""
     from model.quant import quantize_int8
 
     torch.manual_seed(22)

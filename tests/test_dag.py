@@ -156,7 +156,8 @@ def test_metrics_show_has_pretrain_and_eval_numbers(pipeline_repo):
     assert isinstance(pretrain["final_train_loss"], float) and pretrain["tokens"] > 0
     milestones = [m for m in evaluation.values() if isinstance(m, dict)]
     tasks = yaml.safe_load((pipeline_repo.root / "params.yaml").read_text())["eval"]["tasks"]
-    assert len(milestones) == len(yaml.safe_load((pipeline_repo.root / "params.yaml").read_text())["train"]["milestones"])
+    assert len(milestones) == len(yaml.safe_load((pipeline_repo.root / "params.yaml").read_text())["train"]
+                                  ["milestones"])
     for m in milestones:  # the average DVC shows is the average of the task scores it shows
         assert m["avg"] == pytest.approx(sum(m[t] for t in tasks) / len(tasks))
     assert [m["tokens"] for m in milestones] == sorted(m["tokens"] for m in milestones)

@@ -176,5 +176,6 @@ def test_a_model_that_fails_to_load_is_a_503_then_one_line_and_exit_2(tmp_path, 
                              "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("tinyllama serve: error: --model: the server did not come up: loading") and str(broken) in last
+    assert (last.startswith("tinyllama serve: error: --model: the server did not come up: loading")
+            and str(broken) in last)
     assert "Traceback" not in result.stdout + result.stderr

@@ -68,7 +68,8 @@ def test_deployment_run_through_local_services(pipeline_repo, tmp_path):
            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
     services = root / "infra" / "local" / "services.sh"
     try:
-        started = subprocess.run([str(services), "start"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        started = subprocess.run([str(services), "start"], cwd=root, env=env, capture_output=True, text=True,
+                                 timeout=900)
         assert started.returncode == 0, started.stdout + started.stderr
         pids = {p.stem: int(p.read_text()) for p in (root / ".services").glob("*.pid")}
         assert set(pids) == {"prefect-server", "prefect-worker", "mlflow-server"}
@@ -92,12 +93,14 @@ def test_deployment_run_through_local_services(pipeline_repo, tmp_path):
 
         mlflow = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow"
         experiment = get_json(f"{mlflow}/experiments/get-by-name?experiment_name={params['mlflow']['experiment']}")
-        runs = post_json(f"{mlflow}/runs/search", {"experiment_ids": [experiment["experiment"]["experiment_id"]]})["runs"]
+        runs = post_json(f"{mlflow}/runs/search",
+                         {"experiment_ids": [experiment["experiment"]["experiment_id"]]})["runs"]
         run_id = json.loads((root / "metrics" / "pretrain.json").read_text())["mlflow_run_id"]
         assert run_id in {r["info"]["run_id"] for r in runs}
         assert json.loads((root / "metrics" / "eval.json").read_text())
     finally:
-        stopped = subprocess.run([str(services), "stop"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        stopped = subprocess.run([str(services), "stop"], cwd=root, env=env, capture_output=True, text=True,
+                                 timeout=120)
     assert stopped.returncode == 0, stopped.stderr
     assert not list((root / ".services").glob("*.pid"))
     for pid in pids.values():

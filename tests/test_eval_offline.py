@@ -49,7 +49,8 @@ def _jsonl(path, rows):
 
 
 def _ai2(stem, labels, key):
-    return {"id": "q1", "question": {"stem": stem, "choices": [{"text": f"t{label}", "label": label} for label in labels]},
+    return {"id": "q1",
+            "question": {"stem": stem, "choices": [{"text": f"t{label}", "label": label} for label in labels]},
             "answerKey": key}
 
 

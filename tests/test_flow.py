@@ -253,7 +253,8 @@ def test_make_run_on_the_toy_stages_prints_no_traceback_and_no_repeated_lines(tm
     root = _toy_repo(tmp_path / "toy")
     _mlflow_run(root)
     (root / ".second-tried").touch()  # a clean run: no transient crash to retry
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PYTHONUNBUFFERED": "1"}
     for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(name, None)
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], cwd=root, env=env,

@@ -79,7 +79,8 @@ def test_eval_history_is_score_against_tokens_seen(mlflow_ui):
     root, base = mlflow_ui
     _, run = _pretrain_run(root, base)
     history = _api(base, "metrics/get-history", run_id=run["info"]["run_id"], metric_key="eval/avg")["metrics"]
-    evaluated = {name: m for name, m in json.loads((root / "metrics" / "eval.json").read_text()).items() if isinstance(m, dict)}
+    evaluated = {name: m for name, m in json.loads((root / "metrics" / "eval.json").read_text()).items()
+                 if isinstance(m, dict)}
     by_step = {int(point["step"]): point["value"] for point in history}
     assert set(by_step) == {int(m["tokens"]) for m in evaluated.values()}
     for milestone in evaluated.values():

@@ -201,7 +201,8 @@ def test_fsdp2_on_cpu_matches_ddp_and_resumes_from_sharded_checkpoints(reference
     shards = sorted(p.name for p in (newest / "shards").iterdir())
     assert len(shards) == 2 and all(name.endswith(".safetensors") for name in shards), shards
     assert not (newest / "model.safetensors").exists() and not (newest / "optimizer.safetensors").exists()
-    assert sum((newest / "shards" / name).stat().st_size for name in shards) > sum(t.numel() * 4 for t in weights.values())
+    assert (sum((newest / "shards" / name).stat().st_size for name in shards)
+            > sum(t.numel() * 4 for t in weights.values()))
 
     # The driver died after the last checkpoint, and that checkpoint lost part of a shard.
     (newest.parent / COMPLETE_FILE).unlink()

@@ -63,7 +63,8 @@ def test_champion_moves_only_to_a_better_version_and_resolves(store):
     resolved = resolve_model("models:/tinyllama-chat@champion", uri)
     assert resolved == tmp_path / "cache" / "tinyllama-chat" / "4"
     reference = load_hf(_model_dir(tmp_path, 4))
-    assert all(torch.equal(a, b) for a, b in zip(load_hf(resolved).state_dict().values(), reference.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(load_hf(resolved).state_dict().values(),
+                                                 reference.state_dict().values()))
     assert resolve_model("models:/tinyllama-chat/2", uri).name == "2"
     assert resolve_model("models:/tinyllama-chat@champion", uri) == resolved  # cached: no second download
     assert resolve_model(str(tmp_path / "model-1"), uri) == tmp_path / "model-1"

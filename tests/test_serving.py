@@ -102,7 +102,8 @@ def test_stop_sequences_end_the_text_before_them(server, local):
     assert stop and full.index(stop) >= 1
     reply = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "zzzz"])
     assert reply.choices[0].text == full[:full.index(stop)] and reply.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=stop, stream=True)
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=stop,
+                                         stream=True)
     chunks = [c.choices[0] for c in streamed if c.choices]
     assert "".join(c.text for c in chunks) == full[:full.index(stop)] and chunks[-1].finish_reason == "stop"
 

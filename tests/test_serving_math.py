@@ -59,7 +59,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(target):
     settings = Sampling(temperature=1.0, top_p=0.9, seed=5)
     alone = run_all(BatchDecoder(target, slots=1), [(PROMPTS[0], 25, settings)])[0]
     crowd = [(p, 25, Sampling(temperature=0.8, seed=i)) for i, p in enumerate(PROMPTS[1:])]
-    together = run_all(BatchDecoder(target, slots=4, prefill_chunk=4), crowd[:2] + [(PROMPTS[0], 25, settings)] + crowd[2:])
+    together = run_all(BatchDecoder(target, slots=4, prefill_chunk=4),
+                       crowd[:2] + [(PROMPTS[0], 25, settings)] + crowd[2:])
     assert together[2] == alone
     assert generate(target, PROMPTS[0], 25, temperature=1.0, top_p=0.9, seed=5, eos_id=None) == alone
 

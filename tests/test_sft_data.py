@@ -210,7 +210,8 @@ def test_world_training_sets_pack_conversations_and_pad_pairs(tmp_path, small_to
     pairs = build(params, variant, tokenizer, dpo=True)
     dropped = pairs.summary["encoding"].get("dropped_pairs", 0)
     assert pairs.items + pairs.summary["val_pairs"] + dropped == len(chat.dpo)
-    assert pairs.arrays["train_chosen_inputs"].shape == pairs.arrays["train_rejected_inputs"].shape == (pairs.items, 128)
+    assert (pairs.arrays["train_chosen_inputs"].shape == pairs.arrays["train_rejected_inputs"].shape
+            == (pairs.items, 128))
 
     short = _params(tmp_path, max_length=100, overlong="truncate")
     truncated = build(short, short.sft.variants[0], tokenizer, dpo=False)

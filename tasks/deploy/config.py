@@ -88,7 +88,8 @@ def serve_config(params: Params, args: dict, host: str, port: int) -> dict:
                                             "target_ongoing_requests": deploy.slots}
     else:
         deployment["num_replicas"] = deploy.num_replicas
-    application = {"name": APPLICATION, "route_prefix": "/", "import_path": f"{build_app.__module__}:{build_app.__name__}",
+    application = {"name": APPLICATION, "route_prefix": "/",
+                   "import_path": f"{build_app.__module__}:{build_app.__name__}",
                    "args": args, "deployments": [deployment]}
     config = {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": [application]}
     try:

@@ -68,7 +68,8 @@ def _local_copy(config: dict, port: int) -> dict:
     deployments = []
     for deployment in app["deployments"]:
         local = {k: v for k, v in deployment.items() if k != "autoscaling_config"}
-        local.update(num_replicas=1, ray_actor_options={**deployment["ray_actor_options"], "num_cpus": app["args"]["cpus"]})
+        local.update(num_replicas=1,
+                     ray_actor_options={**deployment["ray_actor_options"], "num_cpus": app["args"]["cpus"]})
         deployments.append(local)
     app["deployments"] = deployments
     return {**config, "http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}

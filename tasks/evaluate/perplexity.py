@@ -20,7 +20,8 @@ from tasks.layout import MANIFEST_FILE, shard_location
 
 
 def read_manifest(prepared_dir: Path) -> dict:
-    return read_json(Path(prepared_dir) / MANIFEST_FILE, "run `tinyllama prepare` first; perplexity needs the val split")
+    return read_json(Path(prepared_dir) / MANIFEST_FILE,
+                     "run `tinyllama prepare` first; perplexity needs the val split")
 
 
 def _source_rows(prepared_dir: Path, shards: list[str], limit: int) -> list[np.ndarray]:

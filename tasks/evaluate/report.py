@@ -30,7 +30,8 @@ def result_line(result: dict) -> str:
     """One checkpoint's scores on one line, for the console: name, tokens, avg, each task, val ppl, time."""
     tasks = " ".join(f"{name} {100 * score['value']:.1f}" for name, score in result["scores"].items())
     how = "cached" if result.get("cached") else f"{result['wall_s']:.0f} s"
-    return (f"{result['milestone']} ({format_tokens(result['tokens'])} tokens): avg {100 * result['avg']:.2f} | {tasks} "
+    return (f"{result['milestone']} ({format_tokens(result['tokens'])} tokens): "
+            f"avg {100 * result['avg']:.2f} | {tasks} "
             f"| val ppl {result['val_ppl']:.2f} ({how})")
 
 
@@ -51,7 +52,8 @@ def csv_table(results: list[dict], tasks: list[str]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["milestone", "tokens", *tasks, "avg", "val_ppl"])
     for r in results:
-        writer.writerow([r["milestone"], r["tokens"], *(r["scores"][t]["value"] for t in tasks), r["avg"], r["val_ppl"]])
+        writer.writerow([r["milestone"], r["tokens"], *(r["scores"][t]["value"] for t in tasks), r["avg"],
+                         r["val_ppl"]])
     return out.getvalue()
 
 

@@ -238,7 +238,8 @@ class MixedLoader:
         return batches
 
 
-def val_batches(data: PreparedData, seed: int, micro_batch: int, n_batches: int, rank: int, world: int) -> list[np.ndarray]:
+def val_batches(data: PreparedData, seed: int, micro_batch: int, n_batches: int, rank: int,
+                world: int) -> list[np.ndarray]:
     """The same validation rows at every evaluation (so the curve is comparable), mixed by the training
     weights over the sources that have validation rows; this rank's `n_batches` micro-batches."""
     names = [n for n in data.weights if data.val[n].rows]

@@ -50,7 +50,8 @@ def _read_all(params: Params, variant: VariantParams, dpo: bool) -> tuple[list, 
 
 def _split(examples: list, val_fraction: float) -> tuple[list, list]:
     """Held-out examples by a hash of their index; at least one when a fraction is asked for."""
-    val = is_val(np.arange(len(examples), dtype=np.uint64), val_fraction) if val_fraction else np.zeros(len(examples), bool)
+    val = (is_val(np.arange(len(examples), dtype=np.uint64), val_fraction) if val_fraction
+           else np.zeros(len(examples), bool))
     if val_fraction and not val.any() and len(examples) > 1:
         val[-1] = True
     return [e for e, v in zip(examples, val) if not v], [e for e, v in zip(examples, val) if v]
@@ -85,7 +86,8 @@ def build(params: Params, variant: VariantParams, tokenizer: Tokenizer, dpo: boo
         shape = {"pairs": items, "val_pairs": len(val_enc.sequences)}
     else:
         layout = pack if variant.packing else pad
-        train_rows, val_rows = layout(train_enc.sequences, variant.max_length), layout(val_enc.sequences, variant.max_length)
+        train_rows, val_rows = (layout(train_enc.sequences, variant.max_length),
+                                layout(val_enc.sequences, variant.max_length))
         arrays = train_rows.arrays("train_") | val_rows.arrays("val_")
         items = len(train_rows)
         shape = {"conversations": len(train_enc.sequences), "val_conversations": len(val_enc.sequences),

@@ -107,7 +107,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[di
     return {"state": state, "param_groups": param_groups}
 
 
-def _save_full(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], list[dict]]:
+def _save_full(directory: Path, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer) -> tuple[list[str], list[dict]]:
     """Collective: gathers model and optimizer state; rank 0 writes them. Returns (files written,
     param groups), both empty on the other ranks, which the gather leaves empty-handed."""
     model_state = gather_model(model)
@@ -126,7 +127,8 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"model": get_model_state_dict(model), "optimizer": tensors}, param_groups
 
 
-def _save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], list[dict]]:
+def _save_sharded(directory: Path, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer) -> tuple[list[str], list[dict]]:
     """Collective: every rank writes its own slices, in parallel, as safetensors under shards/."""
     from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter

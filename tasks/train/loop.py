@@ -222,7 +222,8 @@ class Trainer:
         self.objective.collect_exports(self.export_context(), wait=True)
         self._wait_for_evals()
 
-    def _log_progress(self, tokens: int, seconds: float, loss: float, lr: float, first_step: int, loop_started: float) -> None:
+    def _log_progress(self, tokens: int, seconds: float, loss: float, lr: float, first_step: int,
+                      loop_started: float) -> None:
         if self.rank != 0:
             return
         if self.mlflow is not None:
