@@ -39,9 +39,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
+def ensure_ray(params: Params, extra_cpus: int = 0, dashboard: bool = True) -> bool:
     """Connect to `RAY_ADDRESS` if set, else start a local Ray; no-op if Ray is already up in this
-    process. Returns True when this call started (or connected) Ray, so the caller owns shutdown."""
+    process. Returns True when this call started (or connected) Ray, so the caller owns shutdown.
+    `dashboard=False` for a stage that needs neither the State API nor Ray Train (prepare): it starts faster."""
     import ray
 
     from tasks.logs import adopt_library_logging
@@ -59,8 +60,8 @@ def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
     # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     _started_temp_dirs.append(temp_dir)
-    ray.init(num_cpus=(os.cpu_count() or 1) + extra_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=False, configure_logging=False,
+    ray.init(num_cpus=(os.cpu_count() or 1) + extra_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port() if dashboard else None, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False,
              runtime_env=runtime_env)
     return True
 
@@ -84,10 +85,10 @@ def ray_logs_dir(params: Params, stage: str) -> Path:
 
 
 @contextmanager
-def ray_session(params: Params, stage: str, extra_cpus: int = 0) -> Iterator[None]:
+def ray_session(params: Params, stage: str, extra_cpus: int = 0, dashboard: bool = True) -> Iterator[None]:
     """`ensure_ray` for the duration of a block; shuts Ray down only if this block started it, keeping
     its logs in `logs/<stage>-ray/`."""
-    started = ensure_ray(params, extra_cpus)
+    started = ensure_ray(params, extra_cpus, dashboard)
     try:
         yield
     finally:

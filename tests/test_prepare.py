@@ -29,6 +29,28 @@ ASSETS = ROOT.parent / "shared" / "assets"
 SMALL = dict(seq_len=32, rows_per_shard=50, row_group_rows=16, val_fraction=0.1, encode_processes=2)
 
 
+@pytest.fixture(autouse=True)
+def _ray_for_stage_runs(request):
+    """Tests that run the stage (they all take a tokenizer) get the module's Ray."""
+    if "small_tokenizer_dir" in request.fixturenames:
+        request.getfixturevalue("shared_ray")
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray for the module's in-process runs (the stage uses a Ray already up in its process
+    instead of starting its own): a Ray start costs seconds, more than these corpora take to tokenize.
+    The runs in a subprocess start their own, as the CLI does."""
+    import tempfile
+
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _temp_dir=tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp"))
+    yield
+    ray.shutdown()
+
+
 def _corpus(tmp_path) -> list[dict]:
     """A SlimPajama source and a Starcoderdata source in their real layouts, mixed 7:3."""
     train = write_slimpajama(tmp_path / "raw" / "SlimPajama-627B")
@@ -404,3 +426,28 @@ def test_a_stale_or_broken_sealed_unit_is_made_again(tmp_path, small_tokenizer_d
     renewed = [u.key for u in plan_units([sources.SourceReader(s, params) for s in params.data.sources], params,
                                          tokenizer, dtype)]
     assert renewed[0] != units[0].key and renewed[1] == units[1].key  # a changed input has a new key
+
+
+def test_encode_processes_is_validated(tmp_path, small_tokenizer_dir, capsys):
+    spec = [{"name": "sp", "format": "slimpajama", "uri": str(write_slimpajama(tmp_path / "raw", 1, 1)), "weight": 1}]
+    params_file = _setup(tmp_path, small_tokenizer_dir, spec)
+    params_file.write_text(params_file.read_text().replace("encode_processes: 2", "encode_processes: 0"))
+    _fails(capsys, params_file, "data.encode_processes")
+    assert _nothing_written(tmp_path)
+
+
+def test_plan_states_prepares_time_for_the_profiles_corpus():
+    """`tinyllama plan` puts prepare's time beside training's: the corpus over the workers' tokens per CPU-second."""
+    from tasks.params import load_params, parse_tokens
+    from tasks.pretrain.plan import make_plan, render
+
+    params = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml")
+    plan = make_plan(params)
+    data = params.data
+    assert plan.prepare["corpus_tokens"] == parse_tokens("950B") == data.corpus_tokens
+    expected_days = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes) / 86400
+    assert plan.prepare["days"] == pytest.approx(expected_days)
+    line = next(line for line in render(plan, 40).splitlines() if line.startswith("prepare"))
+    assert "950B tokens" in line and f"{data.encode_processes} CPU workers" in line
+    params.data.encode_processes *= 2
+    assert make_plan(params).prepare["days"] == pytest.approx(expected_days / 2)

@@ -96,7 +96,8 @@ def prepare(params: Params) -> dict:
     todo = [unit for unit in units if unit.index not in sealed]
     if todo:
         # on the stage's own Ray, one logical CPU slot per worker even past the cores (a cluster has its own)
-        with ray_session(params, "prepare", extra_cpus=max(0, params.data.encode_processes - (os.cpu_count() or 1))):
+        extra = max(0, params.data.encode_processes - (os.cpu_count() or 1))
+        with ray_session(params, "prepare", extra_cpus=extra, dashboard=False):
             _check_workers(params)
             todo_bytes = sum(_reader(readers, unit).sizes[unit.uri] for unit in todo)
             with progress(todo_bytes, "prepare: tokenize", unit="B") as bar:

@@ -58,8 +58,8 @@ def _run(units: list[Unit], params, tokenizer, directory, dtype, on_sealed) -> N
     context.print_on_execution_start = False
     by_index = {unit.index: unit for unit in units}
     dataset = ray.data.from_items([asdict(unit) for unit in units], override_num_blocks=len(units))
-    parts = dataset.map_batches(UnitEncoder, batch_size=1, concurrency=min(params.data.encode_processes, len(units)),
-                                num_cpus=1, resources=dict(params.data.resources_per_worker) or None,
+    pool = ray.data.ActorPoolStrategy(size=min(params.data.encode_processes, len(units)))
+    parts = dataset.map_batches(UnitEncoder, batch_size=1, compute=pool, num_cpus=1, resources=dict(params.data.resources_per_worker) or None,
                                 fn_constructor_args=(tokenizer, params), batch_format="numpy")
     writers: dict[int, UnitWriter] = {}
     try:
