@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from model.tokenizer import BOS_ID, EOS_ID
+from tasks.data import sources
 from tasks.data.sources import Chunk, SourceReader, _unreadable, is_transient, parse_chunk, read_errors
 from tasks.errors import UserError
 
@@ -60,9 +61,13 @@ def encode_chunk(tokenizer, source, separator: str, dtype, chunk: Chunk) -> Enco
 class UnitEncoder:
     """Ray Data UDF: a batch of units (see `tasks.data.units.Unit`) -> their parts, as Arrow tables."""
 
-    def __init__(self, tokenizer, params):
+    def __init__(self, tokenizer, params, part_ids: int = PART_IDS, chunk_bytes: int = sources.CHUNK_BYTES):
+        """`part_ids`, `chunk_bytes`: the driver's sizes, so every worker cuts parts and chunks as the driver
+        was configured to (tests make them tiny to get many of each)."""
         os.environ["RAYON_NUM_THREADS"] = "1"      # read when the tokenizer's thread pool first starts
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        sources.CHUNK_BYTES = chunk_bytes
+        self.part_ids = part_ids
         self.tokenizer, self.params = tokenizer, params
         self.dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 65536 else np.uint32)
         self.sources = {source.name: source for source in params.data.sources}
@@ -106,7 +111,7 @@ class UnitEncoder:
             encoded = encode_chunk(self.tokenizer, source, self.params.data.separator, self.dtype, chunk)
             pending.append(encoded)
             size += len(encoded.ids)
-            if size >= PART_IDS:
+            if size >= self.part_ids:
                 yield (chunks, part + 1), _part_table(index, part, pending)
                 pending, size, part = [], 0, part + 1
         yield (chunks, part + 1), _part_table(index, part, pending, sha256=reader.input_sha256[uri])

@@ -48,7 +48,7 @@ def tokenize_units(units: list[Unit], params, tokenizer, directory: Callable[[Un
 def _run(units: list[Unit], params, tokenizer, directory, dtype, on_sealed) -> None:
     import ray.data
 
-    from tasks.data.encoding import UnitEncoder
+    from tasks.data import encoding, sources
 
     if not units:
         return
@@ -59,8 +59,9 @@ def _run(units: list[Unit], params, tokenizer, directory, dtype, on_sealed) -> N
     by_index = {unit.index: unit for unit in units}
     dataset = ray.data.from_items([asdict(unit) for unit in units], override_num_blocks=len(units))
     pool = ray.data.ActorPoolStrategy(size=min(params.data.encode_processes, len(units)))
-    parts = dataset.map_batches(UnitEncoder, batch_size=1, compute=pool, num_cpus=1, resources=dict(params.data.resources_per_worker) or None,
-                                fn_constructor_args=(tokenizer, params), batch_format="numpy")
+    parts = dataset.map_batches(encoding.UnitEncoder, batch_size=1, compute=pool, num_cpus=1,
+                                resources=dict(params.data.resources_per_worker) or None, batch_format="numpy",
+                                fn_constructor_args=(tokenizer, params, encoding.PART_IDS, sources.CHUNK_BYTES))
     writers: dict[int, UnitWriter] = {}
     try:
         for batch in parts.iter_batches(batch_size=None, batch_format="pyarrow"):
