@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +22,10 @@ import numpy as np
 from tasks.data.units import Sealed, Unit, UnitWriter
 from tasks.errors import UserError
 
-RUN_ATTEMPTS = 3
-"""Whole-dataset runs before giving up: a run fails only if Ray could not recover a task itself."""
+RUN_ATTEMPTS = 4
+RETRY_WAIT_S = 3
+"""Whole-dataset runs before giving up, and the wait before each rerun (3 s, 6 s, 9 s): a run fails when Ray
+could not recover a task itself, e.g. a tokenizer actor killed (Ray Data then fails the dataset)."""
 log = logging.getLogger(__name__)
 
 
@@ -41,8 +44,9 @@ def tokenize_units(units: list[Unit], params, tokenizer, directory: Callable[[Un
             todo = [unit for unit in todo if unit.index not in done]
             if attempt == RUN_ATTEMPTS or not todo:
                 raise
-            log.warning("prepare: tokenizing failed (%s); again for the %d units not sealed yet",
-                        str(exc).splitlines()[0], len(todo))
+            log.warning("prepare: tokenizing failed (%s); again in %ds for the %d units not sealed yet",
+                        str(exc).splitlines()[0], RETRY_WAIT_S * attempt, len(todo))
+            time.sleep(RETRY_WAIT_S * attempt)  # lets Ray tear the failed run's actors down first
 
 
 def _run(units: list[Unit], params, tokenizer, directory, dtype, on_sealed) -> None:
