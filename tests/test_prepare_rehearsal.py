@@ -27,14 +27,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster() -> dict[str, str]:
+    """The driver's environment for the cluster: its address and the auth mode its nodes started with.
+    The mode must be passed on: the reference run's local `ray.init` switches this process to token auth
+    (Ray's default for a new local cluster), and a driver in token mode rejects a tokenless cluster's
+    calls ("InvalidAuthToken"), which shows as tokenizer actors cancelled before they start."""
     from ray.cluster_utils import Cluster
 
+    auth_mode = os.environ.get("RAY_AUTH_MODE", "disabled")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
         cluster.add_node(num_cpus=1, resources={"prepare": 1})
     cluster.wait_for_nodes()
-    yield cluster.address
+    yield {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": auth_mode}
     cluster.shutdown()
 
 
@@ -86,7 +91,7 @@ def test_killed_workers_and_driver_and_faulty_s3_give_the_one_worker_bytes(
                              resources_per_worker={"prepare": 1})
     units = workspace / "data" / ".prepare.tmp" / "units"
     with FaultProxy(s3_env, every=4) as proxy:
-        env = {**os.environ, "RAY_ADDRESS": cluster, "AWS_ENDPOINT_URL": proxy.url,
+        env = {**os.environ, **cluster, "AWS_ENDPOINT_URL": proxy.url,
                "TINYLLAMA_DRIVER_WORKSPACE": str(workspace), "RAY_RUNTIME_ENV_HOOK":
                "rehearsal_hooks.forbid_driver_workspace",
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
