@@ -77,6 +77,11 @@ def _tokenizer_workers():
     return found
 
 
+def _under_way(units: Path) -> bool:
+    """A part of some unit has reached the driver: the tokenizer actors are running tasks."""
+    return units.is_dir() and any(path.is_file() for path in units.rglob("*"))
+
+
 def test_killed_workers_and_driver_and_faulty_s3_give_the_one_worker_bytes(
         tmp_path, s3_env, cluster, small_tokenizer_dir, monkeypatch):
     from tasks.cli import main as cli
@@ -101,7 +106,7 @@ def test_killed_workers_and_driver_and_faulty_s3_give_the_one_worker_bytes(
                                       cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 120
-            while not _tokenizer_workers() and driver.poll() is None and time.monotonic() < deadline:
+            while not _under_way(units) and driver.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             victims = _tokenizer_workers()
             assert victims, f"no tokenizer worker started: {log.read_text()[-2000:]}"
@@ -113,6 +118,8 @@ def test_killed_workers_and_driver_and_faulty_s3_give_the_one_worker_bytes(
         finally:
             driver.wait()
         sealed_before = {p.name for p in units.rglob("*.json")}
+        killed_run = (workspace / "logs" / "prepare.log").read_text()
+        assert "tokenizing failed" not in killed_run, f"Ray did not retry the killed worker's task: {killed_run}"
         assert not (workspace / "data" / "prepared").exists()
 
         rerun = subprocess.run([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file)],
