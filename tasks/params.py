@@ -143,10 +143,24 @@ class DataParams(Section):
     val_fraction: float = Field(0.02, gt=0, lt=1)
     rows_per_shard: int = Field(8192, gt=0)
     row_group_rows: int = Field(1024, gt=0)
-    encode_processes: int = Field(2, gt=0)   # tokenizer processes of `prepare` (not training workers)
+    # Tokenizer workers of `prepare` (Ray Data actors, one CPU each; not training workers): on the stage's own
+    # Ray at most its CPUs, on a cluster (RAY_ADDRESS) what its autoscaled CPU group can hold.
+    encode_processes: int = Field(2, gt=0, le=4096)
+    # Custom Ray resources each of those workers asks for on top of its CPU, e.g. {"prepare": 1} to put them on
+    # the autoscaled CPU group meant for them (infra/ray/cluster-16gpu.yaml, infra/kuberay/rayjob.yaml).
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # For `tinyllama plan`'s prepare estimate: the corpus's tokens, and what one prepare worker tokenizes per
+    # CPU-second (benchmarks/prepare.py measures it; the tokenizer, not the engine, sets it).
+    corpus_tokens: int | str | None = None
+    tokens_per_cpu_second: float = Field(850_000, gt=0)
     builtin: BuiltinCorpusParams = Field(default_factory=BuiltinCorpusParams)
     sources: list[SourceParams]
+
+    @field_validator("corpus_tokens")
+    @classmethod
+    def _corpus_tokens(cls, value):
+        return None if value is None else parse_tokens(value)
 
     @field_validator("sources")
     @classmethod

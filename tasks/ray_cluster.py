@@ -72,10 +72,11 @@ def start_ray(cpus: int, dashboard_port: int | None = None, metrics_port: int | 
     return temp_dir
 
 
-def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
+def ensure_ray(params: Params, extra_cpus: int = 0, dashboard: bool = True) -> bool:
     """Connect to `RAY_ADDRESS` if set, else start a local Ray (with its dashboard: Ray Train's State API
     needs it); no-op if Ray is already up in this process. Returns True when this call started (or
-    connected) Ray, so the caller owns shutdown."""
+    connected) Ray, so the caller owns shutdown. `dashboard=False` for a stage that needs neither the State
+    API nor Ray Train (prepare): it starts faster."""
     import ray
 
     from tasks.logs import adopt_library_logging
@@ -85,7 +86,8 @@ def ensure_ray(params: Params, extra_cpus: int = 0) -> bool:
         return False
     # The job's runtime env: every worker this job starts, on any node, gets these variables.
     runtime_env = {"env_vars": {**WORKER_ENV, **params.train.worker_env}}
-    temp_dir = start_ray(usable_cpus() + extra_cpus, dashboard_port=free_port(), runtime_env=runtime_env)
+    temp_dir = start_ray(usable_cpus() + extra_cpus, dashboard_port=free_port() if dashboard else None,
+                         runtime_env=runtime_env)
     if temp_dir is not None:
         _started_temp_dirs.append(temp_dir)
     return True
@@ -110,10 +112,10 @@ def ray_logs_dir(params: Params, stage: str) -> Path:
 
 
 @contextmanager
-def ray_session(params: Params, stage: str, extra_cpus: int = 0) -> Iterator[None]:
+def ray_session(params: Params, stage: str, extra_cpus: int = 0, dashboard: bool = True) -> Iterator[None]:
     """`ensure_ray` for the duration of a block; shuts Ray down only if this block started it, keeping
     its logs in `logs/<stage>-ray/`."""
-    started = ensure_ray(params, extra_cpus)
+    started = ensure_ray(params, extra_cpus, dashboard)
     try:
         yield
     finally:

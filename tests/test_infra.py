@@ -79,8 +79,8 @@ def test_kuberay_rayjob_structure_and_16_gpus():
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         (container,) = group["template"]["spec"]["containers"]
         limits = container["resources"]["limits"]
-        assert limits["nvidia.com/gpu"] == group["rayStartParams"]["num-gpus"]
-        gpus += group["replicas"] * int(limits["nvidia.com/gpu"])
+        assert limits.get("nvidia.com/gpu", "0") == group["rayStartParams"].get("num-gpus", "0")
+        gpus += group["replicas"] * int(limits.get("nvidia.com/gpu", "0"))
     assert gpus == GPUS
     assert len(_kuberay_images()) == 1
 

@@ -27,13 +27,35 @@ from data_fixtures import (
 
 from model.tokenizer import Tokenizer
 from tasks.cli import main as cli
-from tasks.data import sources
+from tasks.data import encoding, sources
 from tasks.data.packing import Packer, is_val
 from tasks.data.shards import ShardWriter
 from tasks.data.sources import iter_documents
 
 ASSETS = ROOT.parent / "shared" / "assets"
 SMALL = dict(seq_len=32, rows_per_shard=50, row_group_rows=16, val_fraction=0.1, encode_processes=2)
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_stage_runs(request):
+    """Tests that run the stage (they all take a tokenizer) get the module's Ray."""
+    if "small_tokenizer_dir" in request.fixturenames:
+        request.getfixturevalue("shared_ray")
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray for the module's in-process runs (the stage uses a Ray already up in its process
+    instead of starting its own): a Ray start costs seconds, more than these corpora take to tokenize.
+    The runs in a subprocess start their own, as the CLI does."""
+    import tempfile
+
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _temp_dir=tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp"))
+    yield
+    ray.shutdown()
 
 
 def _corpus(tmp_path) -> list[dict]:
@@ -93,8 +115,10 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def _nothing_written(tmp_path) -> bool:
-    data = tmp_path / "data"
-    return not (data / "prepared").exists() and not (data / ".prepare.tmp").exists()
+    """No output, and nothing in the staging dir a later run could trust but sealed units."""
+    data, staging = tmp_path / "data", tmp_path / "data" / ".prepare.tmp"
+    return (not (data / "prepared").exists() and not (staging / "prepared").exists()
+            and not (staging / "eval").exists() and not list(staging.rglob("*.partial")))
 
 
 # ---------------------------------------------------------------- processing
@@ -187,15 +211,16 @@ def test_excluded_github_rows_never_reach_the_shards(tmp_path, small_tokenizer_d
 
 
 def test_same_shards_for_any_worker_count_and_any_mix(tmp_path, small_tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 1500)  # many chunks, so completion order could vary
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 1500)  # many chunks per input
+    monkeypatch.setattr(encoding, "PART_IDS", 700)     # and many parts per unit, sent back in order
     corpus = _corpus(tmp_path)
     outputs = []
-    for workers, weights in ((1, (0.7, 0.3)), (2, (0.7, 0.3)), (2, (0.2, 0.8))):
+    for workers, weights in ((1, (0.7, 0.3)), (2, (0.7, 0.3)), (4, (0.7, 0.3)), (2, (0.2, 0.8))):
         mixed = [{**s, "weight": w} for s, w in zip(corpus, weights)]
         assert _run(_setup(tmp_path, small_tokenizer_dir, mixed, encode_processes=workers)) == 0
         outputs.append(_files(tmp_path / "data" / "prepared"))
     assert len(outputs[0]) > 4
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
 
 
 def test_builtin_corpus_writes_eval_items_never_seen_in_training(tmp_path, small_tokenizer_dir):
@@ -296,6 +321,21 @@ def test_missing_text_field(tmp_path, small_tokenizer_dir, capsys):
     assert _nothing_written(tmp_path)
 
 
+def test_parquet_without_the_text_column(tmp_path, small_tokenizer_dir, capsys):
+    code = write_starcoderdata(tmp_path / "raw" / "sc", languages=("python",), files=1)
+    spec = [{"name": "code", "format": "starcoderdata", "uri": str(code), "weight": 1, "text_field": "body"}]
+    _fails(capsys, _setup(tmp_path, small_tokenizer_dir, spec), "data.sources[code].text_field", "'body'",
+           "train-00000-of-00001.parquet")
+    assert _nothing_written(tmp_path)
+
+
+def test_more_workers_than_the_clusters_resources_is_a_user_error(tmp_path, small_tokenizer_dir, capsys):
+    spec = [{"name": "sp", "format": "slimpajama", "uri": str(write_slimpajama(tmp_path / "raw", 1, 1)), "weight": 1}]
+    _fails(capsys, _setup(tmp_path, small_tokenizer_dir, spec, resources_per_worker={"prepare": 1}),
+           "data.resources_per_worker", "prepare")
+    assert _nothing_written(tmp_path)
+
+
 def test_weights_and_tokenizer_are_checked(tmp_path, small_tokenizer_dir, capsys):
     corpus = _corpus(tmp_path)
     params_file = _setup(tmp_path, small_tokenizer_dir, corpus)
@@ -318,42 +358,103 @@ def test_failed_run_keeps_the_previous_output(tmp_path, small_tokenizer_dir, cap
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_nothing_trusted_and_a_rerun_finishes(tmp_path, small_tokenizer_dir):
-    """SIGKILL mid-run: the previous output stays whole, the staging dir is never trusted, the
-    orphaned pool workers exit, and the next run replaces the output with exactly what an
-    uninterrupted run writes."""
+def test_killed_run_keeps_sealed_inputs_and_the_rerun_writes_the_same_bytes(tmp_path, small_tokenizer_dir):
+    """SIGKILL mid-run: the previous output stays whole, the Ray it started goes with it, the inputs it
+    sealed are kept and nothing half-written is trusted; the rerun tokenizes only the rest and writes
+    exactly what an uninterrupted run writes."""
     import psutil
 
     small = [{"name": "sp", "format": "slimpajama", "uri": str(write_slimpajama(tmp_path / "small", 1, 1)),
               "weight": 1}]
     big = [{"name": "sp", "format": "slimpajama",
-            "uri": str(write_slimpajama(tmp_path / "big", chunks=2, files_per_chunk=2, rows_per_file=1500)),
+            "uri": str(write_slimpajama(tmp_path / "big", chunks=3, files_per_chunk=3, rows_per_file=600)),
             "weight": 1}]
     assert _run(_setup(tmp_path, small_tokenizer_dir, small)) == 0
     before = _files(tmp_path / "data" / "prepared")
 
     params_file = _setup(tmp_path, small_tokenizer_dir, big, rows_per_shard=64, row_group_rows=16)
-    staging = tmp_path / "data" / ".prepare.tmp"
+    units = tmp_path / "data" / ".prepare.tmp" / "units"
     process = subprocess.Popen([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file)],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not list(staging.glob("prepared/sp/train/shard-*.parquet")) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while len(list(units.rglob("*.json"))) < 2 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        workers = psutil.Process(process.pid).children(recursive=True)
+        children = psutil.Process(process.pid).children(recursive=True)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert len(workers) >= 2
-    gone, alive = psutil.wait_procs(workers, timeout=15)
-    assert not alive, f"orphaned workers still running: {[p.pid for p in alive]}"
-    assert staging.is_dir(), "the run finished before it could be killed: make the corpus bigger"
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed: make the corpus bigger"
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"orphaned processes still running: {[p.pid for p in alive]}"
     assert _files(tmp_path / "data" / "prepared") == before
+    sealed = len(list(units.rglob("*.json")))
+    assert 2 <= sealed < 9
 
-    assert _run(params_file) == 0
-    assert not staging.exists()
+    result = subprocess.run([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{sealed} of 9 inputs already tokenized" in result.stdout
+    assert not (tmp_path / "data" / ".prepare.tmp").exists()
     rerun = _files(tmp_path / "data" / "prepared")
     shutil.rmtree(tmp_path / "data")
     assert _run(params_file) == 0
     assert _files(tmp_path / "data" / "prepared") == rerun != before
+
+
+def test_a_stale_or_broken_sealed_unit_is_made_again(tmp_path, small_tokenizer_dir):
+    """Units left by an earlier run are used only while their files match their seal and their input."""
+    from tasks.data.prepare import plan_units
+    from tasks.data.shards import token_dtype
+    from tasks.data.units import IDS, UnitWriter, load_sealed
+
+    spec = [{"name": "sp", "format": "slimpajama", "uri": str(write_slimpajama(tmp_path / "raw", 1, 2)),
+             "weight": 1}]
+    params_file = _setup(tmp_path, small_tokenizer_dir, spec)
+    assert _run(params_file) == 0
+    expected = _files(tmp_path / "data" / "prepared")
+    params = _params(tmp_path)
+    tokenizer = Tokenizer.load(tmp_path / "models" / "tokenizer")
+    dtype = token_dtype(tokenizer.vocab_size)
+    units = plan_units([sources.SourceReader(s, params) for s in params.data.sources], params, tokenizer, dtype)
+    directory = tmp_path / "data" / ".prepare.tmp" / "units" / "sp"
+    for unit in units:  # sealed units of wrong tokens: a flipped id in one, a torn file in the other
+        writer = UnitWriter(directory, unit.key, dtype)
+        writer.append(np.arange(10, dtype=dtype).tobytes(), np.array([10], np.int64).tobytes(), 1, {})
+        writer.seal(unit.uri, "0" * 64)
+    (directory / f"{units[0].key}{IDS}").write_bytes(np.arange(1, 11, dtype=dtype).tobytes())
+    (directory / f"{units[1].key}{IDS}").write_bytes(np.arange(5, dtype=dtype).tobytes())
+    assert all(load_sealed(directory, unit, dtype) is None for unit in units)
+    assert _run(params_file) == 0
+    assert _files(tmp_path / "data" / "prepared") == expected
+
+    (tmp_path / "raw" / "train" / "chunk1" / "example_train_0.jsonl.zst").write_bytes(
+        (tmp_path / "raw" / "train" / "chunk1" / "example_train_1.jsonl.zst").read_bytes())
+    renewed = [u.key for u in plan_units([sources.SourceReader(s, params) for s in params.data.sources], params,
+                                         tokenizer, dtype)]
+    assert renewed[0] != units[0].key and renewed[1] == units[1].key  # a changed input has a new key
+
+
+def test_encode_processes_is_validated(tmp_path, small_tokenizer_dir, capsys):
+    spec = [{"name": "sp", "format": "slimpajama", "uri": str(write_slimpajama(tmp_path / "raw", 1, 1)), "weight": 1}]
+    params_file = _setup(tmp_path, small_tokenizer_dir, spec)
+    params_file.write_text(params_file.read_text().replace("encode_processes: 2", "encode_processes: 0"))
+    _fails(capsys, params_file, "data.encode_processes")
+    assert _nothing_written(tmp_path)
+
+
+def test_plan_states_prepares_time_for_the_profiles_corpus():
+    """`tinyllama plan` puts prepare's time beside training's: the corpus over the workers' tokens per CPU-second."""
+    from tasks.params import load_params, parse_tokens
+    from tasks.pretrain.plan import make_plan, render
+
+    params = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml")
+    plan = make_plan(params)
+    data = params.data
+    assert plan.prepare["corpus_tokens"] == parse_tokens("950B") == data.corpus_tokens
+    expected_days = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes) / 86400
+    assert plan.prepare["days"] == pytest.approx(expected_days)
+    line = next(line for line in render(plan, 40).splitlines() if line.startswith("prepare"))
+    assert "950B tokens" in line and f"{data.encode_processes} CPU workers" in line
+    params.data.encode_processes *= 2
+    assert make_plan(params).prepare["days"] == pytest.approx(expected_days / 2)

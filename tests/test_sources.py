@@ -202,3 +202,26 @@ def test_builtin_source_is_the_embedded_corpus(tmp_path):
     list(reader.chunks())
     assert reader.inputs == ["builtin://text?seed=5&entities=20&programs=40"]
     assert len(reader.input_sha256[reader.inputs[0]]) == 64
+
+
+def test_storage_faults_are_transient_and_broken_files_are_not():
+    """What `prepare` retries (timeouts, 5xx, resets, also when s3fs wraps them) and what it reports as
+    the user's to fix (a missing, forbidden or corrupt file)."""
+    import zstandard
+
+    def wrapped(cause: BaseException) -> OSError:
+        try:
+            raise cause
+        except BaseException as exc:
+            try:
+                raise OSError("read failed") from exc
+            except OSError as outer:
+                return outer
+
+    for exc in (TimeoutError("read timed out"), ConnectionResetError(104, "Connection reset by peer"),
+                OSError("An error occurred (SlowDown) when calling GetObject: 503"),
+                wrapped(ConnectionResetError()), wrapped(TimeoutError())):
+        assert sources.is_transient(exc), exc
+    for exc in (FileNotFoundError("s3://b/k"), PermissionError("Access Denied"), zstandard.ZstdError("bad frame"),
+                OSError("not a parquet file"), wrapped(FileNotFoundError())):
+        assert not sources.is_transient(exc), exc

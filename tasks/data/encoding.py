@@ -1,38 +1,43 @@
-"""Parse + tokenize chunks in a process pool, handing results back in input order.
+"""Phase 1 of `prepare` on a worker: one input (a unit) parsed, tokenized and sent back in parts.
 
-The parent only reads raw bytes and packs; each worker loads the tokenizer once and turns a
-chunk into one flat id array plus per-document lengths (separators included), which is cheap
-to send back. At most `IN_FLIGHT_PER_WORKER × workers` chunks are in flight, so memory stays
-flat however fast the reader is, and results come back in submission order, so the output does
-not depend on the worker count or on which worker finishes first.
+`UnitEncoder` is a Ray Data callable class, so each actor loads the tokenizer once (pinned to one
+thread: the actor pool already uses every CPU `data.encode_processes` gives it). For one unit it reads
+the input as a stream of chunks (`SourceReader.input_chunks`), tokenizes each chunk and sends the ids
+back in parts of about `PART_IDS` ids, numbered, so a worker holds at most one part plus one chunk
+whatever the file size, and the driver (which seals units, tasks/data/units.py) can drop a part it has
+already seen when Ray re-runs the task of a worker that died.
 
-Like any forkserver/spawn pool, it re-imports the caller's main module in the server: a script
-that calls `prepare()` with `data.workers > 1` needs an `if __name__ == "__main__":` guard (the
-`tinyllama` CLI and pytest have one).
+A storage fault (timeout, 5xx, connection reset) is retried `READ_ATTEMPTS` times with bounded
+backoff, re-reading the input from its start but sending only the parts not sent yet; a broken input
+or bad settings travel back as an `error` row (one line naming the field and the file), which the
+driver raises as a `UserError`.
 """
 
 from __future__ import annotations
 
 import itertools
-import multiprocessing
+import json
+import logging
 import os
-import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from model.tokenizer import BOS_ID, EOS_ID
-from tasks.data.sources import Chunk, parse_chunk
+from tasks.data import sources
+from tasks.data.sources import Chunk, SourceReader, _unreadable, is_transient, parse_chunk, read_errors
+from tasks.errors import UserError
 
-IN_FLIGHT_PER_WORKER = 4
-"""Chunks queued per worker: enough that a worker never waits while the parent, which reads
-and writes between results, is briefly off the CPU; few enough to keep memory flat."""
+PART_IDS = 1 << 20
+"""Ids per part sent back (2-4 MB): the block that bounds a worker's memory."""
+READ_ATTEMPTS = 5
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
+"""Waits between attempts at reading an input (about 8 s in all, then the stage fails: not exit 2,
+so the flow retries it)."""
 
-_tokenizer = None
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,46 +46,93 @@ class Encoded:
     lengths: np.ndarray        # ids per document (int64), in order
     rows: int                  # input rows the chunk held
     skipped: dict              # reason -> rows skipped
-    nbytes: int                # input bytes the chunk stood for (progress)
 
 
-def _load_tokenizer(tokenizer_dir: str) -> None:
-    global _tokenizer
-    from model.tokenizer import Tokenizer
-
-    _tokenizer = Tokenizer.load(tokenizer_dir)
-
-
-def _init_worker(tokenizer_dir: str, owner: int) -> None:
-    """Pool initializer: one tokenizer per process, single-threaded, because the pool already
-    uses every core the user gave it (`data.encode_processes`)."""
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    threading.Thread(target=_exit_with_owner, args=(owner,), daemon=True).start()
-    _load_tokenizer(tokenizer_dir)
-
-
-def _exit_with_owner(owner: int) -> None:
-    """A killed stage (SIGKILL, OOM) never shuts its pool down; its workers would wait on the
-    task queue forever and, holding the forkserver's liveness pipe, keep that alive too. So
-    each worker leaves as soon as the process that owns the pool is gone."""
-    while True:
-        time.sleep(1.0)
-        try:
-            os.kill(owner, 0)
-        except ProcessLookupError:
-            os._exit(1)
-
-
-def encode_chunk(task: tuple) -> Encoded:
+def encode_chunk(tokenizer, source, separator: str, dtype, chunk: Chunk) -> Encoded:
     """Parse and tokenize one chunk; the separator policy puts BOS before each document (as
     TinyLlama's real run did, see its issue #40), EOS after it, or both."""
-    source, separator, dtype, chunk = task
     parsed = parse_chunk(source, chunk)
-    documents = _tokenizer.encode_batch(parsed.documents) if parsed.documents else []
+    documents = tokenizer.encode_batch(parsed.documents) if parsed.documents else []
     ids, lengths = _with_separators(documents, dtype, bos=separator in ("bos", "both"),
                                     eos=separator in ("eos", "both"))
-    return Encoded(ids, lengths, parsed.rows, dict(parsed.skipped), chunk.nbytes)
+    return Encoded(ids, lengths, parsed.rows, dict(parsed.skipped))
+
+
+class UnitEncoder:
+    """Ray Data UDF: a batch of units (see `tasks.data.units.Unit`) -> their parts, as Arrow tables."""
+
+    def __init__(self, tokenizer, params, part_ids: int = PART_IDS, chunk_bytes: int = sources.CHUNK_BYTES):
+        """`part_ids`, `chunk_bytes`: the driver's sizes, so every worker cuts parts and chunks as the driver
+        was configured to (tests make them tiny to get many of each)."""
+        os.environ["RAYON_NUM_THREADS"] = "1"      # read when the tokenizer's thread pool first starts
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        sources.CHUNK_BYTES = chunk_bytes
+        self.part_ids = part_ids
+        self.tokenizer, self.params = tokenizer, params
+        self.dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 65536 else np.uint32)
+        self.sources = {source.name: source for source in params.data.sources}
+
+    def __call__(self, batch: dict) -> Iterator:
+        for index, name, uri in zip(batch["index"], batch["source"], batch["uri"]):
+            yield from self.encode_unit(int(index), self.sources[str(name)], str(uri))
+
+    def encode_unit(self, index: int, source, uri: str) -> Iterator:
+        sent = (0, 0)  # (chunks whose ids went out, parts sent): a retry re-reads but resends nothing
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            reader = SourceReader(source, self.params, inputs=[uri])
+            resume_from = sent
+            try:
+                for sent, table in self._parts(index, reader, source, uri, *resume_from):  # noqa: B007 (read below)
+                    yield table
+                return
+            except UserError as exc:
+                yield _part_table(index, sent[1], error=str(exc))
+                return
+            except read_errors() as exc:
+                if not is_transient(exc):
+                    yield _part_table(index, sent[1], error=str(_unreadable(source, uri, exc)))
+                    return
+                if attempt == READ_ATTEMPTS:
+                    raise RuntimeError(f"{uri}: still failing after {attempt} attempts: {exc}") from exc
+                wait = BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)]
+                log.warning("prepare: %s: attempt %d of %d failed (%s: %s); retrying in %.1fs", uri, attempt,
+                            READ_ATTEMPTS, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", wait)
+                time.sleep(wait)
+
+    def _parts(self, index: int, reader: SourceReader, source, uri: str, skip: int, part: int) -> Iterator:
+        """((chunks covered, parts sent), part table) per part; the first `skip` chunks are read
+        but not tokenized (they went out before a retry)."""
+        pending: list[Encoded] = []
+        size = 0
+        chunks = 0
+        for chunk in reader.input_chunks(uri):
+            chunks += 1
+            if chunks <= skip:
+                continue
+            encoded = encode_chunk(self.tokenizer, source, self.params.data.separator, self.dtype, chunk)
+            pending.append(encoded)
+            size += len(encoded.ids)
+            if size >= self.part_ids:
+                yield (chunks, part + 1), _part_table(index, part, pending)
+                pending, size, part = [], 0, part + 1
+        yield (chunks, part + 1), _part_table(index, part, pending, sha256=reader.input_sha256[uri])
+
+
+def _part_table(index: int, part: int, encoded: list[Encoded] = (), sha256: str = "", error: str = ""):
+    """One row: a part of unit `index` (ids and lengths as raw bytes), its last with the input's sha256."""
+    import pyarrow as pa
+
+    skipped: dict = {}
+    for item in encoded:
+        for reason, count in item.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    ids = b"".join(item.ids.tobytes() for item in encoded)
+    lengths = b"".join(item.lengths.astype(np.int64).tobytes() for item in encoded)
+    return pa.table({"index": pa.array([index], pa.int64()), "part": pa.array([part], pa.int64()),
+                     "ids": pa.array([ids], pa.large_binary()), "lengths": pa.array([lengths], pa.large_binary()),
+                     "rows": pa.array([sum(item.rows for item in encoded)], pa.int64()),
+                     "skipped": [json.dumps(skipped)], "sha256": [sha256], "done": [bool(sha256 or error)],
+                     "error": [error]})
 
 
 def _with_separators(documents: list[list[int]], dtype, bos: bool, eos: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -97,56 +149,3 @@ def _with_separators(documents: list[list[int]], dtype, bos: bool, eos: bool) ->
         ids[starts + lengths - 1], is_body[starts + lengths - 1] = EOS_ID, False
     ids[is_body] = np.fromiter(itertools.chain.from_iterable(documents), dtype=dtype, count=int(bodies.sum()))
     return ids, lengths
-
-
-_PRELOAD = ["tasks.data.encoding", "model.tokenizer", "tokenizers", "sentencepiece.sentencepiece_model_pb2"]
-
-
-def _worker_context():
-    """Workers fork from a fresh single-threaded server that imported the heavy modules once.
-
-    Not plain `fork`: the parent may hold threads (the progress bar's monitor, s3fs's event
-    loop, a tokenizer thread pool) whose locks a forked child would inherit mid-use. Not `spawn`:
-    every worker would start an interpreter and import numpy and the tokenizers itself (measured
-    for the whole stage, 2 workers, a 140K-token corpus: spawn ~2.6 s of CPU, forkserver ~1.9 s,
-    in-process ~1.1 s), a cost that grows with `data.encode_processes`.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    return context
-
-
-class EncoderPool:
-    """`encode(source, chunks)` over `workers` processes (in-process when `workers == 1`)."""
-
-    def __init__(self, tokenizer_dir: str, workers: int, separator: str, dtype: np.dtype):
-        self.workers, self.separator, self.dtype = workers, separator, dtype
-        self._executor = None
-        if workers == 1:
-            _load_tokenizer(tokenizer_dir)
-        else:
-            self._executor = ProcessPoolExecutor(workers, mp_context=_worker_context(),
-                                                 initializer=_init_worker, initargs=(tokenizer_dir, os.getpid()))
-
-    def encode(self, source, chunks: Iterable[Chunk]) -> Iterator[Encoded]:
-        tasks = ((source, self.separator, self.dtype, chunk) for chunk in chunks)
-        if self._executor is None:
-            yield from map(encode_chunk, tasks)
-            return
-        in_flight: deque = deque()
-        for task in tasks:
-            in_flight.append(self._executor.submit(encode_chunk, task))
-            if len(in_flight) >= IN_FLIGHT_PER_WORKER * self.workers:
-                yield in_flight.popleft().result()
-        while in_flight:
-            yield in_flight.popleft().result()
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

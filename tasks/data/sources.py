@@ -24,6 +24,7 @@ import functools
 import gzip
 import hashlib
 import io
+import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -238,35 +239,100 @@ def read_errors() -> tuple[type[Exception], ...]:
     return (OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException)
 
 
+@contextlib.contextmanager
+def _local_copy(uri: str) -> Iterator[tuple[str, str]]:
+    """(a local path of the input, its sha256), reading it once: Parquet needs random access (its
+    footer first), so a remote file is streamed to a temporary file while it is hashed, and pyarrow
+    then reads row groups from local disk (memory stays one row group, whatever the file size)."""
+    import tempfile
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if "file" in fs.protocol:
+        yield path, sha256_file(uri)
+        return
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(suffix=".parquet") as local, fs.open(path, "rb") as remote:
+        while block := remote.read(1 << 22):
+            digest.update(block)
+            local.write(block)
+        local.flush()
+        yield local.name, digest.hexdigest()
+
+
+
+
+_TRANSIENT_NAMES = {"TimeoutError", "ConnectionError", "ConnectionResetError", "ConnectionAbortedError",
+                    "BrokenPipeError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError",
+                    "ConnectionClosedError", "ServerDisconnectedError", "ClientPayloadError", "ClientOSError",
+                    "ServerTimeoutError", "IncompleteReadError", "ResponseStreamingError", "ProtocolError"}
+_TRANSIENT_WORDS = ("503", "SlowDown", "ServiceUnavailable", "InternalError",
+                    "Service Unavailable", "Internal Server Error", "Bad Gateway", "Gateway Timeout", "timed out",
+                    "Connection reset", "RequestTimeout")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault of the storage or the network (timeout, 5xx, connection reset), worth retrying, as
+    opposed to a file that is missing, forbidden or broken (the user's to fix). Looks through the
+    exception's causes: s3fs and aiobotocore wrap the network's errors in their own."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            return False
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__):
+            return True
+        if isinstance(exc, OSError) and any(word in str(exc) for word in _TRANSIENT_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class SourceReader:
     """Streams one source as `Chunk`s in a fixed order; fills `input_sha256` as inputs finish."""
 
-    def __init__(self, source: SourceParams, params: Params):
+    def __init__(self, source: SourceParams, params: Params, inputs: list[str] | None = None):
+        """`inputs`: the already listed inputs to read (a `prepare` worker reading one unit), so a
+        worker never lists the source again."""
         self.source = source
         self.params = params
         self.input_sha256: dict[str, str] = {}
+        self.stamps: dict[str, dict] = {}
         if source.format == "builtin":
             self.inputs = [_builtin_uri(source, params)]
-            self.total_bytes = sum(len(d.encode()) for d in _builtin_documents(source, params))
+            self.sizes = {self.inputs[0]: sum(len(d.encode()) for d in _builtin_documents(source, params))}
+            self.stamps = {self.inputs[0]: {}}
+        elif inputs is not None:
+            self.inputs, self.sizes = inputs, {}
         else:
             import fsspec
 
             self.inputs = resolve_inputs(source)
-            self.sizes = {uri: fsspec.core.url_to_fs(uri)[0].size(uri) or 0 for uri in self.inputs}
-            self.total_bytes = sum(self.sizes.values())
+            for uri in self.inputs:
+                info = fsspec.core.url_to_fs(uri)[0].info(uri)
+                self.stamps[uri] = {"size": info.get("size") or 0,
+                                    "version": str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))}
+            self.sizes = {uri: stamp["size"] for uri, stamp in self.stamps.items()}
+        self.total_bytes = sum(self.sizes.values())
 
     def chunks(self) -> Iterator[Chunk]:
-        if self.source.format == "builtin":
-            yield from self._builtin_chunks()
-            return
         for uri in self.inputs:
             try:
-                if self.source.format == "starcoderdata":
-                    yield from self._parquet_chunks(uri)
-                else:
-                    yield from self._stream_chunks(uri)
+                yield from self.input_chunks(uri)
             except read_errors() as exc:
+                if is_transient(exc):
+                    raise
                 raise _unreadable(self.source, uri, exc) from None
+
+    def input_chunks(self, uri: str) -> Iterator[Chunk]:
+        """One input's chunks; its sha256 is in `input_sha256` once they are all consumed. Read errors
+        propagate as they are: the caller tells a transient fault (`is_transient`) from a broken file."""
+        if self.source.format == "builtin":
+            return self._builtin_chunks()
+        if self.source.format == "starcoderdata":
+            return self._parquet_chunks(uri)
+        return self._stream_chunks(uri)
 
     def _stream_chunks(self, uri: str) -> Iterator[Chunk]:
         with open_input(uri) as (stream, hashing):
@@ -280,19 +346,19 @@ class SourceReader:
             yield Chunk(b"" if self.source.format != "text" else [], hashing.consumed - reported, uri, first)
 
     def _parquet_chunks(self, uri: str) -> Iterator[Chunk]:
-        import fsspec
         import pyarrow.parquet as pq
 
         column = text_field(self.source)
-        with fsspec.open(uri, "rb") as handle:
+        with _local_copy(uri) as (local, sha256), open(local, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             if column not in parquet.schema_arrow.names:
                 raise UserError(f"{where(self.source, 'text_field')}: column {column!r} not in {uri} "
                                 f"(columns: {', '.join(parquet.schema_arrow.names)})")
-            total, size = max(parquet.metadata.num_rows, 1), self.sizes[uri]
+            total, size = max(parquet.metadata.num_rows, 1), os.path.getsize(local)
             for index, batch in enumerate(parquet.iter_batches(batch_size=128, columns=[column])):
                 yield Chunk(batch.column(0).to_pylist(), size * batch.num_rows // total, uri, index == 0)
         self.input_sha256[uri] = sha256_file(uri)
+        self.input_sha256[uri] = sha256
 
     def _builtin_chunks(self) -> Iterator[Chunk]:
         digest = hashlib.sha256()

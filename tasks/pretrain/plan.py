@@ -38,6 +38,7 @@ class Plan:
     tokens_per_sec_per_worker: float
     days: float
     mfu_at_that_speed: float
+    prepare: dict | None = None   # prepare_estimate(): the data stage's expected time, beside training's
 
 
 def count_parameters_on_meta(params: Params) -> int:
@@ -155,7 +156,29 @@ def make_plan(params: Params) -> Plan:
         tokens_per_sec_per_worker=tps,
         days=train.total_tokens / (tps * train.workers) / 86400,
         mfu_at_that_speed=tps * flops / (params.plan.peak_tflops_per_worker * 1e12),
+        prepare=prepare_estimate(params),
     )
+
+
+# ---------------------------------------------------------------- prepare (the data stage)
+
+
+def prepare_estimate(params: Params) -> dict | None:
+    """`prepare`'s expected time for the profile's corpus (`data.corpus_tokens`) on its
+    `data.encode_processes` CPU workers at `data.tokens_per_cpu_second` each; None without a corpus size."""
+    data = params.data
+    if data.corpus_tokens is None:
+        return None
+    seconds = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes)
+    return {"corpus_tokens": data.corpus_tokens, "workers": data.encode_processes,
+            "tokens_per_cpu_second": data.tokens_per_cpu_second, "days": seconds / 86400}
+
+
+def _render_prepare(estimate: dict | None) -> list[str]:
+    if estimate is None:
+        return ["prepare            (set data.corpus_tokens for an estimate)"]
+    return [f"prepare            {_duration(estimate['days'])} for {format_tokens(estimate['corpus_tokens'])} tokens "
+            f"on {estimate['workers']} CPU workers at {estimate['tokens_per_cpu_second']:,.0f} tok/CPU-s"]
 
 
 def _resources(params: Params) -> dict[str, dict[str, float]]:
@@ -201,6 +224,7 @@ def render(plan: Plan, memory_per_worker_gb: float) -> str:
         f"time               {_duration(plan.days)} at {plan.tokens_per_sec_per_worker:,.0f} tok/s/device "
         f"(MFU {plan.mfu_at_that_speed:.1%}, {plan.flops_per_token / 1e9:.2f} GFLOP/token)",
     ]
+    lines += _render_prepare(plan.prepare)
     return "\n".join(lines)
 
 

@@ -82,7 +82,10 @@ def _range_list(rng):
     start = rng.randint(0, 5)
     stop = start + rng.randint(2, 5)
     body = f"print(list(range({start}, {stop})))"
-    show = lambda lo, hi: str(list(range(lo, hi)))
+
+    def show(lo: int, hi: int) -> str:
+        return str(list(range(lo, hi)))
+
     near = [show(start, stop + 1), show(start + 1, stop), show(start, stop - 1), show(start + 1, stop + 1)]
     return body, show(start, stop), near, lambda: show(start, stop + rng.randint(2, 3))
 
