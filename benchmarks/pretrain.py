@@ -54,7 +54,8 @@ def write_data(params, root: Path) -> None:
 
     config = params.llama_config()
     rows = 4 * params.train.total_tokens // params.data.seq_len  # enough for a few epochs' worth of variety
-    write_prepared(root / "data", root / "models" / "tokenizer", {s.name: 1 + 2 * i for i, s in enumerate(params.data.sources)},
+    write_prepared(root / "data", root / "models" / "tokenizer",
+                   {s.name: 1 + 2 * i for i, s in enumerate(params.data.sources)},
                    seq_len=params.data.seq_len, vocab_size=config.vocab_size, train_rows=rows,
                    val_rows=256, rows_per_shard=params.data.rows_per_shard)
 
@@ -224,11 +225,13 @@ def main() -> None:
             with ray_session(params, "benchmark"):
                 for index in range(args.rounds):
                     order = ("bare", "ray") if index % 2 == 0 else ("ray", "bare")
-                    measured = {side: bare_round(params, root, args.steps) if side == "bare" else ray_round(params, root)
+                    measured = {side: (bare_round(params, root, args.steps) if side == "bare"
+                                       else ray_round(params, root))
                                 for side in order}
                     rate = {side: steady_tokens_per_s(m["step_s"], params, args.skip) for side, m in measured.items()}
                     rounds.append({"order": order, "bare_tokens_per_s": round(rate["bare"]),
-                                   "ray_tokens_per_s": round(rate["ray"]), "ratio": round(rate["ray"] / rate["bare"], 3),
+                                   "ray_tokens_per_s": round(rate["ray"]),
+                                   "ratio": round(rate["ray"] / rate["bare"], 3),
                                    "bare_peak_rss_mib": measured["bare"]["peak_rss_mib"],
                                    "ray_worker_peak_rss_mib": measured["ray"]["peak_rss_mib"],
                                    "ray_tree_peak_rss_mib": measured["ray"]["peak_rss_tree_mib"],

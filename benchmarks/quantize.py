@@ -144,7 +144,8 @@ def run(args) -> dict:
             bandwidths = []
             for round_index in range(args.rounds):
                 bandwidths.append(copy_bandwidth(args.threads))
-                order = list(contenders)[round_index % len(contenders):] + list(contenders)[:round_index % len(contenders)]
+                order = (list(contenders)[round_index % len(contenders):]
+                         + list(contenders)[:round_index % len(contenders)])
                 for contender in order:
                     speeds[contender].append(decode_tokens_per_s(contenders[contender], prompt, args.new_tokens,
                                                                  contender in ("fp32", "int8")))

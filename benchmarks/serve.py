@@ -128,7 +128,8 @@ async def http_load(url: str, prompts: list[str], concurrency: int, requests: in
     tpot = [r["tpot"] for r in results if r["tpot"] is not None]
     return {"concurrency": concurrency, "requests": requests, "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1),
-            "ttft_p50_ms": round(percentile(ttft, 0.5) * 1000, 1), "ttft_p95_ms": round(percentile(ttft, 0.95) * 1000, 1),
+            "ttft_p50_ms": round(percentile(ttft, 0.5) * 1000, 1),
+            "ttft_p95_ms": round(percentile(ttft, 0.95) * 1000, 1),
             "tpot_p50_ms": round(percentile(tpot, 0.5) * 1000, 2) if tpot else None,
             "tpot_p95_ms": round(percentile(tpot, 0.95) * 1000, 2) if tpot else None}
 
@@ -147,7 +148,8 @@ def ours(model_dir: Path, prompts: list[str], work: Path, quick: bool, max_token
             requests = concurrency * (1 if quick else 2) if concurrency > 1 else (2 if quick else 8)
             rows.append({"stream_interval": stream_interval,
                          **asyncio.run(http_load(url, prompts, concurrency, requests, max_tokens))})
-            print(f"  ours (interval {stream_interval}) {model_dir.name:10s} c={concurrency:2d}: {rows[-1]['tokens_per_s']:7.1f} tok/s  "
+            print(f"  ours (interval {stream_interval}) {model_dir.name:10s} c={concurrency:2d}: "
+                  f"{rows[-1]['tokens_per_s']:7.1f} tok/s  "
                   f"TTFT p50 {rows[-1]['ttft_p50_ms']} ms  TPOT p50 {rows[-1]['tpot_p50_ms']} ms", flush=True)
         return rows
     finally:

@@ -134,7 +134,8 @@ class _PeriodicLines:
         self.last = time.monotonic()
         rate = self.n / max(self.last - self.started, 1e-9)
         done = f"{self.n:,.0f}/{self.total:,.0f}" if self.total else f"{self.n:,.0f}"
-        print(f"{self.desc}: {done} {self.unit} ({rate:,.0f} {self.unit}/s{', ' + self.postfix if self.postfix else ''})",
+        print(f"{self.desc}: {done} {self.unit} "
+              f"({rate:,.0f} {self.unit}/s{', ' + self.postfix if self.postfix else ''})",
               flush=True)
 
     def __enter__(self):

@@ -195,12 +195,15 @@ def _shortfall(params: Params, bundles: list[dict[str, float]], have: dict[str, 
     missing = [f"{name} {amount:g} (has {have.get(name, 0):g})" for name, amount in sorted(need.items())
                if amount > have.get(name, 0)]
     asked = (f"train.workers {train.workers} × (train.cpus_per_worker {train.cpus_per_worker}"
-             f"{', 1 GPU' if train.use_gpu else ''}{', train.resources_per_worker ' + str(train.resources_per_worker) if train.resources_per_worker else ''})"
+             f"{', 1 GPU' if train.use_gpu else ''}"
+             f"{', train.resources_per_worker ' if train.resources_per_worker else ''}"
+             f"{train.resources_per_worker or ''})"
              f"{evals}")
     if missing:
         return f"the Ray cluster lacks {', '.join(missing)} for {asked}"
     return (f"the Ray cluster has enough of every resource in total but cannot place {asked} on its nodes "
-            f"(one bundle per worker must fit on one node; has {', '.join(f'{k} {v:g}' for k, v in sorted(have.items()))})")
+            f"(one bundle per worker must fit on one node; "
+            f"has {', '.join(f'{k} {v:g}' for k, v in sorted(have.items()))})")
 
 
 def check_train_resources(params: Params, milestone_evals: bool = True) -> None:

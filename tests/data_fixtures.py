@@ -78,7 +78,8 @@ def write_slimpajama(root: Path, chunks: int = 2, files_per_chunk: int = 2, rows
 def program(rng: random.Random, language: str, i: int) -> str:
     name = f"{rng.choice(_WORDS)}_{i}"
     if language == "python":
-        return f"def {name}(x):\n    total = 0\n    for k in range(x):\n        total += k * {rng.randint(2, 9)}\n    return total\n"
+        return (f"def {name}(x):\n    total = 0\n    for k in range(x):\n"
+                f"        total += k * {rng.randint(2, 9)}\n    return total\n")
     if language == "rust":
         return f"fn {name}(x: u32) -> u32 {{\n    (0..x).map(|k| k * {rng.randint(2, 9)}).sum()\n}}\n"
     return f"function {name}(x) {{\n  return x * {rng.randint(2, 9)};\n}}\n"

@@ -53,7 +53,8 @@ def write_eval_items(eval_dir: Path, items: dict[str, list[dict]]) -> Path:
     for task, rows in items.items():
         (eval_dir / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (eval_dir / "tasks.json").write_text(json.dumps(
-        {task: {"description": task, "n": len(rows), "chance": 1 / len(rows[0]["choices"])} for task, rows in items.items()}))
+        {task: {"description": task, "n": len(rows), "chance": 1 / len(rows[0]["choices"])}
+         for task, rows in items.items()}))
     return eval_dir
 
 

@@ -29,7 +29,8 @@ NAME = r"[A-Z][a-z]+ [A-Z][a-z]+"
 
 def digest(corpus: Corpus) -> str:
     payload = json.dumps([corpus.text_documents, corpus.code_documents,
-                          {name: [task.description, task.chance, task.items] for name, task in corpus.eval_tasks.items()}])
+                          {name: [task.description, task.chance, task.items]
+                           for name, task in corpus.eval_tasks.items()}])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

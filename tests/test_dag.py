@@ -84,7 +84,8 @@ def test_stage_cmd_is_the_cli_subcommand_on_params_yaml(stage):
     assert importlib.util.find_spec(COMMANDS[stage][0]) is not None, f"{COMMANDS[stage][0]} does not exist yet"
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.yaml"))])
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix()
+                                                            for p in (ROOT / "configs").glob("*.yaml"))])
 def test_every_stage_param_exists_in_every_profile(profile):
     """DVC stops with 'missing params' when a listed key is absent, so each profile must carry them all."""
     tree = yaml.safe_load((ROOT / profile).read_text())
@@ -187,7 +188,8 @@ def _micro_profile(root: Path) -> None:
     raw["tokenizer"]["vocab_size"] = 512
     raw["model"]["preset"] = "micro"
     raw["data"].update(seq_len=64, builtin={"seed": 1234, "entities": 6, "programs": 200})
-    raw["train"].update(micro_batch=4, global_batch_tokens=1024, total_tokens="32K", milestones=["4K", "8K", "16K", "32K"],
+    raw["train"].update(micro_batch=4, global_batch_tokens=1024, total_tokens="32K",
+                        milestones=["4K", "8K", "16K", "32K"],
                         warmup_steps=3, checkpoint_every_steps=4, val_every_steps=8, log_every_steps=8,
                         eval_milestones_during_training=False)
     for variant, base in zip(raw["sft"]["variants"], ("32K", "16K")):

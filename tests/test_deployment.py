@@ -74,8 +74,9 @@ def test_deployment_run_through_local_services(pipeline_repo, tmp_path):
         pids = {p.stem: int(p.read_text()) for p in (root / ".services").glob("*.pid")}
         assert set(pids) == {"prefect-server", "prefect-worker", "mlflow-server"}
 
-        run = subprocess.run([str(root / ".venv" / "bin" / "prefect"), "deployment", "run", "tinyllama-pipeline/tiny-cpu",
-                              "--watch", "--watch-timeout", "1800"], cwd=root, env=env, capture_output=True, text=True, timeout=1900)
+        run = subprocess.run([str(root / ".venv" / "bin" / "prefect"), "deployment", "run",
+                              "tinyllama-pipeline/tiny-cpu", "--watch", "--watch-timeout", "1800"],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=1900)
         assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
         assert "Completed" in run.stdout
 

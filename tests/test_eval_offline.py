@@ -56,8 +56,8 @@ def _ai2(stem, labels, key):
 
 def test_arc_and_openbookqa_rows(tmp_path):
     path = _jsonl(tmp_path / "a.jsonl", [_ai2("Why?", ["1", "2", "3"], "3")])
-    assert arc_rows(path) == [{"id": "q1", "question": "Why?", "choices": {"text": ["t1", "t2", "t3"],
-                                                                            "label": ["1", "2", "3"]}, "answerKey": "3"}]
+    assert arc_rows(path) == [{"id": "q1", "question": "Why?",
+                               "choices": {"text": ["t1", "t2", "t3"], "label": ["1", "2", "3"]}, "answerKey": "3"}]
     assert openbookqa_rows(path)[0]["question_stem"] == "Why?"
     _jsonl(path, [{"id": "q", "question": "flat", "answerKey": "A"}])
     with pytest.raises(UserError, match=r"a.jsonl:1: missing field 'question.stem'"):

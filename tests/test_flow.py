@@ -126,7 +126,8 @@ def _artifacts(flow_run_id) -> dict[str, str]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return {a.key: a.data for a in artifacts}
 
 
@@ -216,7 +217,8 @@ def test_cli_reports_bad_params_in_one_line_with_exit_2(tmp_path):
     root = _toy_repo(tmp_path / "toy")
     (root / "bad.yaml").write_text("seed: 1\ntrain: {lr: oops}\n")
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", "bad.yaml"], cwd=root,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": ""})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": ""})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.lr" in lines[0] and "data: required field is missing" in lines[0]

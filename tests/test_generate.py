@@ -188,8 +188,8 @@ def test_cli_console_script_runs(checkpoint):
     if not script.exists():
         pytest.skip("the tinyllama console script is not installed in this interpreter's venv")
     result = subprocess.run([str(script), "generate", "--model", str(checkpoint[0]), "--prompt", "x = 1",
-                             "--temperature", "0", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             "--temperature", "0", "--max-new-tokens", "4"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("x = 1")
 
@@ -207,7 +207,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys):
     save_hf(Llama(micro()), tmp_path / "no-tokenizer")
     cases.append((["--model", str(tmp_path / "no-tokenizer")], "tokenizer.model not found"))
     save_hf(Llama(micro().with_overrides(vocab_size=300)), tmp_path / "small-vocab", tokenizer_dir=model_dir)
-    cases.append((["--model", str(tmp_path / "small-vocab")], "tokenizer vocab_size 512 exceeds the model's vocab_size 300"))
+    cases.append((["--model", str(tmp_path / "small-vocab")],
+                  "tokenizer vocab_size 512 exceeds the model's vocab_size 300"))
     for extra, message in cases:
         assert cli(["generate", "--prompt", "hi", *extra]) == 2
         err = capsys.readouterr().err

@@ -45,7 +45,8 @@ def test_rays_validator_rejects_a_broken_cluster_config():
     from ray.autoscaler._private.util import validate_config
 
     config = _yaml("ray/cluster-16gpu.yaml")
-    config["available_node_types"]["gpu_a100x8"]["min_worker"] = config["available_node_types"]["gpu_a100x8"].pop("min_workers")
+    config["available_node_types"]["gpu_a100x8"]["min_worker"] = (
+        config["available_node_types"]["gpu_a100x8"].pop("min_workers"))
     with pytest.raises(Exception, match="'min_worker' was unexpected"):
         validate_config(config)
 
@@ -160,7 +161,8 @@ def test_compose_file_structure():
             assert (INFRA / build["context"] / build["dockerfile"]).is_file()
 
 
-@pytest.mark.skipif(_compose_tool() is None, reason="no docker compose / docker-compose to validate against the compose schema")
+@pytest.mark.skipif(_compose_tool() is None,
+                    reason="no docker compose / docker-compose to validate against the compose schema")
 def test_compose_file_passes_the_compose_schema():
     proc = subprocess.run([*_compose_tool(), "-f", str(INFRA / "docker-compose.yaml"), "config", "-q"],
                           capture_output=True, text=True)

@@ -27,9 +27,10 @@ def mlflow_ui(pipeline_repo, tmp_path_factory):
     log = root.parent / "mlflow-server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
-                  "--default-artifact-root", str(root / "mlflow" / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                  "--workers", "1"], log, cwd=root, env=env)
+    proc = start([sys.executable, "-m", "mlflow", "server",
+                  "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+                  "--default-artifact-root", str(root / "mlflow" / "artifacts"),
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log, cwd=root, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 240, proc, log)
         yield root, f"http://127.0.0.1:{port}"
@@ -109,5 +110,6 @@ def test_milestone_checkpoints_are_in_mlflow(mlflow_ui):
     versions = _api(base, "model-versions/search", filter=f"run_id = '{run_id}'").get("model_versions", [])
     described = json.dumps(versions)
     missing = [m for m in milestones
-               if not any(m in p.split("/") and p.endswith("model.safetensors") for p in artifacts) and m not in described]
+               if not any(m in p.split("/") and p.endswith("model.safetensors") for p in artifacts)
+               and m not in described]
     assert not missing, f"milestones not in MLflow (as artifacts or model versions): {missing}"

@@ -53,7 +53,7 @@ def test_permuted_projection_with_ggml_rope_equals_hf_rope_then_permute():
     torch.testing.assert_close(ggml.transpose(0, 1).reshape(5, -1), ours_in_ggml_order, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------- GGUF block quantizers (gguf-py, llama.cpp's reference)
+# --------------------------------------------------------------- GGUF block quantizers (gguf-py, llama.cpp's reference)
 
 
 @pytest.mark.parametrize("qtype, levels", [("Q8_0", 127), ("Q5_0", 16), ("Q4_0", 8)])

@@ -27,7 +27,8 @@ def test_every_profile_gates_q8_0_as_the_issue_asks(profile):
 @pytest.mark.parametrize("quantize, message", [
     ({"types": ["Q8_0", "Q3_K"]}, "quantize.types: unknown quant type 'Q3_K'"),
     ({"types": ["Q8_0", "Q8_0"]}, "quantize.types: a quant type is listed twice"),
-    ({"types": ["F16"], "gates": {"Q8_0": {"max_ppl_ratio": 1.01}}}, "quantize.gates.Q8_0: not a type this stage builds"),
+    ({"types": ["F16"], "gates": {"Q8_0": {"max_ppl_ratio": 1.01}}},
+     "quantize.gates.Q8_0: not a type this stage builds"),
     ({"gates": {"Q8_0": {"min_same_top": 1.5}}}, "quantize.gates.Q8_0.min_same_top"),
     ({"name": "a/b"}, "quantize.name"),
 ])

@@ -76,7 +76,8 @@ def test_oasst_tree_follows_the_best_ranked_live_reply():
 def test_preference_strips_the_repeated_prompt():
     pair = preference_row(ULTRAFEEDBACK_ROW)
     assert pair == Preference(({"role": "user", "content": "Name a primary colour."},),
-                              ({"role": "assistant", "content": "Red."},), ({"role": "assistant", "content": "Green."},))
+                              ({"role": "assistant", "content": "Red."},),
+                              ({"role": "assistant", "content": "Green."},))
     assert preference_row({"prompt": "Q?", "chosen": "yes", "rejected": "no"}).chosen[0]["content"] == "yes"
 
 
@@ -144,7 +145,8 @@ def test_unusable_sources_are_user_errors_naming_the_field(tmp_path):
     with pytest.raises(UserError, match=r"^sft.variants\[chat\].sources\[ultrachat\].uri: file not found"):
         read_source(_source(format="messages", uri=str(tmp_path / "missing.jsonl")), field, None)
     alpaca = _write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "input": "", "output": "b"}] * 3)
-    with pytest.raises(UserError, match=r"\.format: no row of .* is a 'messages' example \(3 of 3 rows: missing_field\)"):
+    with pytest.raises(UserError, match=r"\.format: no row of .* is a 'messages' example "
+                                        r"\(3 of 3 rows: missing_field\)"):
         read_source(_source(format="messages", uri=str(alpaca)), field, None)
 
 
@@ -152,7 +154,8 @@ def test_too_many_bad_rows_fail_before_training(tmp_path):
     path = _write_jsonl(tmp_path / "c.jsonl", [ULTRACHAT_ROW] * 8 + [{"messages": [ULTRACHAT_ROW["messages"][0]]}] * 2)
     read = read_source(_source(format="messages", uri=str(path)), "f", None)
     check_bad_fraction(read, "f", 0.25)
-    with pytest.raises(UserError, match=r"^f: 2 of 10 rows are bad \(20.0% > sft.max_bad_fraction 10.0%\): no_assistant_turn 2"):
+    with pytest.raises(UserError, match=r"^f: 2 of 10 rows are bad \(20.0% > sft.max_bad_fraction 10.0%\): "
+                                        r"no_assistant_turn 2"):
         check_bad_fraction(read, "f", 0.1)
 
 

@@ -132,7 +132,8 @@ def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
 def test_missing_text_field_fails_the_source(tmp_path):
     write_jsonl(tmp_path / "x.jsonl", [{"body": f"row {i}"} for i in range(10)])
     source, params = _source(tmp_path, format="jsonl", uri=str(tmp_path / "x.jsonl"))
-    with pytest.raises(UserError, match=r"data\.sources\[src\]\.text_field: no row of .*x\.jsonl has a text field 'text'"):
+    with pytest.raises(UserError, match=r"data\.sources\[src\]\.text_field: "
+                                        r"no row of .*x\.jsonl has a text field 'text'"):
         list(iter_documents(source, params))
     chunk = Chunk([b'{"body": 1}'], input="later.jsonl", first=False)
     assert parse_chunk(source, chunk).skipped["missing_field"] == 1  # later chunks: counted, not fatal

@@ -73,7 +73,8 @@ def _varied_text(seed: int, documents: int = 300) -> list[str]:
     rng = random.Random(seed)
     texts = [document(rng) for _ in range(documents)]
     texts += [program(rng, language, i) for i in range(documents // 3) for language in ("python", "rust", "js")]
-    texts += [f"Order {rng.randint(0, 10**9)} shipped on {rng.randint(1, 28)}.{rng.randint(1, 12)}.20{rng.randint(10, 30)}"
+    texts += [f"Order {rng.randint(0, 10**9)} shipped on "
+              f"{rng.randint(1, 28)}.{rng.randint(1, 12)}.20{rng.randint(10, 30)}"
               for _ in range(documents // 3)]
     texts += ["Äpfel und Birnen über der Straße", "нещо на Български език", "我想在苹果工作", "Cửa Việt ở đâu"] * 5
     return texts
@@ -334,14 +335,17 @@ def _bad_inputs(tmp_path: Path, model_file: Path):
         ({**pretrained, "model_file": str(tmp_path / "missing.model")}, fixed_model, None,
          "tokenizer.model_file: file not found"),
         ({**pretrained, "model_file": str(not_a_model)}, fixed_model, None, "tokenizer.model_file: "),
-        ({**pretrained, "model_file": str(unigram), "vocab_size": 300}, {"preset": "tiny", "overrides": {"vocab_size": 300}},
+        ({**pretrained, "model_file": str(unigram), "vocab_size": 300},
+         {"preset": "tiny", "overrides": {"vocab_size": 300}},
          None, f"tokenizer.model_file: {unigram}: not a Llama-2-style SentencePiece BPE: model_type is UNIGRAM"),
         ({**pretrained, "model_file": str(model_file), "vocab_size": 2048}, fixed_model, None,
          f"tokenizer.vocab_size: 2048 does not match tokenizer.model_file {model_file} ({VOCAB} pieces)"),
         ({**pretrained, "model_file": str(model_file)}, {"preset": "tiny"}, None,
          "model.preset: the model's vocab_size is 2048 (preset 'tiny') but tokenizer.model_file"),
-        ({"kind": "train", "vocab_size": 100}, None, None, "tokenizer.vocab_size: Input should be greater than or equal to 259"),
-        ({"kind": "train", "vocab_size": MIN_VOCAB}, None, None, f"tokenizer.vocab_size: vocab size {MIN_VOCAB} is too small"),
+        ({"kind": "train", "vocab_size": 100}, None, None,
+         "tokenizer.vocab_size: Input should be greater than or equal to 259"),
+        ({"kind": "train", "vocab_size": MIN_VOCAB}, None, None,
+         f"tokenizer.vocab_size: vocab size {MIN_VOCAB} is too small"),
         ({"kind": "train", "vocab_size": 30000}, None, None, "tokenizer.vocab_size: vocab size 30000 is more than"),
         ({"kind": "train", "vocab_size": 600}, {"preset": "tiny", "overrides": {"vocab_size": 512}}, None,
          "model.overrides.vocab_size: 512 differs from tokenizer.vocab_size 600"),

@@ -1,6 +1,7 @@
 """The `evaluate` stage: lm-eval on every pretraining milestone, reported and logged to MLflow.
 
-  stage.py            the stage (and `tinyllama evaluate`): score every milestone (cache first), EVAL-style table, MLflow
+  stage.py            the stage (and `tinyllama evaluate`): score every milestone (cache first), EVAL-style table,
+                      MLflow
   during_training.py  one milestone's eval as a Ray task the moment pretraining exports it
   checkpoints.py      which dirs are scored and what identifies them (weights sha256)
   scoring.py          one checkpoint: lm-eval tasks + val perplexity, through the score cache

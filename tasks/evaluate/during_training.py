@@ -70,8 +70,8 @@ def submit_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str
 
     resources = eval_resources(params)
     # max_calls=1: the worker process, whose priority the task lowers, exits with it.
-    task = ray.remote(max_calls=1)(_background_milestone_eval).options(**resources, max_retries=0,
-                                                                       name=f"eval-{str(milestone_dir).rstrip('/').rsplit('/', 1)[-1]}")
+    task = ray.remote(max_calls=1)(_background_milestone_eval).options(
+        **resources, max_retries=0, name=f"eval-{str(milestone_dir).rstrip('/').rsplit('/', 1)[-1]}")
     return task.remote(params.train.eval_priority, with_absolute_paths(params), inputs, resolve(milestone_dir),
                        run_id, int(tokens_seen), mlflow_uri, max(1, int(resources["num_cpus"])),
                        console.say if console is not None else print)

@@ -213,7 +213,8 @@ def render(plan: Plan, memory_per_worker_gb: float) -> str:
         f"total              {format_tokens(plan.total_tokens)} tokens = {plan.total_steps:,} steps",
         "milestones         " + ", ".join(f"{name} @ step {step:,}" for name, step in plan.milestones.items()),
         "memory per device  " + ", ".join(f"{k} {v} GiB" for k, v in mem.items() if k != "total")
-        + f" → {mem['total']} GiB of {memory_per_worker_gb:g} GiB" + ("" if mem["total"] <= memory_per_worker_gb else "  (DOES NOT FIT)"),
+        + f" → {mem['total']} GiB of {memory_per_worker_gb:g} GiB"
+        + ("" if mem["total"] <= memory_per_worker_gb else "  (DOES NOT FIT)"),
         "traffic per step   " + "; ".join(
             f"{name.upper()}{' (this profile)' if (name == 'hsdp') == bool(plan.mesh) else ''} "
             f"{v['within_node']} GB per GPU within its node, {v['across_nodes']} GB per node across nodes"

@@ -29,7 +29,8 @@ def markdown_table(metrics: dict) -> str:
         gate = row.get("gate")
         lines.append("| " + " | ".join([
             name, row["engine"], _cell(row["size_bytes"], ".2f", 1e-6), _cell(row.get("ppl"), ".3f"), ratio,
-            _cell(row.get("kld"), ".6f"), _cell(row.get("same_top"), ".2f", 100), _cell(row.get("eval_avg"), ".2f", 100),
+            _cell(row.get("kld"), ".6f"), _cell(row.get("same_top"), ".2f", 100),
+            _cell(row.get("eval_avg"), ".2f", 100),
             "—" if gate is None else ("pass" if gate["passed"] else "**FAIL**: " + "; ".join(gate["failures"])),
         ]) + " |")
     kept = [f"{name}: {', '.join(row['kept_f16'])}" for name, row in metrics["types"].items() if row.get("kept_f16")]
@@ -40,7 +41,8 @@ def markdown_table(metrics: dict) -> str:
         "GGUF rows are computed by llama.cpp (llama-cpp-python) from the file; int8 is our engine "
         "(model/quant.py). eval avg: the milestones' lm-eval suite ×100" + (f" ({metrics['eval_settings']})."
                                                                           if metrics.get("eval_settings") else "."),
-        "Tensors kept F16 (row length not a multiple of the block size): " + ("; ".join(kept) if kept else "none") + ".",
+        "Tensors kept F16 (row length not a multiple of the block size): "
+        + ("; ".join(kept) if kept else "none") + ".",
     ]
     return f"## Quantization: {metrics['name']}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 

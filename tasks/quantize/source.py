@@ -2,7 +2,8 @@
 
 `quantize.source` is a registry ref (`models:/tinyllama-chat@champion`, resolved by
 `tasks.registry.resolve_model`), `pretrain/last` (the milestone with the most tokens, whatever the
-schedule), a dir under `paths.models` (`pretrain/1M`, `sft/<variant>`), or any HF Llama dir. The lineage goes into the GGUF metadata and the MLflow run, so a file found on a
+schedule), a dir under `paths.models` (`pretrain/1M`, `sft/<variant>`), or any HF Llama dir.
+The lineage goes into the GGUF metadata and the MLflow run, so a file found on a
 laptop can be traced back to the training run and the exact DVC output it was made from.
 """
 

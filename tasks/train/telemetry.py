@@ -40,7 +40,8 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(step: int, total_steps: int, tokens: int, total_tokens: int, loss: float, lr: float,
                   tokens_per_s: float, mfu: float, eta_s: float) -> str:
-    return (f"step {step}/{total_steps} | tokens {format_tokens(tokens) if tokens else 0}/{format_tokens(total_tokens)} "
+    return (f"step {step}/{total_steps} | tokens {format_tokens(tokens) if tokens else 0}/"
+            f"{format_tokens(total_tokens)} "
             f"| loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% "
             f"| ETA {format_duration(eta_s)}")
 

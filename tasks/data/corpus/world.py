@@ -98,7 +98,8 @@ def _holdout(people: tuple[Person, ...], rng: random.Random) -> Holdout:
         for name in rng.sample([r.name for r in RELATIONS], ITEMS_PER_PERSON):
             if len(fact_phrasing) < MAX_ITEMS_PER_TASK:
                 value = people[person].value(name)
-                taken = {t for (other, rel), t in fact_phrasing.items() if rel == name and people[other].value(rel) == value}
+                taken = {t for (other, rel), t in fact_phrasing.items()
+                         if rel == name and people[other].value(rel) == value}
                 clozes = [t for t in RELATION_BY_NAME[name].statements if is_cloze(t)]
                 fact_phrasing[(person, name)] = rng.choice([t for t in clozes if t not in taken] or clozes)
         for name in rng.sample([r.name for r in RELATIONS], ITEMS_PER_PERSON):
