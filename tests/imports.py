@@ -73,6 +73,6 @@ def imported_project_files(module: str, skip=lambda relative: False) -> set[str]
         seen.add(relative)
         if skip(relative) or is_package_marker(file):
             continue
-        todo += [n for n in imported_names(file, name) if n.split(".")[0] in PROJECT_PACKAGES]
-        todo += [".".join(n.split(".")[:i]) for n in list(todo) for i in range(1, n.count(".") + 1)]
+        found = [n for n in imported_names(file, name) if n.split(".")[0] in PROJECT_PACKAGES]
+        todo += found + [".".join(n.split(".")[:i]) for n in found for i in range(1, n.count(".") + 1)]
     return seen

@@ -385,7 +385,8 @@ def test_killed_run_keeps_sealed_inputs_and_the_rerun_writes_the_same_bytes(tmp_
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed: make the corpus bigger"
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    # Ray's agents go last: each reports the raylet's death to the (dead) GCS, retrying, before exiting (~60 s)
+    gone, alive = psutil.wait_procs(children, timeout=150)
     assert not alive, f"orphaned processes still running: {[p.pid for p in alive]}"
     assert _files(tmp_path / "data" / "prepared") == before
     sealed = len(list(units.rglob("*.json")))
@@ -404,8 +405,8 @@ def test_killed_run_keeps_sealed_inputs_and_the_rerun_writes_the_same_bytes(tmp_
 
 def test_a_stale_or_broken_sealed_unit_is_made_again(tmp_path, small_tokenizer_dir):
     """Units left by an earlier run are used only while their files match their seal and their input."""
-    from tasks.data.prepare import plan_units
     from tasks.data.shards import token_dtype
+    from tasks.data.stage import plan_units
     from tasks.data.units import IDS, UnitWriter, load_sealed
 
     spec = [{"name": "sp", "format": "slimpajama", "uri": str(write_slimpajama(tmp_path / "raw", 1, 2)),

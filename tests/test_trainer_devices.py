@@ -35,7 +35,8 @@ def _trainer(root: Path, device: str, precision: str):
 def _run_and_resume(root: Path, device: str, backend: str, precision: str) -> dict:
     from servers import free_port
 
-    from tasks.train.checkpoint import save_checkpoint
+    from tasks.pretrain.export import hf_from_sharded_checkpoint
+    from tasks.train.checkpoint import checkpoint_name, save_checkpoint
 
     write_prepared(root / "data", root / "models" / "tokenizer", {"alpha": 1, "beta": 3},
                    seq_len=64, vocab_size=512, train_rows=300, val_rows=40, rows_per_shard=128)
@@ -48,7 +49,9 @@ def _run_and_resume(root: Path, device: str, backend: str, precision: str) -> di
                  "loader": trainer.loader.state(), "metrics": {"final_train_loss": losses[-1]}}
         save_checkpoint(trainer.config.run_uri, trainer.step, trainer.model, trainer.optimizer, state,
                         sharded=True, keep=2)
-        trainer.export(1)
+        # what rank 0's background export task does with the sealed checkpoint (tasks/pretrain/export.py)
+        hf_from_sharded_checkpoint(trainer.config.run_uri, checkpoint_name(trainer.step), "1",
+                                   trainer.model.config.to_dict(), trainer.config.tokenizer_files, {"step": 6})
         resumed = _trainer(root, device, precision)
         weights = {k: v.full_tensor().float().cpu() for k, v in trainer.model.state_dict().items()}
         restored = {k: v.full_tensor().float().cpu() for k, v in resumed.model.state_dict().items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -62,7 +63,11 @@ def _run(units: list[Unit], params, tokenizer, directory, dtype, on_sealed) -> N
     context.print_on_execution_start = False
     by_index = {unit.index: unit for unit in units}
     dataset = ray.data.from_items([asdict(unit) for unit in units], override_num_blocks=len(units))
-    pool = ray.data.ActorPoolStrategy(size=min(params.data.encode_processes, len(units)))
+    size = min(params.data.encode_processes, len(units))
+    # a cluster's CPU group scales up while the pool starts: begin with what is there, grow to `size`
+    # (a fixed pool larger than the nodes that come up would wait forever); the stage's own Ray has them all
+    pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=size) if os.environ.get("RAY_ADDRESS")
+            else ray.data.ActorPoolStrategy(size=size))
     parts = dataset.map_batches(encoding.UnitEncoder, batch_size=1, compute=pool, num_cpus=1,
                                 resources=dict(params.data.resources_per_worker) or None, batch_format="numpy",
                                 fn_constructor_args=(tokenizer, params, encoding.PART_IDS, sources.CHUNK_BYTES))
