@@ -9,21 +9,27 @@
    target verifies in that same forward (`model.sampling.accept_drafts`).
 A sequence ends at EOS (finish "stop"; EOS is not emitted) or when its budget (max_new_tokens, or
 what the context leaves) is spent (finish "length"); `cancel` ends one at once. Either frees its slot
-for the next `add`. The scheduling policy (who waits, when to step) is the caller's: serving/engine.py,
+for the next `add`.
+
+Each sequence samples under its own `Sampling`: its penalties live per slot on the device
+(model/sampling.py `SlotPenalties`, applied inside the step), and when it asks for `logprobs` each
+event carries the raw log-probability (and the top N) of every token it emits, EOS included; with
+`prompt_logprobs` its first event carries those of its prompt tokens, read from the prefill's logits. The scheduling policy (who waits, when to step) is the caller's: serving/engine.py,
 or model/generate.py for one sequence.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 
 import torch
 
 from model.llama import Llama
-from model.sampling import Sampling, accept_drafts, accept_greedy, draw, probabilities
+from model.sampling import (Sampling, SlotPenalties, TokenLogprob, accept_drafts, accept_greedy, draw, pick_logprobs,
+                            probabilities)
 from model.slots import SlotCache, forward_rows
 from model.speculative import DraftModel, PromptLookup
 from model.step import DecodeStep
@@ -57,6 +63,7 @@ class Running:
     eos_id: int | None
     filled: int = 0
     draft_filled: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # read during prefill when the sampling asks
 
     @property
     def generated(self) -> int:
@@ -65,13 +72,25 @@ class Running:
 
 @dataclass
 class Event:
-    """What one step produced for one sequence: final new ids, and why it ended (None: still running)."""
+    """What one step produced for one sequence: final new ids, and why it ended (None: still running).
+
+    With `Sampling.logprobs`, `logprobs` has one entry per token and one more for the EOS that ended
+    it (EOS is not in `tokens`); with `Sampling.prompt_logprobs`, the first event's `prompt_logprobs`
+    has one per prompt token (None for the first, which nothing predicts)."""
 
     seq_id: int
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     drafted: int = 0
     accepted: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def merge(self, later: Event) -> Event:
+        """This event followed by a later one of the same sequence, as one."""
+        return Event(self.seq_id, self.tokens + later.tokens, later.finish, self.drafted + later.drafted,
+                     self.accepted + later.accepted, self.logprobs + later.logprobs,
+                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
 
 
 class BatchDecoder:
@@ -92,8 +111,9 @@ class BatchDecoder:
         spare = max(prefill_chunk, k + 1)
         rows = max(slots, 2) if compile else slots  # a compiled CPU step feeds a lone row as two (model/step.py)
         self.cache = SlotCache.for_model(model, rows, self.max_len, spare)
+        self.penalties = SlotPenalties(rows, model.config.vocab_size, self.cache.device)
         widths = (1, k + 1) if draft is not None else (1,)
-        self.decode_step = DecodeStep(model, self.cache, widths, compile)
+        self.decode_step = DecodeStep(model, self.cache, widths, compile, self.penalties)
         self.lookup = draft if isinstance(draft, PromptLookup) else None
         self.drafter = (DraftModel(draft, rows, self.max_len, spare, widths, compile) if isinstance(draft, Llama)
                         else None)
@@ -123,7 +143,8 @@ class BatchDecoder:
             raise RuntimeError("no free slot: wait for a sequence to finish")
         seq = Running(next(self._ids), heapq.heappop(self.free), prompt, len(prompt),
                       min(max_new_tokens, self.max_len - len(prompt)), sampling, sampling.generator(self.device),
-                      eos_id)
+                      eos_id, prompt_logprobs=None if sampling.prompt_logprobs is None else [None])
+        self.penalties.start(seq.slot, sampling, prompt)
         self.running[seq.id] = seq
         return seq.id
 
@@ -153,20 +174,29 @@ class BatchDecoder:
             return set()
         seqs = [s for s, _ in batch]
         slots, starts, chunks = [s.slot for s in seqs], [s.filled for s in seqs], [c for _, c in batch]
-        logits = forward_rows(self.model, self.cache, slots, starts, chunks, [1] * len(batch))
+        # every fed position's logits for a sequence that reports its prompt's log-probabilities, else the last's
+        keep = [len(c) if s.prompt_logprobs is not None else 1 for s, c in batch]
+        logits = forward_rows(self.model, self.cache, slots, starts, chunks, keep)
         if self.drafter is not None:
             self.drafter.prefill(slots, starts, chunks)
         self.stats["target_passes"] += 1
         done = []
         for seq, chunk, row in zip(seqs, chunks, logits):
+            if seq.prompt_logprobs is not None:
+                _read_prompt(seq, seq.filled, row)
             seq.filled += len(chunk)
             seq.draft_filled = seq.filled if self.drafter is not None else 0
             if seq.filled == seq.prompt_len:
-                done.append((seq, row))
+                done.append((seq, row[-1:]))
         started = [s for s, _ in done]
         if started:
-            for seq, token in zip(started, next_tokens(torch.cat([row for _, row in done]), started)):
-                self._append(seq, [token], events.setdefault(seq.id, Event(seq.id)))
+            raw = torch.cat([row for _, row in done]).float()
+            tokens = next_tokens(self.penalties.rows(raw, [s.slot for s in started]), started)
+            logprobs = _token_logprobs(started, [[t] for t in tokens], lambda i, j: raw[i].log_softmax(-1))
+            for seq, token, lps in zip(started, tokens, logprobs):
+                event = events.setdefault(seq.id, Event(seq.id))
+                event.prompt_logprobs = seq.prompt_logprobs
+                self._append(seq, [token], event, lps)
         return {s.id for s in started}
 
     def _decode(self, seqs: list[Running], events: dict[int, Event]) -> None:
@@ -179,7 +209,8 @@ class BatchDecoder:
             proposals = [([], None)] * len(seqs)
         chunks = [s.tokens[s.filled:] + drafts for s, (drafts, _) in zip(seqs, proposals)]
         keep = [len(drafts) + 1 for drafts, _ in proposals]  # = len(chunks[i]): every fed token is scored
-        grid = self.decode_step.run([s.slot for s in seqs], [s.filled for s in seqs], chunks)
+        grid, logprobs = self.decode_step.run([s.slot for s in seqs], [s.filled for s in seqs], chunks,
+                                              counted=[len(s.tokens) for s in seqs])
         choices = grid.argmax(-1).tolist()  # the step's one device->host transfer (greedy rows need no more)
         sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         probs = {}
@@ -189,32 +220,66 @@ class BatchDecoder:
             settings = [seqs[i].sampling for i in sampled for _ in range(keep[i])]
             probs = dict(zip(sampled, probabilities(grid[slots, columns], settings).split([keep[i] for i in sampled])))
         self.stats["target_passes"] += 1
+        verified = []
         for i, (seq, (drafts, proposal)) in enumerate(zip(seqs, proposals)):
             if seq.sampling.greedy:
-                new, accepted = accept_greedy(drafts, choices[seq.slot][:keep[i]])
+                verified.append(accept_greedy(drafts, choices[seq.slot][:keep[i]]))
             else:
-                new, accepted = accept_drafts(probs[i], drafts, proposal, seq.generator)
+                verified.append(accept_drafts(probs[i], drafts, proposal, seq.generator))
+        # column j of a row predicted its j-th new token
+        reported = _token_logprobs(seqs, [new for new, _ in verified], lambda i, j: logprobs[seqs[i].slot, j])
+        for seq, (drafts, _), (new, accepted), lps in zip(seqs, proposals, verified, reported):
             event = events.setdefault(seq.id, Event(seq.id))
             event.drafted += len(drafts)
             event.accepted += accepted
             self.stats["drafted"] += len(drafts)
             self.stats["accepted"] += accepted
             seq.filled = len(seq.tokens) + accepted  # the fed guesses the target kept are valid cache entries
-            self._append(seq, new, event)
+            self._append(seq, new, event, lps)
             seq.draft_filled = min(seq.draft_filled, seq.filled)
 
-    def _append(self, seq: Running, tokens: list[int], event: Event) -> None:
-        for token in tokens:
+    def _append(self, seq: Running, tokens: list[int], event: Event, logprobs: list[TokenLogprob] | None) -> None:
+        """Emit `tokens` (`logprobs[j]`: token j's, when the sequence reports them) up to EOS or the budget;
+        count them in the slot's penalties."""
+        kept = []
+        for j, token in enumerate(tokens):
+            if logprobs is not None:
+                event.logprobs.append(logprobs[j])
             if token == seq.eos_id:
                 event.finish = "stop"
                 break
-            seq.tokens.append(token)
-            event.tokens.append(token)
-            if seq.generated >= seq.budget:
+            kept.append(token)
+            if seq.generated + len(kept) >= seq.budget:
                 event.finish = "length"
                 break
+        seq.tokens += kept
+        event.tokens += kept
+        if kept and seq.sampling.penalized:
+            self.penalties.record(seq.slot, kept)
         if event.finish is not None:
             self.cancel(seq.id)
+
+
+def _read_prompt(seq: Running, start: int, logits: torch.Tensor) -> None:
+    """Prompt log-probabilities from a prefill chunk fed at `start`: row q predicted prompt token start + q + 1."""
+    n = min(len(logits), seq.prompt_len - 1 - start)
+    if n > 0:
+        seq.prompt_logprobs += pick_logprobs(logits[:n].float().log_softmax(-1), seq.tokens[start + 1:start + 1 + n],
+                                             [seq.sampling.prompt_logprobs] * n)
+
+
+def _token_logprobs(seqs: Sequence[Running], tokens: Sequence[list[int]],
+                    row: Callable[[int, int], torch.Tensor]) -> list[list[TokenLogprob] | None]:
+    """Per sequence, the log-probabilities of its new `tokens[i]` (None where it does not report them);
+    `row(i, j)` is the (vocab,) raw log-probabilities that chose sequence i's j-th token. One transfer."""
+    wanted = [(i, j) for i, seq in enumerate(seqs) if seq.sampling.logprobs is not None for j in range(len(tokens[i]))]
+    out: list[list[TokenLogprob] | None] = [[] if seq.sampling.logprobs is not None else None for seq in seqs]
+    if wanted:
+        picked = pick_logprobs(torch.stack([row(i, j) for i, j in wanted]), [tokens[i][j] for i, j in wanted],
+                               [seqs[i].sampling.logprobs for i, _ in wanted])
+        for (i, _), entry in zip(wanted, picked):
+            out[i].append(entry)
+    return out
 
 
 def next_tokens(logits: torch.Tensor, seqs: Sequence[Running]) -> list[int]:

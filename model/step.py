@@ -17,9 +17,13 @@ graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, 
   (`mode="reduce-overhead"`), the cache being a module buffer so the graph's addresses stay fixed.
 
 `warm_up()` compiles every bucket at load, so no request pays for compilation. The step returns
-the logits of every fed position (B, W, vocab): what the caller does with them (argmax, sampling,
-and, per row, any logits processing) is the caller's, on the device, before one transfer to the host.
-Compiled and eager steps run the same code (`compile=False` is the eager engine, for debugging).
+the logits of every fed position (B, W, vocab) with each row's penalties applied (model/sampling.py
+`SlotPenalties`: per-slot settings and token counts, read as data, so a request's penalties never
+recompile it), and the raw log-softmax of the same positions (what a request's `logprobs` report).
+A verify step's drafted guesses count as generated tokens for the columns after them, so speculative
+decoding stays exact under penalties. What the caller does with the logits (argmax, sampling) is the
+caller's, on the device, before one transfer to the host. Compiled and eager steps run the same code
+(`compile=False` is the eager engine, for debugging).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from model.sampling import SlotPenalties, penalize
 from model.slots import SlotCache
 
 
@@ -57,11 +62,13 @@ class _Rows:
 
 
 class StaticStep(nn.Module):
-    """`forward(idx, positions)`: (B, W) token ids fed at (B, W) cache positions of slots 0..B-1 →
-    (B, W, vocab) logits. The cache's tensors are this module's buffers (shared with `cache`, so the
-    eager prefill of model/slots.py writes into the same memory)."""
+    """`forward(idx, positions, drafted)`: (B, W) token ids fed at (B, W) cache positions of slots 0..B-1
+    → (B, W, vocab) penalized logits and (B, W, vocab) raw log-probabilities (None without `penalties`:
+    a draft model's step). `drafted` (B, W) marks the fed tokens that are guesses, not yet counted as
+    generated. The cache's and the penalties' tensors are this module's buffers (shared with `cache` and
+    `penalties`, so the eager prefill and the decoder's bookkeeping write into the same memory)."""
 
-    def __init__(self, model, cache: SlotCache):
+    def __init__(self, model, cache: SlotCache, penalties: SlotPenalties | None = None):
         super().__init__()
         self.model = model
         for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
@@ -69,9 +76,13 @@ class StaticStep(nn.Module):
             self.register_buffer(f"v{layer}", v, persistent=False)
         self.register_buffer("key_positions", torch.arange(cache.max_len + cache.spare, device=cache.device),
                              persistent=False)
+        self.penalized = penalties is not None
+        if penalties is not None:
+            for name in ("counts", "prompt", "presence", "frequency", "repetition"):
+                self.register_buffer(f"penalty_{name}", getattr(penalties, name), persistent=False)
         self.last_rope = model.config.max_seq_len - 1
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor):
         model = self.model
         rope = positions.clamp(max=self.last_rope)  # scratch positions: any angle will do
         cos, sin = model.rope_cos[rope][:, None], model.rope_sin[rope][:, None]
@@ -81,18 +92,28 @@ class StaticStep(nn.Module):
         x = model.embed_tokens(idx)
         for layer in model.layers:
             x = layer(x, cos, sin, 0, cache, mask)
-        return model.lm_head(model.norm(x)).float()
+        logits = model.lm_head(model.norm(x)).float()
+        if not self.penalized:
+            return logits, None
+        b = idx.shape[0]
+        # column j predicts the token after fed token j: the guesses up to and including j count as generated
+        guesses = torch.zeros_like(logits).scatter_(-1, idx[:, :, None], drafted[:, :, None].to(logits.dtype))
+        counts = self.penalty_counts[:b, None] + guesses.cumsum(1)
+        penalized = penalize(logits, counts, self.penalty_prompt[:b, None], self.penalty_presence[:b],
+                             self.penalty_frequency[:b], self.penalty_repetition[:b])
+        return penalized, logits.log_softmax(-1)
 
 
 class DecodeStep:
     """A `StaticStep` for a slot cache, eager or compiled, fed per bucket; `run` pads a step's rows to
     its buckets, and `warm_up` compiles each (batch bucket, width) before the first request."""
 
-    def __init__(self, model, cache: SlotCache, widths: Sequence[int] = (1,), compile: bool = False):
+    def __init__(self, model, cache: SlotCache, widths: Sequence[int] = (1,), compile: bool = False,
+                 penalties: SlotPenalties | None = None):
         self.cache, self.widths = cache, tuple(sorted(set(widths)))
         if self.widths[-1] > cache.spare:
             raise ValueError(f"width {self.widths[-1]} exceeds the cache's scratch tail of {cache.spare}")
-        self.module = StaticStep(model, cache)
+        self.module = StaticStep(model, cache, penalties)
         self.device = cache.device
         self.compiled = compile
         # On CPU one graph with a dynamic batch dim serves every bucket; torch specializes a size of 1, so
@@ -117,33 +138,43 @@ class DecodeStep:
         """The width bucket that holds `tokens` fed per row (None: wider than any, feed it eagerly)."""
         return next((w for w in self.widths if w >= tokens), None)
 
-    def __call__(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor):
         if self.dynamic:
-            torch._dynamo.mark_dynamic(idx, 0, min=2, max=self.buckets[-1])
-            torch._dynamo.mark_dynamic(positions, 0, min=2, max=self.buckets[-1])
-        out = self.fn(idx, positions)
-        return out.clone() if self.compiled and self.device.type == "cuda" else out  # CUDA graphs reuse outputs
+            for tensor in (idx, positions, drafted):
+                torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
+        out = self.fn(idx, positions, drafted)
+        if self.compiled and self.device.type == "cuda":  # CUDA graphs reuse their outputs
+            return tuple(None if o is None else o.clone() for o in out)
+        return out
 
-    def run(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+    def run(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]],
+            counted: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed `chunks[i]` at positions `starts[i]`.. of slot `slots[i]`; returns the (B, W, vocab) logits
-        grid, row = slot, column j = the j-th fed token of that slot (padding rows/columns: ignore)."""
+        grid, row = slot, column j = the j-th fed token of that slot (padding rows/columns: ignore), and
+        the raw log-probabilities of the same grid (None for a step without penalties). `counted[i]`: the
+        slot's tokens before that position are counted in its penalties already; fed tokens from there on
+        are guesses (default: none are)."""
         width = self.width(max(len(c) for c in chunks))
         if width is None:
             raise ValueError(f"a row feeds {max(len(c) for c in chunks)} tokens; "
                              f"the widest bucket is {self.widths[-1]}")
         with torch.inference_mode():
-            return self._run(slots, starts, chunks, width)
+            return self._run(slots, starts, chunks, counted, width)
 
-    def _run(self, slots, starts, chunks, width: int) -> torch.Tensor:
+    def _run(self, slots, starts, chunks, counted, width: int):
         b = self.bucket(max(slots) + 1)
         scratch = torch.arange(self.cache.max_len, self.cache.max_len + width)
         positions = scratch.repeat(b, 1)
         idx = torch.zeros((b, width), dtype=torch.long)
-        for slot, start, chunk in zip(slots, starts, chunks):
+        drafted = torch.zeros((b, width), dtype=torch.bool)
+        for i, (slot, start, chunk) in enumerate(zip(slots, starts, chunks)):
             n = len(chunk)
             idx[slot, :n] = torch.as_tensor(chunk, dtype=torch.long)
             positions[slot, :n] = torch.arange(start, start + n)
-        return self(idx.to(self.device, non_blocking=True), positions.to(self.device, non_blocking=True))
+            if counted is not None:
+                drafted[slot, :n] = positions[slot, :n] >= counted[i]
+        to = dict(device=self.device, non_blocking=True)
+        return self(idx.to(**to), positions.to(**to), drafted.to(**to))
 
     def warm_up(self) -> None:
         """Run every (batch bucket, width) once (CUDA graphs: three times, to record them) on scratch
@@ -156,5 +187,6 @@ class DecodeStep:
             for width in self.widths:
                 for b in self.buckets:
                     positions = torch.arange(self.cache.max_len, self.cache.max_len + width).repeat(b, 1)
+                    idx = torch.zeros((b, width), dtype=torch.long, device=self.device)
                     for _ in range(repeats):
-                        self(torch.zeros((b, width), dtype=torch.long, device=self.device), positions.to(self.device))
+                        self(idx, positions.to(self.device), torch.zeros_like(idx, dtype=torch.bool))

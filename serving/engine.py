@@ -121,9 +121,7 @@ class Engine:
             while True:
                 event = await request.queue.get()
                 while not request.queue.empty() and event.finish is None:
-                    later = request.queue.get_nowait()
-                    event = Event(event.seq_id, event.tokens + later.tokens, later.finish,
-                                  event.drafted + later.drafted, event.accepted + later.accepted)
+                    event = event.merge(request.queue.get_nowait())
                 yield event
                 if event.finish is not None:
                     return

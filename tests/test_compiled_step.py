@@ -57,7 +57,7 @@ def test_compiled_logits_match_eager_at_every_step(model):
             for pos, token in enumerate(seq[:-1]):
                 step.run([slots[i]], [pos], [[token]])
         for _ in range(12):
-            grid = step.run(slots, [len(s) - 1 for s in seqs], [[s[-1]] for s in seqs])
+            grid, _ = step.run(slots, [len(s) - 1 for s in seqs], [[s[-1]] for s in seqs])
             for slot, seq in zip(slots, seqs):
                 got, want = grid[slot, 0], model(torch.tensor([seq]))[0, -1]
                 torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
