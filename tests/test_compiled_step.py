@@ -100,3 +100,30 @@ def test_int8_is_compiled_like_fp32():
     jobs = [(p, 12, Sampling()) for p in PROMPTS[:3]]
     eager = run_all(BatchDecoder(model, 2, prefill_chunk=8), jobs)
     assert run_all(BatchDecoder(model, 2, prefill_chunk=8, compile=True), jobs) == eager
+
+
+def test_penalties_and_logprobs_on_the_compiled_step_without_recompiling(decoders):
+    """Per-request penalties and logprobs are data in the compiled graph: penalized greedy and sampled
+    sequences (prompt lookup drafting too) emit the eager engine's tokens and logprobs, compiling nothing new."""
+    compiled, eager = decoders
+    penalized = dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3, logprobs=2)
+    jobs = [(REPETITIVE, 16, Sampling(**penalized)), (PROMPTS[0], 12, Sampling(logprobs=0)),
+            (PROMPTS[2], 12, Sampling(temperature=0.8, seed=3, min_p=0.05, top_k=40, **penalized))]
+
+    def run(decoder):
+        owner, results = {}, [([], []) for _ in jobs]
+        for i, (prompt, n, sampling) in enumerate(jobs):
+            owner[decoder.add(prompt, n, sampling, None)] = i
+        while decoder.running:
+            for event in decoder.step():
+                results[owner[event.seq_id]][0].extend(event.tokens)
+                results[owner[event.seq_id]][1].extend(event.logprobs)
+        return results
+
+    before = graphs()
+    got, want = run(compiled), run(eager)
+    assert graphs() == before, "penalties or logprobs recompiled the step"
+    for (tokens, logprobs), (eager_tokens, eager_logprobs) in zip(got, want):
+        assert tokens == eager_tokens and len(logprobs) == len(tokens)
+        torch.testing.assert_close(torch.tensor([e.logprob for e in logprobs]),
+                                   torch.tensor([e.logprob for e in eager_logprobs]), atol=ATOL, rtol=0)

@@ -153,3 +153,22 @@ def test_the_eos_that_ends_a_sequence_has_its_logprob_reported(target):
     eos = tokens[3]  # pretend the fourth greedy token is EOS: the sequence stops there
     (out, logprobs, _), = decode(BatchDecoder(target, slots=1), [(PROMPTS[0], 6, Sampling(logprobs=0))], eos_id=eos)
     assert out == tokens[:3] and [e.token for e in logprobs] == tokens[:4] and logprobs[-1].top == ()
+
+
+def test_a_verify_steps_guesses_count_as_generated_for_the_columns_after_them(target):
+    """The step fed a sequence's last token and three guesses: column j's logits are penalized as if the
+    guesses before it (and at it) had been generated, against the full forward and the reference."""
+    decoder = BatchDecoder(target, slots=2, draft=PromptLookup(), k=3)
+    seq = decoder.running[decoder.add(PROMPTS[0], 10, PENALIZED, eos_id=None)]
+    decoder.step()
+    decoder.step()  # prefill, then one decode step: two generated tokens, one of them fed
+    guesses = [seq.tokens[-1], 7, 7]
+    chunk = seq.tokens[seq.filled:] + guesses
+    grid, logprobs = decoder.decode_step.run([seq.slot], [seq.filled], [chunk], counted=[len(seq.tokens)])
+    with torch.no_grad():
+        full = target(torch.tensor([seq.tokens + guesses]))[0, seq.filled:]
+    generated = seq.tokens[seq.prompt_len:]
+    for j in range(len(chunk)):
+        expected = reference_penalties(full[j], seq.tokens[:seq.prompt_len], generated + guesses[:j], PENALIZED)
+        torch.testing.assert_close(grid[seq.slot, j], expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(logprobs[seq.slot, j], full[j].log_softmax(-1), atol=ATOL, rtol=0)
