@@ -14,8 +14,9 @@ for the next `add`.
 Each sequence samples under its own `Sampling`: its penalties live per slot on the device
 (model/sampling.py `SlotPenalties`, applied inside the step), and when it asks for `logprobs` each
 event carries the raw log-probability (and the top N) of every token it emits, EOS included; with
-`prompt_logprobs` its first event carries those of its prompt tokens, read from the prefill's logits. The scheduling policy (who waits, when to step) is the caller's: serving/engine.py,
-or model/generate.py for one sequence.
+`prompt_logprobs` its first event carries those of its prompt tokens, read from the prefill's logits.
+The scheduling policy (who waits, when to step) is the caller's: serving/engine.py, or
+model/generate.py for one sequence.
 """
 
 from __future__ import annotations
@@ -28,8 +29,16 @@ from itertools import count
 import torch
 
 from model.llama import Llama
-from model.sampling import (Sampling, SlotPenalties, TokenLogprob, accept_drafts, accept_greedy, draw, pick_logprobs,
-                            probabilities)
+from model.sampling import (
+    Sampling,
+    SlotPenalties,
+    TokenLogprob,
+    accept_drafts,
+    accept_greedy,
+    draw,
+    pick_logprobs,
+    probabilities,
+)
 from model.slots import SlotCache, forward_rows
 from model.speculative import DraftModel, PromptLookup
 from model.step import DecodeStep

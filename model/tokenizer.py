@@ -269,5 +269,16 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self, token: int) -> bytes:
+        """What one token stands for in text, as bytes: a byte piece's byte (`<0xE2>`: one byte of a UTF-8
+        sequence), a piece's UTF-8 with its `▁` as spaces, a special token's own name (`</s>`)."""
+        piece = self._backend.id_to_token(int(token))
+        if piece is None:
+            raise ValueError(f"token id {token} outside the vocabulary (size {self.vocab_size})")
+        if int(token) in self.byte_ids:
+            return bytes([int(piece[3:5], 16)])
+        return piece.encode() if int(token) in (self.unk_id, self.bos_id, self.eos_id) else \
+            piece.replace("\u2581", " ").encode()
+
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         return [self.bos_id] * bos + ids + [self.eos_id] * eos if bos or eos else ids

@@ -5,10 +5,14 @@ one place. Each choice is one engine sequence; its tokens become text as they ar
 and stop strings (the request's and the model's `stop_strings`) end it without ever being sent
 (model/textstream.py), after which the sequence is cancelled at once.
 
-Tokenizing and rendering run on one thread beside the event loop (a long prompt must not stall the
-other streams of the replica); the request limits (serving/protocol.py `Limits`) are checked before
-anything reaches the engine. An engine that fails ends its requests with a 500 "engine failed" (an
-error event on a stream that already started), never with the internal reason.
+Each choice samples under the request's settings (temperature, top-p/k, min-p, the three penalties,
+applied inside the engine's step) and, when asked, reports its tokens' log-probabilities
+(serving/logprobs.py); `echo` puts the prompt's text (and its tokens' log-probabilities, read from the
+prefill) before the completion's. Tokenizing and rendering run on one thread beside the event loop (a
+long prompt must not stall the other streams of the replica); the request limits (serving/protocol.py
+`Limits`) are checked before anything reaches the engine. An engine that fails ends its requests
+with a 500 "engine failed" (an error event on a stream that already started), never with the
+internal reason.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse, StreamingResponse
 
 from model.chat import check_messages, render
-from model.sampling import Sampling
+from model.sampling import Sampling, TokenLogprob
 from model.textstream import TextStream
 from serving.engine import FAILED, Engine, EngineFailed, QueueFull, Submitted
 from serving.loader import ServedModel
+from serving.logprobs import LogprobFormat
 from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits
 
 DONE = "data: [DONE]\n\n"
@@ -41,12 +46,23 @@ def engine_failed(status: int = 500) -> APIError:
 
 @dataclass
 class Piece:
-    """Some final text of one choice; `finish` set on its last piece."""
+    """Some final text of one choice and the tokens behind it; `finish` set on its last piece; the first
+    carries the prompt's log-probabilities when the request echoes them."""
 
     index: int
     text: str
     finish: str | None
     tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def extend(self, later: Piece) -> None:
+        self.text += later.text
+        self.finish = later.finish or self.finish
+        self.tokens += later.tokens
+        self.logprobs += later.logprobs
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
 
 
 class OpenAIService:
@@ -54,6 +70,7 @@ class OpenAIService:
                  limits: Limits = DEFAULT_LIMITS):
         self.served, self.engine, self.stream_interval, self.limits = served, engine, stream_interval, limits
         self.created = int(time.time())
+        self.logprob_format = LogprobFormat(served.tokenizer)
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tinyllama-tokenize")
 
     def close(self) -> None:
@@ -72,11 +89,17 @@ class OpenAIService:
 
     async def completions(self, body: CompletionRequest):
         self.limits.check_stops(body.stop)
-        prompts = await self._off_loop(self._encode_texts, body.prompt)
-        return await self._respond(body, prompts, "text_completion", "cmpl", "prompt")
+        self.limits.check_logprobs(body.logprobs, "logprobs")
+        prompts = await self._off_loop(self._encode_prompts, body.prompt)
+        echoes = None
+        if body.echo:
+            echoes = [p if isinstance(p, str) else await self._off_loop(self.served.tokenizer.decode, p)
+                      for p in body.prompt]
+        return await self._respond(body, prompts, "text_completion", "cmpl", "prompt", echoes)
 
     async def chat(self, body: ChatCompletionRequest):
         self.limits.check_stops(body.stop)
+        self.limits.check_logprobs(body.top_logprobs, "top_logprobs")
         if self.served.chat_template is None:
             raise APIError(400, f"model {self.served.name!r} has no chat template (tokenizer_config.json "
                                 "chat_template); use /v1/completions", "messages")
@@ -90,8 +113,20 @@ class OpenAIService:
         prompt = await self._off_loop(self._encode_chat, messages)
         return await self._respond(body, [prompt], "chat.completion", "chatcmpl", "messages")
 
-    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
-        return [self.served.tokenizer.encode(text, bos=True) for text in texts]
+    def _encode_prompts(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+        """Texts encoded with BOS first (as pretraining put it before every document); token ids as they
+        are (the client's own tokenization, BOS included or not), each checked against the vocabulary."""
+        vocab, encoded = self.served.model.config.vocab_size, []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                encoded.append(self.served.tokenizer.encode(prompt, bos=True))
+                continue
+            bad = max(prompt)
+            if bad >= vocab:
+                raise APIError(400, f"prompt: token id {bad} of prompt {i} is outside the vocabulary "
+                                    f"({vocab} tokens)", "prompt")
+            encoded.append(list(prompt))
+        return encoded
 
     def _encode_chat(self, messages: list[dict]) -> list[int]:
         text = render(self.served.chat_template, messages, add_generation_prompt=True).text
@@ -112,9 +147,7 @@ class OpenAIService:
                                     f"prompt has {len(prompt)} and {limit_field} asks for {max_tokens} more",
                                limit_field, "context_length_exceeded")
             for i in range(body.n):
-                seed = None if body.seed is None else body.seed + i
-                sampling = Sampling(body.temperature, body.top_p, 0, seed)
-                requests.append(Submitted(prompt, max_tokens, sampling, self.served.tokenizer.eos_id, loop))
+                requests.append(Submitted(prompt, max_tokens, _sampling(body, i), self.served.tokenizer.eos_id, loop))
         try:
             self.engine.submit(requests)
         except QueueFull as exc:
@@ -123,51 +156,55 @@ class OpenAIService:
             raise engine_failed(503) from None
         return requests
 
-    async def _respond(self, body, prompts, kind: str, id_prefix: str, prompt_field: str):
+    async def _respond(self, body, prompts, kind: str, id_prefix: str, prompt_field: str,
+                       echoes: list[str] | None = None):
         submitted = self._submitted(body, prompts, prompt_field)
         stops = body.stop + list(self.served.stop_strings)
-        pieces = _merge([self._choice(i, s, stops) for i, s in enumerate(submitted)])
+        pieces = _merge([self._choice(i, s, stops, echoes[i // body.n] if echoes else "")
+                         for i, s in enumerate(submitted)])
         reply_id = f"{id_prefix}-{uuid.uuid4().hex}"
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+        logprobs = ChoiceLogprobs(self.logprob_format, kind, body.top_logprobs_asked() is not None, prompts, body.n)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._events(pieces, kind, reply_id, len(submitted), usage, include_usage),
-                                     media_type="text/event-stream")
-        texts, finishes = [""] * len(submitted), [None] * len(submitted)
+            return StreamingResponse(self._events(pieces, kind, reply_id, len(submitted), usage, include_usage,
+                                                  logprobs), media_type="text/event-stream")
+        whole = [Piece(i, "", None, 0) for i in range(len(submitted))]
         async for piece in pieces:
-            texts[piece.index] += piece.text
-            finishes[piece.index] = piece.finish or finishes[piece.index]
+            whole[piece.index].extend(piece)
             usage["completion_tokens"] += piece.tokens
-        choices = [_choice_body(kind, i, text, finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
+        choices = [_choice_body(kind, piece, logprobs.of(piece)) for piece in whole]
         return JSONResponse({"id": reply_id, "object": kind, "created": int(time.time()), "model": self.served.name,
                              "choices": choices, "usage": _usage(usage)})
 
-    async def _choice(self, index: int, request: Submitted, stops: list[str]) -> AsyncIterator[Piece]:
-        """The choice's final text in pieces: the first as soon as there is text (time to first token),
-        then every `stream_interval` tokens (vLLM's `--stream-interval`: fewer, larger chunks cost the
-        server less per token), and whatever is left when it ends."""
+    async def _choice(self, index: int, request: Submitted, stops: list[str], echo: str) -> AsyncIterator[Piece]:
+        """The choice's final text in pieces: the first as soon as there is text (time to first token;
+        with `echo`, the prompt's text opens it), then every `stream_interval` tokens (vLLM's
+        `--stream-interval`: fewer, larger chunks cost the server less per token), and whatever is left
+        when it ends. Each piece carries its tokens' log-probabilities (when the request asked)."""
         text = TextStream(self.served.tokenizer, request.prompt, stops)
         events = self.engine.stream(request)
-        held, held_tokens, started = "", 0, False
+        held, started = Piece(index, echo, None, 0), False
         try:
             async for event in events:
                 if event.finish == FAILED:
                     raise engine_failed()
-                held += text.push(*event.tokens)
-                held_tokens += len(event.tokens)
+                held.extend(Piece(index, text.push(*event.tokens), None, len(event.tokens), event.logprobs,
+                                  event.prompt_logprobs))
                 if event.finish is not None:
-                    held += text.finish()
-                finish = "stop" if text.done else event.finish
-                if finish is not None or (held and (not started or held_tokens >= self.stream_interval)):
-                    yield Piece(index, held, finish, held_tokens)
-                    held, held_tokens, started = "", 0, started or bool(held)
-                if finish is not None:
-                    return
+                    held.text += text.finish()
+                held.finish = "stop" if text.done else event.finish
+                if held.finish is not None or (held.text and (not started or held.tokens >= self.stream_interval)):
+                    yield held
+                    started = started or bool(held.text)
+                    if held.finish is not None:
+                        return
+                    held = Piece(index, "", None, 0)
         finally:
             await events.aclose()  # cancels the sequence unless it finished: a stop string, a disconnect
 
     async def _events(self, pieces: AsyncIterator[Piece], kind: str, reply_id: str, n: int, usage: dict,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, logprobs: ChoiceLogprobs) -> AsyncIterator[str]:
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
         created = int(time.time())
 
@@ -184,7 +221,7 @@ class OpenAIService:
                 async for piece in pieces:
                     usage["completion_tokens"] += piece.tokens
                     if piece.text or piece.finish:
-                        yield chunk([_delta_body(kind, piece)])
+                        yield chunk([_delta_body(kind, piece, logprobs.of(piece))])
             except APIError as exc:  # the stream has started (200): the error goes in it, as vLLM sends it
                 yield f"data: {json.dumps(exc.body())}\n\n"
                 yield DONE
@@ -200,17 +237,48 @@ def _usage(usage: dict) -> dict:
     return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
-def _choice_body(kind: str, index: int, text: str, finish: str | None) -> dict:
+def _sampling(body, choice: int) -> Sampling:
+    """Choice `choice`'s engine settings (a seed gives choice i the seed + i, so choices differ)."""
+    top = body.top_logprobs_asked()
+    return Sampling(body.temperature, body.top_p, max(body.top_k, 0), None if body.seed is None else body.seed + choice,
+                    body.min_p, body.presence_penalty, body.frequency_penalty, body.repetition_penalty, logprobs=top,
+                    prompt_logprobs=top if getattr(body, "echo", False) else None)
+
+
+class ChoiceLogprobs:
+    """A reply's `logprobs` per choice in its endpoint's shape (None when the request did not ask): the
+    whole choice's, or a stream chunk's, whose legacy `text_offset`s continue where the last chunk's ended."""
+
+    def __init__(self, fmt: LogprobFormat, kind: str, asked: bool, prompts: list[list[int]], n: int):
+        self.fmt, self.chat, self.asked, self.prompts, self.n = fmt, kind == "chat.completion", asked, prompts, n
+        self.offsets: dict[int, int] = {}
+
+    def of(self, piece: Piece) -> dict | None:
+        if not self.asked:
+            return None
+        if self.chat:
+            return {"content": self.fmt.chat(piece.logprobs), "refusal": None}
+        tokens, entries = [e.token for e in piece.logprobs], list(piece.logprobs)
+        if piece.prompt_logprobs is not None:  # echo: the prompt's tokens first
+            tokens, entries = self.prompts[piece.index // self.n] + tokens, piece.prompt_logprobs + entries
+        offset = self.offsets.get(piece.index, 0)
+        result = self.fmt.completion(tokens, entries, offset)
+        self.offsets[piece.index] = offset + sum(map(len, result["tokens"]))
+        return result
+
+
+def _choice_body(kind: str, piece: Piece, logprobs: dict | None) -> dict:
     if kind == "chat.completion":
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": piece.index, "message": {"role": "assistant", "content": piece.text},
+                "finish_reason": piece.finish, "logprobs": logprobs}
+    return {"index": piece.index, "text": piece.text, "finish_reason": piece.finish, "logprobs": logprobs}
 
 
-def _delta_body(kind: str, piece: Piece) -> dict:
+def _delta_body(kind: str, piece: Piece, logprobs: dict | None) -> dict:
     if kind == "chat.completion":
         delta = {"content": piece.text} if piece.text else {}
-        return {"index": piece.index, "delta": delta, "finish_reason": piece.finish}
-    return {"index": piece.index, "text": piece.text, "finish_reason": piece.finish, "logprobs": None}
+        return {"index": piece.index, "delta": delta, "finish_reason": piece.finish, "logprobs": logprobs}
+    return {"index": piece.index, "text": piece.text, "finish_reason": piece.finish, "logprobs": logprobs}
 
 
 async def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:

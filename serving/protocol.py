@@ -1,7 +1,10 @@
 """The OpenAI API's request bodies, validated at the edge, and its error shape.
 
-Only what the engine honours is accepted: an unknown field, or a known one at a value we cannot
-honour (`logprobs`, non-zero penalties), is a 400 naming it rather than a silently different answer.
+Only what the engine honours is accepted: an unknown field, or a known one at a value outside what
+it honours (vLLM's ranges: `top_k` -1/0 off or >= 1, `min_p` in [0, 1], presence/frequency penalties
+in [-2, 2], `repetition_penalty` > 0), is a 400 naming it rather than a silently different answer.
+/v1/completions takes the legacy API's four prompt forms: a string, a list of token ids, a list of
+strings, a list of token-id lists (a batch: one choice per prompt, times `n`).
 Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`, so the official
 `openai` client raises its usual exceptions with our message.
 """
@@ -11,7 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 8
@@ -49,6 +61,11 @@ class Limits:
             if len(stop) > self.max_stop_chars:
                 raise APIError(400, f"stop: stop sequence {i} has {len(stop)} characters; at most "
                                     f"{self.max_stop_chars} are accepted", "stop")
+
+    def check_logprobs(self, top: int | None, field: str) -> None:
+        if top is not None and top > self.max_top_logprobs:
+            raise APIError(400, f"{field}: at most {self.max_top_logprobs} are served (max_top_logprobs), "
+                                f"got {top}", field)
 
     def check_prompt(self, tokens: int, context: int, field: str) -> None:
         """A prompt must leave room for one generated token, and stay within `max_prompt_tokens`."""
@@ -101,9 +118,11 @@ class _Generation(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
+    top_k: int = -1                                       # -1 or 0: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
 
     @field_validator("stop")
     @classmethod
@@ -115,18 +134,11 @@ class _Generation(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("top_k")
     @classmethod
-    def _no_penalty(cls, value):
-        if value != 0:
-            raise ValueError("not supported by this server (only 0)")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("not supported by this server")
+    def _top_k(cls, value):
+        if value < -1:
+            raise ValueError(f"must be -1 or 0 (off) or >= 1, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -139,25 +151,40 @@ class _Generation(BaseModel):
         return self.max_tokens
 
 
-class CompletionRequest(_Generation):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+PROMPT_FORMS = "a string, a list of token ids, a list of strings or a list of token-id lists"
 
-    @field_validator("prompt")
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+class CompletionRequest(_Generation):
+    prompt: list[str] | list[list[int]]   # normalized: a batch of strings or of token-id lists
+    max_tokens: int | None = Field(16, ge=1)
+    echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0)  # top N per token (vLLM: up to max_logprobs)
+
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompts(cls, value):
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or any(not p for p in prompts):
-            raise ValueError("must be a non-empty string or a non-empty list of non-empty strings")
-        return prompts
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("not supported by this server")
+        if isinstance(value, str) or _token_ids(value):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"must be {PROMPT_FORMS} (non-empty)")
+        if not (all(isinstance(p, str) for p in value) or all(isinstance(p, list) for p in value)):
+            raise ValueError(f"a batch is all strings or all token-id lists ({PROMPT_FORMS})")
+        for i, prompt in enumerate(value):
+            if isinstance(prompt, str) and not prompt:
+                raise ValueError(f"prompt {i} is an empty string")
+            if isinstance(prompt, list) and not _token_ids(prompt):
+                raise ValueError(f"prompt {i} is not a non-empty list of integer token ids ({PROMPT_FORMS})")
+            if isinstance(prompt, list) and min(prompt) < 0:
+                raise ValueError(f"prompt {i} has the negative token id {min(prompt)}")
         return value
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many top tokens each generated token reports (None: no logprobs)."""
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -179,6 +206,18 @@ class Message(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0)  # top N per token; needs logprobs (OpenAI: up to 20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("only allowed when logprobs is true")
+        return value
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

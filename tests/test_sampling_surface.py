@@ -122,7 +122,7 @@ def test_logprobs_are_the_raw_log_softmax_with_the_top_n(target):
                     BatchDecoder(target, slots=2, prefill_chunk=4, draft=PromptLookup(), k=3)):
         results = decode(decoder, jobs)
         assert results[3][1] == []  # a sequence that did not ask reports nothing
-        for (prompt, _, setting), (tokens, logprobs, _) in zip(jobs[:3], results[:3]):
+        for (prompt, _, _), (tokens, logprobs, _) in zip(jobs[:3], results[:3]):
             assert [e.token for e in logprobs] == tokens and len(tokens) == 12
             with torch.no_grad():
                 full = target(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
