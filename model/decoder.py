@@ -200,7 +200,8 @@ class BatchDecoder:
         started = [s for s, _ in done]
         if started:
             raw = torch.cat([row for _, row in done]).float()
-            tokens = next_tokens(self.penalties.rows(raw, [s.slot for s in started]), started)
+            penalized = self.penalties.rows(raw, [s.slot for s in started]) if _processed(started) else raw
+            tokens = next_tokens(penalized, started)
             logprobs = _token_logprobs(started, [[t] for t in tokens], lambda i, j: raw[i].log_softmax(-1))
             for seq, token, lps in zip(started, tokens, logprobs):
                 event = events.setdefault(seq.id, Event(seq.id))
@@ -219,7 +220,7 @@ class BatchDecoder:
         chunks = [s.tokens[s.filled:] + drafts for s, (drafts, _) in zip(seqs, proposals)]
         keep = [len(drafts) + 1 for drafts, _ in proposals]  # = len(chunks[i]): every fed token is scored
         grid, logprobs = self.decode_step.run([s.slot for s in seqs], [s.filled for s in seqs], chunks,
-                                              counted=[len(s.tokens) for s in seqs])
+                                              counted=[len(s.tokens) for s in seqs], process=_processed(seqs))
         choices = grid.argmax(-1).tolist()  # the step's one device->host transfer (greedy rows need no more)
         sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         probs = {}
@@ -267,6 +268,11 @@ class BatchDecoder:
             self.penalties.record(seq.slot, kept)
         if event.finish is not None:
             self.cancel(seq.id)
+
+
+def _processed(seqs: Sequence[Running]) -> bool:
+    """Whether any of these sequences needs its logits penalized or its log-probabilities reported."""
+    return any(seq.sampling.penalized or seq.sampling.logprobs is not None for seq in seqs)
 
 
 def _read_prompt(seq: Running, start: int, logits: torch.Tensor) -> None:

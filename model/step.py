@@ -82,7 +82,7 @@ class StaticStep(nn.Module):
                 self.register_buffer(f"penalty_{name}", getattr(penalties, name), persistent=False)
         self.last_rope = model.config.max_seq_len - 1
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor):
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, process: bool = True):
         model = self.model
         rope = positions.clamp(max=self.last_rope)  # scratch positions: any angle will do
         cos, sin = model.rope_cos[rope][:, None], model.rope_sin[rope][:, None]
@@ -93,7 +93,7 @@ class StaticStep(nn.Module):
         for layer in model.layers:
             x = layer(x, cos, sin, 0, cache, mask)
         logits = model.lm_head(model.norm(x)).float()
-        if not self.penalized:
+        if not (self.penalized and process):
             return logits, None
         b = idx.shape[0]
         # column j predicts the token after fed token j: the guesses up to and including j count as generated
@@ -138,30 +138,32 @@ class DecodeStep:
         """The width bucket that holds `tokens` fed per row (None: wider than any, feed it eagerly)."""
         return next((w for w in self.widths if w >= tokens), None)
 
-    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor):
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, process: bool = True):
         if self.dynamic:
             for tensor in (idx, positions, drafted):
                 torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
-        out = self.fn(idx, positions, drafted)
+        # compiled: always the one graph that penalizes (as data); eager: that work only when a row needs it
+        out = self.fn(idx, positions, drafted, process or self.compiled)
         if self.compiled and self.device.type == "cuda":  # CUDA graphs reuse their outputs
             return tuple(None if o is None else o.clone() for o in out)
         return out
 
     def run(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]],
-            counted: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            counted: Sequence[int] | None = None, process: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed `chunks[i]` at positions `starts[i]`.. of slot `slots[i]`; returns the (B, W, vocab) logits
         grid, row = slot, column j = the j-th fed token of that slot (padding rows/columns: ignore), and
-        the raw log-probabilities of the same grid (None for a step without penalties). `counted[i]`: the
-        slot's tokens before that position are counted in its penalties already; fed tokens from there on
-        are guesses (default: none are)."""
+        the raw log-probabilities of the same grid (None for a step without penalties, or an eager one
+        told that no row needs them: `process=False`). `counted[i]`: the slot's tokens before that
+        position are counted in its penalties already; fed tokens from there on are guesses (default:
+        none are)."""
         width = self.width(max(len(c) for c in chunks))
         if width is None:
             raise ValueError(f"a row feeds {max(len(c) for c in chunks)} tokens; "
                              f"the widest bucket is {self.widths[-1]}")
         with torch.inference_mode():
-            return self._run(slots, starts, chunks, counted, width)
+            return self._run(slots, starts, chunks, counted, width, process)
 
-    def _run(self, slots, starts, chunks, counted, width: int):
+    def _run(self, slots, starts, chunks, counted, width: int, process: bool):
         b = self.bucket(max(slots) + 1)
         scratch = torch.arange(self.cache.max_len, self.cache.max_len + width)
         positions = scratch.repeat(b, 1)
@@ -174,7 +176,7 @@ class DecodeStep:
             if counted is not None:
                 drafted[slot, :n] = positions[slot, :n] >= counted[i]
         to = dict(device=self.device, non_blocking=True)
-        return self(idx.to(**to), positions.to(**to), drafted.to(**to))
+        return self(idx.to(**to), positions.to(**to), drafted.to(**to), process)
 
     def warm_up(self) -> None:
         """Run every (batch bucket, width) once (CUDA graphs: three times, to record them) on scratch
