@@ -266,4 +266,6 @@ def test_lm_eval_local_completions_scores_the_served_model_as_in_process(server,
         "max_retries": 1})
     assert set(through_api) == set(in_process) and len(in_process) == sum(len(r) * 4 for r in items.values())
     worst = max(abs(through_api[key] - in_process[key]) for key in in_process)
+    print(f"\nlm-eval local-completions vs in-process: {len(in_process)} log-likelihoods, largest difference "
+          f"{worst:.2e}")
     assert worst < 1e-3, worst
