@@ -161,7 +161,7 @@ def _token_ids(value) -> bool:
 class CompletionRequest(_Generation):
     prompt: list[str] | list[list[int]]   # normalized: a batch of strings or of token-id lists
     max_tokens: int | None = Field(16, ge=1)
-    echo: StrictBool = False
+    echo: StrictBool | None = False
     logprobs: StrictInt | None = Field(None, ge=0)  # top N per token (vLLM: up to max_logprobs)
 
     @field_validator("prompt", mode="before")
@@ -206,7 +206,7 @@ class Message(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0)  # top N per token; needs logprobs (OpenAI: up to 20)
 
     @field_validator("top_logprobs")
