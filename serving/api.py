@@ -90,11 +90,7 @@ class OpenAIService:
     async def completions(self, body: CompletionRequest):
         self.limits.check_stops(body.stop)
         self.limits.check_logprobs(body.logprobs, "logprobs")
-        prompts = await self._off_loop(self._encode_prompts, body.prompt)
-        echoes = None
-        if body.echo:
-            echoes = [p if isinstance(p, str) else await self._off_loop(self.served.tokenizer.decode, p)
-                      for p in body.prompt]
+        prompts, echoes = await self._off_loop(self._read_prompts, body.prompt, bool(body.echo))
         return await self._respond(body, prompts, "text_completion", "cmpl", "prompt", echoes)
 
     async def chat(self, body: ChatCompletionRequest):
@@ -113,20 +109,21 @@ class OpenAIService:
         prompt = await self._off_loop(self._encode_chat, messages)
         return await self._respond(body, [prompt], "chat.completion", "chatcmpl", "messages")
 
-    def _encode_prompts(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
-        """Texts encoded with BOS first (as pretraining put it before every document); token ids as they
-        are (the client's own tokenization, BOS included or not), each checked against the vocabulary."""
-        vocab, encoded = self.served.model.config.vocab_size, []
+    def _read_prompts(self, prompts: list[str] | list[list[int]], echo: bool) -> tuple[list[list[int]], list | None]:
+        """(token ids, echoed texts or None): texts encoded with BOS first (as pretraining put it before every
+        document); token ids as they are (the client's own tokenization, BOS included or not), each checked
+        against the vocabulary, and echoed as their decoded text."""
+        tokenizer, vocab, encoded = self.served.tokenizer, self.served.model.config.vocab_size, []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                encoded.append(self.served.tokenizer.encode(prompt, bos=True))
+                encoded.append(tokenizer.encode(prompt, bos=True))
                 continue
-            bad = max(prompt)
-            if bad >= vocab:
-                raise APIError(400, f"prompt: token id {bad} of prompt {i} is outside the vocabulary "
+            if max(prompt) >= vocab:
+                raise APIError(400, f"prompt: token id {max(prompt)} of prompt {i} is outside the vocabulary "
                                     f"({vocab} tokens)", "prompt")
             encoded.append(list(prompt))
-        return encoded
+        echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if echo else None
+        return encoded, echoes
 
     def _encode_chat(self, messages: list[dict]) -> list[int]:
         text = render(self.served.chat_template, messages, add_generation_prompt=True).text
