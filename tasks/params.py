@@ -478,6 +478,13 @@ class MlflowParams(Section):
     experiment: str = "tinyllama-tiny"
 
 
+class DeployGate(Section):
+    """The deploy stage's gate (tasks/deploy/gate.py): lm-eval through the API against in-process scoring."""
+
+    items: int = Field(8, ge=1)                  # the first N items of each eval.tasks task, scored both ways
+    tolerance: float = Field(1e-3, gt=0, le=1)   # the largest allowed |served - in-process| log-likelihood
+
+
 class DeployParams(Section):
     """The served model and how it is served (tasks/deploy/, serving/app.py ServeArgs)."""
 
@@ -506,6 +513,7 @@ class DeployParams(Section):
     max_stop_chars: int = Field(64, ge=1)          # the length of each stop string
     max_top_logprobs: int = Field(20, ge=0)        # the most top_logprobs a request may ask
     check_max_tokens: int = Field(32, ge=1)
+    gate: DeployGate = Field(default_factory=DeployGate)
 
     @model_validator(mode="after")
     def _replicas(self):

@@ -141,6 +141,27 @@ def test_without_a_cluster_the_flow_prints_the_command_that_serves(tmp_path):
     assert "http://127.0.0.1:8123/v1" in message
 
 
+
+def test_the_gate_compares_every_request_and_names_the_worst():
+    """The gate's comparison (pure): the largest difference and where, a request scored one way only, NaN."""
+    from tasks.deploy.gate import compare
+
+    reference = {("a", 0, 0): -1.0, ("a", 0, 1): -2.0, ("b", 3, 1): -3.0}
+    close = {key: value + 1e-4 * i for i, (key, value) in enumerate(reference.items())}
+    passed = compare(close, reference, 1e-3)
+    assert passed.passed and passed.compared == 3 and passed.worst == ("b", 3, 1)
+    assert passed.max_abs_diff == pytest.approx(2e-4)
+    off = {**close, ("a", 0, 1): -2.0 + 5e-3}
+    failed = compare(off, reference, 1e-3)
+    assert not failed.passed and failed.worst == ("a", 0, 1) and failed.max_abs_diff == pytest.approx(5e-3)
+    assert "5.00e-03" in failed.describe() and "a item 0 choice 1" in failed.describe()
+    assert compare(off, reference, 1e-2).passed  # the tolerance decides
+    short = {k: v for k, v in reference.items() if k != ("b", 3, 1)}
+    missing = compare(short, reference, 1.0)
+    assert not missing.passed and missing.missing == (("b", 3, 1),) and "b item 3 choice 1" in missing.describe()
+    assert not compare({**reference, ("a", 0, 0): float("nan")}, reference, 1.0).passed
+
+
 @pytest.mark.slow
 def test_the_pipelines_deploy_stage_served_checked_and_measured_the_champion(pipeline_repo):
     """The shared run's deploy stage (`tinyllama deploy` through dvc.yaml: Ray's own `serve deploy`, the

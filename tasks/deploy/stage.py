@@ -6,8 +6,11 @@
    `serve deploy` (binding `deploy.host`/`deploy.port`);
 3. start a local Ray with its dashboard and hand the same config (on a free local port) to Ray's own
    `serve deploy`, so what is checked is exactly what a cluster runs;
-4. check it with the `openai` client and measure it (tasks/deploy/check.py) into `metrics/serve.json`;
-5. shut Serve and Ray down. Keeping a server up is the flow's job (`tinyllama serve`, or `serve deploy`
+4. check it with the `openai` client and measure it (tasks/deploy/check.py);
+5. the gate (tasks/deploy/gate.py): lm-eval scores the served model through its API, and every
+   log-likelihood must equal in-process scoring of the same weights (else exit 1, after writing the result);
+6. write `metrics/serve.json` and the deploy MLflow run (tasks/deploy/mlflow_log.py), and
+   shut Serve and Ray down. Keeping a server up is the flow's job (`tinyllama serve`, or `serve deploy`
    to a cluster), not a DVC stage's.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +27,11 @@ from model.devices import check_device
 from tasks.deploy import check
 from tasks.deploy.champion import resolve
 from tasks.deploy.config import lineage, model_ref, serve_args, serve_config, write_yaml
+from tasks.deploy.gate import GateFailed, run_gate, summary
+from tasks.deploy.mlflow_log import log_run
 from tasks.errors import UserError
-from tasks.files import write_json_atomic
+from tasks.evaluate.tasksets import collect_tasks
+from tasks.files import read_json, write_json_atomic
 from tasks.layout import Layout
 from tasks.params import Params, add_params_argument, load_params
 from tasks.ray_cluster import free_port, usable_cpus
@@ -83,7 +90,9 @@ def deploy(params: Params) -> dict:
         check_device(params.deploy.device, "deploy.device")  # the local check serves here, on this machine's device
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    print(f"deploy: Serve config {config_path} (model {config['applications'][0]['args']['model']})", flush=True)
+    tasks = collect_tasks(params)  # the gate's tasks, checked before anything starts
+    model_dir = Path(config["applications"][0]["args"]["model"])
+    print(f"deploy: Serve config {config_path} (model {model_dir})", flush=True)
     api_key = None
     if params.deploy.api_key_env:
         api_key = os.environ.get(params.deploy.api_key_env)
@@ -92,7 +101,9 @@ def deploy(params: Params) -> dict:
     port, dashboard_port = free_port(), free_port()
     local = _local_copy(config, port)
     base_url = f"http://127.0.0.1:{port}"
-    with serve_session(usable_cpus(), "127.0.0.1", port, dashboard_port):
+    layout = Layout.from_params(params)
+    with serve_session(usable_cpus(), "127.0.0.1", port, dashboard_port), \
+            tempfile.TemporaryDirectory(prefix="tinyllama-gate-") as include_dir:
         start = time.monotonic()
         _serve_deploy(local, dashboard_port, config_path.parent)
         wait_healthy(f"{base_url}/health", READY_TIMEOUT_S)
@@ -103,12 +114,20 @@ def deploy(params: Params) -> dict:
         ttft = check.time_to_first_token(f"{base_url}/v1", api_key, model)
         rates = {str(c): round(check.tokens_per_second(f"{base_url}/v1", api_key, model, c,
                                                         params.deploy.check_max_tokens), 1) for c in (1, 8)}
+        print(f"deploy: the gate: lm-eval through the API against in-process scoring of {model_dir}", flush=True)
+        gate = run_gate(params, tasks.write(Path(include_dir)), f"{base_url}/v1", api_key, model, model_dir,
+                        read_json(layout.lineage_file))
     metrics = {"model_ref": model_ref(params), "serve_config": str(config_path), "time_to_ready_s": round(ready_s, 2),
-               "ttft_s": round(ttft, 4), "tokens_per_s": rates, "checks": checks}
-    metrics_file = Layout.from_params(params).metrics_file(METRICS)
+               "ttft_s": round(ttft, 4), "tokens_per_s": rates, "checks": checks, "gate": gate}
+    metrics_file = layout.metrics_file(METRICS)
+    write_json_atomic(metrics_file, metrics)
+    metrics["mlflow_run_id"] = log_run(params, metrics, [metrics_file, config_path, layout.lineage_file])
     write_json_atomic(metrics_file, metrics)
     print(f"deploy: time to ready {ready_s:.1f} s, TTFT {ttft * 1000:.0f} ms, tokens/s {rates['1']} (1 client), "
           f"{rates['8']} (8 clients) -> {metrics_file}", flush=True)
+    print(f"deploy: {summary(gate)}", flush=True)
+    if not gate["passed"]:
+        raise GateFailed(f"the served model fails the gate: {gate['message']} (see {metrics_file})")
     return metrics
 
 
@@ -120,5 +139,9 @@ def main(args) -> int:
         import ray.serve  # noqa: F401  (Ray and Serve attach their console handlers on import)
 
         adopt_library_logging("ray", "ray.serve")
-        deploy(params)
+        try:
+            deploy(params)
+        except check.CheckFailed as exc:  # the served model's fault, not the user's input: exit 1, one line
+            print(f"tinyllama deploy: {exc}", file=sys.stderr)
+            return 1
     return 0

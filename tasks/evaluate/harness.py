@@ -59,19 +59,22 @@ def pick_score(task_results: dict, n: int) -> TaskScore:
     raise ValueError(f"no acc_norm or acc in lm-eval results: {sorted(task_results)}")
 
 
-def run_lm_eval(model, tokenizer, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]:
-    """Scores per task, in `taskset.names` order."""
+def hf_lm(model, tokenizer, batch_size: int):
+    """lm-eval's HFLM around a loaded checkpoint, BOS first on every request: how every score is computed."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, add_bos_token=True,
-              max_length=model.config.max_position_embeddings)
-    return score_lm(lm, taskset, settings)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True,
+                max_length=model.config.max_position_embeddings)
 
 
-def score_lm(lm, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]:
-    """Scores per task of any lm-eval model object (HFLM here, the quantize stage's engines). lm-eval's
-    progress bars only on a terminal: it passes `disable=False` to tqdm explicitly, which TQDM_DISABLE
-    cannot override, so its `disable_tqdm` is set instead."""
+def run_lm_eval(model, tokenizer, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]:
+    """Scores per task, in `taskset.names` order."""
+    return score_lm(hf_lm(model, tokenizer, settings.batch_size), taskset, settings)
+
+
+def _simple_evaluate(lm, taskset: TaskSet, num_fewshot: int, limit: int | None, **options) -> dict:
+    """lm-eval's `simple_evaluate` on any lm-eval model object. Its progress bars only on a terminal: it
+    passes `disable=False` to tqdm explicitly, which TQDM_DISABLE cannot override, so `disable_tqdm` is set."""
     import functools
 
     import lm_eval
@@ -81,8 +84,31 @@ def score_lm(lm, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     if not interactive():
         lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(taskset.names), num_fewshot=settings.num_fewshot,
-                                     limit=settings.limit, task_manager=taskset.task_manager(),
-                                     log_samples=False, bootstrap_iters=1000)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(taskset.names), num_fewshot=num_fewshot, limit=limit,
+                                   task_manager=taskset.task_manager(), **options)
+
+
+def _scores(output: dict, taskset: TaskSet) -> dict[str, TaskScore]:
     results, samples = output["results"], output["n-samples"]
     return {name: pick_score(results[name], int(samples[name]["effective"])) for name in taskset.names}
+
+
+def score_lm(lm, taskset: TaskSet, settings: EvalParams) -> dict[str, TaskScore]:
+    """Scores per task of any lm-eval model object (HFLM here, the quantize stage's engines)."""
+    output = _simple_evaluate(lm, taskset, settings.num_fewshot, settings.limit, log_samples=False,
+                              bootstrap_iters=1000)
+    return _scores(output, taskset)
+
+
+ItemKey = tuple[str, int, int]  # (task, doc_id, request): a request is one choice of a multiple-choice item
+
+
+def score_items(lm, taskset: TaskSet, num_fewshot: int, limit: int) -> tuple[dict[str, TaskScore],
+                                                                               dict[ItemKey, float]]:
+    """Scores per task on the first `limit` items of each, and every request's log-likelihood: what two
+    ways of scoring the same weights (in process, through a server's API) are compared on."""
+    output = _simple_evaluate(lm, taskset, num_fewshot, limit, log_samples=True, bootstrap_iters=0)
+    loglikelihoods = {(task, int(sample["doc_id"]), i): float(response[0][0])
+                      for task, samples in output["samples"].items() for sample in samples
+                      for i, response in enumerate(sample["resps"])}
+    return _scores(output, taskset), loglikelihoods
