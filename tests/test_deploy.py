@@ -179,6 +179,18 @@ def test_the_pipelines_deploy_stage_served_checked_and_measured_the_champion(pip
     assert lineage.items() <= checks["lineage"].items(), "the server reports the deploy stage's lineage"
     assert checks["lineage"]["base_milestone"] in {p.name for p in (root / "models" / "pretrain").iterdir()}
     assert Path(metrics["serve_config"]).is_file()
+    params = load_params(root / "params.yaml")
+    gate = metrics["gate"]  # lm-eval through the API scored every request as in-process scoring did
+    assert gate["passed"] and gate["max_abs_diff"] <= params.deploy.gate.tolerance and gate["scores_equal"]
+    assert gate["items_per_task"] == params.deploy.gate.items and gate["requests"] >= len(params.eval.tasks)
+    assert set(gate["scores"]["served"]) == set(params.eval.tasks)
+    assert gate["scores"]["served"] == gate["scores"]["in_process"]
+    stage, variant = lineage["tag.stage"], lineage["tag.variant"]  # the alignment stage that registered it
+    recorded = json.loads((root / "metrics" / f"{stage}.json").read_text())[variant][stage]["avg"]
+    assert gate["recorded"]["avg"] == recorded
+    print(f"\ndeploy gate: largest difference {gate['max_abs_diff']:.2e} over {gate['requests']} requests; "
+          f"avg {gate['avg']['served']:.4f} served = {gate['avg']['in_process']:.4f} in process on the first "
+          f"{gate['items_per_task']} items per task; recorded {recorded:.4f} ({gate['recorded']['from']})")
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ logprobs are exercised on the speculative verify step too.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +270,48 @@ def test_lm_eval_local_completions_scores_the_served_model_as_in_process(server,
     print(f"\nlm-eval local-completions vs in-process: {len(in_process)} log-likelihoods, largest difference "
           f"{worst:.2e}")
     assert worst < 1e-3, worst
+
+
+@pytest.mark.timeout(600)
+def test_the_deploy_gate_fails_when_the_served_weights_are_not_the_scored_ones(server, served_model_dir, tmp_path):
+    """The deploy stage's gate (tasks/deploy/gate.py) against this server: scored in process on the served
+    weights it passes; on a copy whose final norm is scaled (weights that were not served) it fails,
+    naming the worst request. Both on the first 4 items of two tasks."""
+    import shutil
+
+    import yaml
+    from eval_fixtures import eval_items
+    from safetensors.torch import load_file, save_file
+
+    from tasks.deploy.gate import run_gate
+    from tasks.evaluate.lm_eval_tiny import write_tiny_task
+    from tasks.evaluate.tasksets import TaskSet
+    from tasks.params import parse_params
+
+    items = eval_items()
+    for name, rows in items.items():
+        write_tiny_task(name, "".join(json.dumps(r) + "\n" for r in rows).encode(), tmp_path / "tasks")
+    taskset = TaskSet(names=list(items), include_dir=tmp_path / "tasks", include_defaults=False)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["paths"] = {name: str(tmp_path / name) for name in ("data", "models", "metrics")}
+    raw["deploy"]["gate"] = {"items": 4, "tolerance": 1e-3}
+    params = parse_params(raw)
+    other = tmp_path / "other-weights"
+    shutil.copytree(served_model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+
+    def gate(model_dir):
+        return run_gate(params, taskset, f"{server.url}/v1", API_KEY, NAME, model_dir, {})
+
+    same = gate(served_model_dir)
+    assert same["passed"] and same["requests"] == sum(4 * len(rows[0]["choices"]) for rows in items.values())
+    assert same["max_abs_diff"] <= 1e-3 and same["scores"]["served"] == same["scores"]["in_process"]
+    assert same["recorded"] is None  # no pipeline metrics here to put beside the scores
+    differ = gate(other)
+    assert not differ["passed"] and differ["max_abs_diff"] > 1e-3 and differ["requests"] == same["requests"]
+    assert differ["worst"] and differ["worst"] in differ["message"] and f"{differ['max_abs_diff']:.2e}" in \
+        differ["message"]
+    print(f"\ndeploy gate on this server: same weights {same['max_abs_diff']:.2e}, other weights "
+          f"{differ['max_abs_diff']:.2e} at {differ['worst']}")
