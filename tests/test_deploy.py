@@ -162,6 +162,25 @@ def test_the_gate_compares_every_request_and_names_the_worst():
     assert not compare({**reference, ("a", 0, 0): float("nan")}, reference, 1.0).passed
 
 
+
+def test_the_gate_reads_the_score_recorded_for_the_served_model(tmp_path):
+    """Beside the gate's scores: the alignment stage's average for a registered variant (its registry tags
+    name the stage and variant), the evaluate stage's for a milestone dir, nothing for an unknown model."""
+    from tasks.deploy.gate import recorded_average
+
+    params = parse_params(_params(tmp_path))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "dpo.json").write_text(json.dumps({"chat-1M": {"base": {"avg": 0.5},
+                                                                           "dpo": {"avg": 0.625}}}))
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"1M": {"tokens": 1, "avg": 0.375}}))
+    registered = {"model_dir": "/cache/tinyllama-chat/3", "tag.stage": "dpo", "tag.variant": "chat-1M"}
+    assert recorded_average(params, registered) == {"avg": 0.625, "from": "dpo.json chat-1M.dpo.avg"}
+    assert recorded_average(params, {"model_dir": str(tmp_path / "models" / "pretrain" / "1M")}) == \
+        {"avg": 0.375, "from": "eval.json 1M.avg"}
+    assert recorded_average(params, {**registered, "tag.variant": "chat-2M"}) is None
+    assert recorded_average(params, {**registered, "tag.stage": "sft"}) is None  # no sft.json here
+
+
 @pytest.mark.slow
 def test_the_pipelines_deploy_stage_served_checked_and_measured_the_champion(pipeline_repo):
     """The shared run's deploy stage (`tinyllama deploy` through dvc.yaml: Ray's own `serve deploy`, the
