@@ -89,8 +89,8 @@ def summary(root: Path, stages: list[Stage], results: list, tracking_uri: str) -
     lines += ["  Metrics:    .venv/bin/dvc metrics show",
               f"  Logs:       {root / LOGS_DIR}/<stage>.log (everything each stage printed and logged; Ray workers' "
               f"output in <stage>-ray/)",
-              "  Outputs:"]
-    for stage in stages:
-        for path in stage.outs:
-            lines.append(f"    {stage.name:<10} {root / path}" + ("" if (root / path).exists() else "  (missing)"))
+              f"  Outputs:    under {root}/"]
+    for stage in stages:  # one line per stage: the console stays short (tests/test_logs.py)
+        outs = [path + ("" if (root / path).exists() else " (missing)") for path in stage.outs]
+        lines.append(f"    {stage.name:<10} {', '.join(outs)}")
     return "\n".join(lines) + "\n"
