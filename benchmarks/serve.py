@@ -17,6 +17,9 @@ Then speculative decoding on the tiny model, greedy, in process: plain decoding 
 on input-grounded prompts (documents of the corpus the model learned, to continue) and against the
 draft model (`--draft`, an earlier milestone) on open prompts: speedup, acceptance, identical text.
 Targets (55M): concurrency 32 ≥ 4× our concurrency 1 and ≥ 2× llama.cpp; prompt lookup ≥ 1.5×.
+And the prompt cache (`--parts prompt-cache`): two requests sharing a prefix of ¾ of the context (192
+tokens on tiny, 384 on the 55M config), one after the other, through HTTP and on the engine alone: the
+second's time to first token against the first's (target ≥ 3× lower).
 Results: benchmarks/results/serve.json.
 """
 
@@ -64,6 +67,29 @@ def bench_55m_dir(work: Path) -> Path:
     return out
 
 
+def tiny_random_dir(work: Path) -> Path:
+    """The tiny config with seeded random weights and a tokenizer fitted to the embedded corpus, when no
+    pipeline milestone is at hand (the prompt cache's timing depends on the shapes, not the weights)."""
+    import torch
+
+    from model.config import tiny
+    from model.hf import save_hf
+    from model.llama import Llama
+    from model.tokenizer import save_tokenizer_dir, train_sentencepiece
+    from tasks.data.corpus import build_corpus
+
+    out = work / "tiny-random"
+    if (out / "model.safetensors").is_file():
+        return out
+    corpus = build_corpus(seed=1234, entities=24, programs=1500)
+    texts = corpus.text_documents[:200] + corpus.code_documents[:400]
+    tokenizer = save_tokenizer_dir(train_sentencepiece(texts, tiny().vocab_size, max_sentences=100_000),
+                                   work / "tiny-tokenizer")
+    torch.manual_seed(0)
+    save_hf(Llama(tiny()), out, tokenizer_dir=tokenizer)
+    return out
+
+
 def grounded_prompts(count: int) -> list[str]:
     """Starts of documents from the corpus the tiny model learned: continuing them re-uses names,
     lists and phrases already in the prompt, what prompt lookup drafts from."""
@@ -77,12 +103,12 @@ def grounded_prompts(count: int) -> list[str]:
 # ---------------------------------------------------------------- ours, through HTTP
 
 
-def start_server(model_dir: Path, port: int, log: Path, slots: int, stream_interval: int):
+def start_server(model_dir: Path, port: int, log: Path, slots: int, stream_interval: int, *flags: str):
     from servers import start, wait_http
 
     command = [str(Path(sys.executable).parent / "tinyllama"), "serve", "--model", str(model_dir), "--name", "bench",
                "--port", str(port), "--slots", str(slots), "--max-waiting", "256", "--cpus", str(THREADS),
-               "--stream-interval", str(stream_interval)]
+               "--stream-interval", str(stream_interval), *flags]
     proc = start(command, log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wait_http(f"http://127.0.0.1:{port}/health", 600, proc, log)
     return proc
@@ -177,6 +203,87 @@ def engine_direct(model_dir: Path, prompts: list[str], requests: int, max_tokens
     seconds = time.perf_counter() - start
     return {"requests": requests, "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
+
+
+# ---------------------------------------------------------------- the prompt cache
+
+
+def shared_prefix_prompts(vocab: int, context: int, rounds: int) -> list[tuple[list[int], list[int]]]:
+    """Per round, two token-id prompts sharing a prefix of ¾ of the context (BOS, then seeded random ids
+    that no earlier round shares), each with its own 8-token question."""
+    import random
+
+    rng = random.Random(7)
+    pairs = []
+    for _ in range(rounds):
+        prefix = [1] + [rng.randrange(3, vocab) for _ in range(3 * context // 4 - 1)]
+        pairs.append(tuple(prefix + [rng.randrange(3, vocab) for _ in range(8)] for _ in range(2)))
+    return pairs
+
+
+def prompt_cache_http(model_dir: Path, work: Path, pairs: list, flags: tuple[str, ...] = ()) -> list[tuple]:
+    """Per pair, the latency of a `max_tokens: 1` completion (the time to first token, with the HTTP
+    round trip) of the first prompt, then of the second, on one server (8 slots)."""
+    import httpx
+    from servers import free_port, stop
+
+    port = free_port()
+    proc = start_server(model_dir, port, work / f"serve-cache-{model_dir.name}.log", 8, 1, *flags)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        with httpx.Client(timeout=600) as http:
+            def ttft(prompt: list[int]) -> float:
+                start = time.perf_counter()
+                http.post(url, json={"model": "bench", "prompt": prompt, "max_tokens": 1,
+                                     "temperature": 0}).raise_for_status()
+                return time.perf_counter() - start
+
+            ttft([1, 5, 6, 7])  # warm-up: first allocations, first connection
+            return [(ttft(first), ttft(second)) for first, second in pairs]
+    finally:
+        stop(proc, grace=60)
+
+
+def prompt_cache_engine(model_dir: Path, pairs: list, cache: bool = True) -> list[tuple]:
+    """The same on the engine alone (8 slots, no HTTP or Ray): `add` to the first token's event."""
+    import torch
+
+    from model.decoder import BatchDecoder
+    from model.hf import load_hf
+
+    torch.set_num_threads(THREADS)
+    decoder = BatchDecoder(load_hf(model_dir), slots=8, prefill_chunk=128, prompt_cache=cache)
+
+    def ttft(prompt: list[int]) -> float:
+        start = time.perf_counter()
+        decoder.add(prompt, 1, eos_id=None)
+        while decoder.running:
+            decoder.step()
+        return time.perf_counter() - start
+
+    ttft([1, 5, 6, 7])
+    return [(ttft(first), ttft(second)) for first, second in pairs]
+
+
+def prompt_cache(model_dir: Path, work: Path, rounds: int) -> dict:
+    """First vs second request's TTFT (medians over `rounds` fresh prefixes), with the cache and, as the
+    control, on the engine without it."""
+    from statistics import median
+
+    from model.hf import load_hf
+
+    config = load_hf(model_dir).config
+    pairs = shared_prefix_prompts(config.vocab_size, config.max_seq_len, rounds)
+    result = {"prefix_tokens": 3 * config.max_seq_len // 4, "rounds": rounds}
+    for name, times in (("http", prompt_cache_http(model_dir, work, pairs)),
+                        ("engine", prompt_cache_engine(model_dir, pairs)),
+                        ("engine_without_cache", prompt_cache_engine(model_dir, pairs, cache=False))):
+        first, second = median(t for t, _ in times), median(t for _, t in times)
+        result[name] = {"first_ttft_ms": round(first * 1000, 1), "second_ttft_ms": round(second * 1000, 1),
+                        "ratio": round(first / second, 2)}
+        print(f"  prompt cache, {name:20s}: first {result[name]['first_ttft_ms']} ms, second "
+              f"{result[name]['second_ttft_ms']} ms: {result[name]['ratio']}x", flush=True)
+    return result
 
 
 # ---------------------------------------------------------------- sequential baselines
@@ -282,20 +389,26 @@ def speculative(target_dir: Path, draft_dir: Path | None, max_tokens: int, count
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", type=Path, default=ROOT / "models" / "pretrain" / "1M",
-                        help="the pipeline's tiny milestone dir (default models/pretrain/1M)")
+                        help="the pipeline's tiny milestone dir (default models/pretrain/1M; the prompt-cache "
+                             "part alone uses seeded random tiny weights when it is absent)")
     parser.add_argument("--draft", type=Path, default=ROOT / "models" / "pretrain" / "100K",
                         help="the draft model for open prompts (default models/pretrain/100K; absent: skipped)")
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE",
                         help="F16 GGUF of a model (NAME tiny or 55m) for the llama.cpp baseline")
     parser.add_argument("--models", default="tiny,55m", help="which of tiny,55m to serve (speculative: with tiny)")
+    parser.add_argument("--parts", default="throughput,speculative,prompt-cache",
+                        help="which of throughput,speculative,prompt-cache to run")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", type=Path, default=RESULTS / "serve-work")
     parser.add_argument("--json", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args(argv)
-    if not (args.tiny / "model.safetensors").is_file():
-        parser.error(f"--tiny: {args.tiny} is not a model dir (run the pipeline, or pass a milestone dir)")
+    parts = args.parts.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
+    if not (args.tiny / "model.safetensors").is_file():
+        if parts != ["prompt-cache"]:
+            parser.error(f"--tiny: {args.tiny} is not a model dir (run the pipeline, or pass a milestone dir)")
+        args.tiny = tiny_random_dir(args.work)
     ggufs = dict(item.split("=", 1) for item in args.gguf)
     max_tokens = 16 if args.quick else args.max_tokens
     chosen = args.models.split(",")
@@ -306,8 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, model_dir in models.items():
         prompts = OPEN_PROMPTS
         print(f"{name}: {model_dir}", flush=True)
-        entry = {"dir": str(model_dir), "ours": ours(model_dir, prompts, args.work, args.quick, max_tokens),
-                 "ours_stream_interval_4": ours(model_dir, prompts, args.work, args.quick, max_tokens, 4)}
+        entry = report["models"].setdefault(name, {"dir": str(model_dir)})
+        if "prompt-cache" in parts:
+            entry["prompt_cache"] = prompt_cache(model_dir, args.work, 3 if args.quick else 5)
+        if "throughput" not in parts:
+            continue
+        entry["ours"] = ours(model_dir, prompts, args.work, args.quick, max_tokens)
+        entry["ours_stream_interval_4"] = ours(model_dir, prompts, args.work, args.quick, max_tokens, 4)
         entry["engine_direct_32"] = engine_direct(model_dir, prompts, 32 if args.quick else 64, max_tokens)
         print(f"  engine alone, 32 slots, no HTTP: {entry['engine_direct_32']['tokens_per_s']} tok/s", flush=True)
         entry["transformers"] = transformers_sequential(model_dir, prompts, max_tokens)
@@ -328,14 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(entry["llama_cpp"], dict):
             entry["ratios"]["c32_over_llama_cpp"] = round(by_c[32] / entry["llama_cpp"]["tokens_per_s"], 2)
             entry["ratios"]["interval4_c32_over_llama_cpp"] = round(by_c4[32] / entry["llama_cpp"]["tokens_per_s"], 2)
-        report["models"][name] = entry
-    if "tiny" in chosen:
+    if "tiny" in chosen and "speculative" in parts:
         draft = args.draft if (args.draft / "model.safetensors").is_file() else None
         report["speculative"] = speculative(args.tiny, draft, max_tokens, 4 if args.quick else 16)
     report["load_after"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v["ratios"] for k, v in report["models"].items()}, indent=2))
+    print(json.dumps({k: {part: v[part] for part in ("ratios", "prompt_cache") if part in v}
+                      for k, v in report["models"].items()}, indent=2))
     print(f"results: {args.json}")
     return 0
 

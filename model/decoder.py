@@ -11,6 +11,15 @@ A sequence ends at EOS (finish "stop"; EOS is not emitted) or when its budget (m
 what the context leaves) is spent (finish "length"); `cancel` ends one at once. Either frees its slot
 for the next `add`.
 
+The prompt cache (llama.cpp's `cache_prompt`, on unless `prompt_cache=False`): a freed slot keeps the
+tokens whose keys/values it still holds, and `add` takes the free slot that shares the longest prefix
+with the new prompt (ties, and prompts that share nothing: the least recently freed slot, so a cached
+prefix survives as long as possible), then prefills only from the end of that prefix. Reusing those
+entries is exact because a query at position p attends to its row's keys 0..p only (model/slots.py):
+the previous occupant's entries from p on are overwritten before anything reads them. At least the last
+prompt token is always fed (its logits choose the first new token), and a request for its prompt's
+log-probabilities reuses nothing (they come from the prefill's logits of every prompt position).
+
 Each sequence samples under its own `Sampling`: its penalties live per slot on the device
 (model/sampling.py `SlotPenalties`, applied inside the step), and when it asks for `logprobs` each
 event carries the raw log-probability (and the top N) of every token it emits, EOS included; with
@@ -21,7 +30,6 @@ model/generate.py for one sequence.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import count
@@ -72,6 +80,7 @@ class Running:
     eos_id: int | None
     filled: int = 0
     draft_filled: int = 0
+    cached: int = 0  # prompt tokens whose keys/values the slot held already (the prompt cache)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # read during prefill when the sampling asks
 
     @property
@@ -85,7 +94,8 @@ class Event:
 
     With `Sampling.logprobs`, `logprobs` has one entry per token and one more for the EOS that ended
     it (EOS is not in `tokens`); with `Sampling.prompt_logprobs`, the first event's `prompt_logprobs`
-    has one per prompt token (None for the first, which nothing predicts)."""
+    has one per prompt token (None for the first, which nothing predicts). `cached`: on the first
+    event, how many prompt tokens came from the prompt cache rather than a prefill."""
 
     seq_id: int
     tokens: list[int] = field(default_factory=list)
@@ -94,17 +104,20 @@ class Event:
     accepted: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached: int = 0
 
     def merge(self, later: Event) -> Event:
         """This event followed by a later one of the same sequence, as one."""
         return Event(self.seq_id, self.tokens + later.tokens, later.finish, self.drafted + later.drafted,
                      self.accepted + later.accepted, self.logprobs + later.logprobs,
-                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
+                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+                     self.cached + later.cached)
 
 
 class BatchDecoder:
     def __init__(self, model: Llama, slots: int, max_len: int | None = None, prefill_chunk: int = 256,
-                 draft: Llama | PromptLookup | None = None, k: int = 4, compile: bool = False):
+                 draft: Llama | PromptLookup | None = None, k: int = 4, compile: bool = False,
+                 prompt_cache: bool = True):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
         limit = model.config.max_seq_len
@@ -129,11 +142,14 @@ class BatchDecoder:
         self.decode_step.warm_up()
         if self.drafter is not None:
             self.drafter.step.warm_up()
-        self.slots = slots
-        self.free = list(range(slots))
+        self.slots, self.prompt_cache = slots, prompt_cache
+        self.free = set(range(slots))
+        self.retained: list[list[int]] = [[] for _ in range(slots)]  # per free slot: the tokens its cache holds
+        self._freed_at = [-1] * slots  # when each slot was last freed (its LRU order)
         self.running: dict[int, Running] = {}
-        self.stats = {"target_passes": 0, "drafted": 0, "accepted": 0}
+        self.stats = {"target_passes": 0, "drafted": 0, "accepted": 0, "cached": 0}
         self._ids = count()
+        self._clock = count()
 
     @property
     def device(self) -> torch.device:
@@ -144,30 +160,57 @@ class BatchDecoder:
 
     def add(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = GREEDY,
             eos_id: int | None = 2) -> int:
-        """Start a sequence in the lowest free slot (so running rows stay contiguous); returns its id."""
+        """Start a sequence in a free slot (`_claim`: the one whose cache holds the longest prefix of the
+        prompt), prefilling from the end of that prefix; returns its id."""
         prompt = check_prompt(prompt_ids, self.model.config.vocab_size, self.max_len)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
         if not self.free:
             raise RuntimeError("no free slot: wait for a sequence to finish")
-        seq = Running(next(self._ids), heapq.heappop(self.free), prompt, len(prompt),
+        slot, cached = self._claim(prompt, reuse=sampling.prompt_logprobs is None)
+        seq = Running(next(self._ids), slot, prompt, len(prompt),
                       min(max_new_tokens, self.max_len - len(prompt)), sampling, sampling.generator(self.device),
-                      eos_id, prompt_logprobs=None if sampling.prompt_logprobs is None else [None])
+                      eos_id, filled=cached, draft_filled=cached if self.drafter is not None else 0, cached=cached,
+                      prompt_logprobs=None if sampling.prompt_logprobs is None else [None])
+        self.stats["cached"] += cached
         self.penalties.start(seq.slot, sampling, prompt)
         self.running[seq.id] = seq
         return seq.id
 
     def cancel(self, seq_id: int) -> None:
-        """End a sequence now and free its slot (a no-op for one that already ended)."""
+        """End a sequence now and free its slot (a no-op for one that already ended); the slot keeps the
+        tokens its cache holds for the prompt cache: those the target (and the draft model) were fed,
+        minus accepted guesses past an EOS or the budget, which the sequence did not keep."""
         seq = self.running.pop(seq_id, None)
         if seq is not None:
-            heapq.heappush(self.free, seq.slot)
+            valid = min(seq.filled, len(seq.tokens))
+            if self.drafter is not None:
+                valid = min(valid, seq.draft_filled)
+            self.retained[seq.slot] = seq.tokens[:valid] if self.prompt_cache else []
+            self._freed_at[seq.slot] = next(self._clock)
+            self.free.add(seq.slot)
+
+    def _claim(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
+        """Take a free slot for `prompt`: the one holding its longest prefix (if `_worth` taking), else the
+        least recently freed (never used: the lowest); returns it and how many prompt tokens its cache
+        holds (never the last one, whose logits are needed; none without `reuse`). Without the prompt
+        cache, the lowest free slot (running rows stay contiguous, the compiled step's batch bucket small)."""
+        if not self.prompt_cache:
+            slot, cached = min(self.free), 0
+        else:
+            shared = {s: _shared_prefix(self.retained[s], prompt, len(prompt) - 1) if reuse else 0 for s in self.free}
+            slot = max(self.free, key=lambda s: (_worth(shared[s], len(prompt)), -self._freed_at[s], -s))
+            cached = shared[slot]
+        self.free.remove(slot)
+        self.retained[slot] = []
+        return slot, cached
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
         events: dict[int, Event] = {}
         started = self._prefill(events)
-        decoding = [s for s in self.running.values() if s.filled == len(s.tokens) - 1 and s.id not in started]
+        decoding = [s for s in self.running.values()
+                    if s.prompt_len <= s.filled == len(s.tokens) - 1 and s.id not in started]
         if decoding:
             self._decode(decoding, events)
         return list(events.values())
@@ -205,7 +248,7 @@ class BatchDecoder:
             logprobs = _token_logprobs(started, [[t] for t in tokens], lambda i, j: raw[i].log_softmax(-1))
             for seq, token, lps in zip(started, tokens, logprobs):
                 event = events.setdefault(seq.id, Event(seq.id))
-                event.prompt_logprobs = seq.prompt_logprobs
+                event.prompt_logprobs, event.cached = seq.prompt_logprobs, seq.cached
                 self._append(seq, [token], event, lps)
         return {s.id for s in started}
 
@@ -268,6 +311,23 @@ class BatchDecoder:
             self.penalties.record(seq.slot, kept)
         if event.finish is not None:
             self.cancel(seq.id)
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y or n == limit:
+            break
+        n += 1
+    return n
+
+
+def _worth(shared: int, prompt_len: int) -> int:
+    """A shared prefix as a reason to pick its slot: none when it is only the first token (the BOS nearly
+    every prompt starts with) or under a tenth of the prompt (llama.cpp's slot similarity), so a trivial
+    match never evicts a slot's long cached prefix while another free slot would do."""
+    return shared if shared > 1 and 10 * shared >= prompt_len else 0
 
 
 def _processed(seqs: Sequence[Running]) -> bool:

@@ -8,8 +8,9 @@ graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, 
   its whole length every step; which keys a query sees is data (a mask built from the fed
   positions: key position <= query position), so a step's shapes never depend on sequence lengths;
 - a step feeds the first `B` slots (B: a batch bucket, the smallest at least one past the highest
-  slot in use; sequences take the lowest free slot, so B stays small), `W` tokens each (W: a width
-  bucket, 1 for plain decoding, k + 1 for a speculative verify). Rows with nothing to feed (free,
+  slot in use; sequences fill free slots from the lowest, and the prompt cache then reuses the least
+  recently freed, so B grows to the slots a server keeps warm), `W` tokens each (W: a width bucket, 1
+  for plain decoding, k + 1 for a speculative verify). Rows with nothing to feed (free,
   still prefilling, or short of W) write to the cache's scratch tail past `max_len`, which no real
   query reads, and their logits are ignored;
 - on CPU the batch dimension is dynamic (one inductor graph for every bucket >= 2, one for 1: torch

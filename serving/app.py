@@ -53,6 +53,7 @@ class ServeArgs(BaseModel):
     max_waiting: int = Field(64, ge=0)           # sequences queued for a slot before 429
     prefill_chunk: int = Field(128, ge=1)        # prompt tokens prefilled per step
     stream_interval: int = Field(1, ge=1)        # tokens per streamed chunk after the first
+    prompt_cache: bool = True                    # reuse a free slot's KV for a shared prompt prefix
     cpus: int = Field(1, ge=1)                   # the replica's CPUs, and its torch threads
     device: Literal["cpu", "cuda"] = "cpu"       # cuda: the replica asks Serve for a GPU (num_gpus 1)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -198,7 +199,8 @@ class OpenAIServer:
                                  f"in the model's context of {served.context} tokens")
             start = time.monotonic()
             decoder = BatchDecoder(served.model, self.args.slots, prefill_chunk=self.args.prefill_chunk,
-                                   draft=served.draft, k=self.args.draft_tokens, compile=self.args.compile)
+                                   draft=served.draft, k=self.args.draft_tokens, compile=self.args.compile,
+                                   prompt_cache=self.args.prompt_cache)
             decoder.step = faults.faulty_step(decoder.step)
             engine = Engine(decoder, self.args.max_waiting, self.args.cpus, serve_observer(decoder))
             service = OpenAIService(served, engine, self.args.stream_interval, self.args.limits())

@@ -4,10 +4,12 @@ Prometheus scrapes them with no extra endpoint here.
 
 What an operator of an LLM server watches: requests running and waiting and the KV cache's use
 (saturation), prompt and generated tokens (throughput), time to first token and time per output
-token (latency the user feels), and the speculative acceptance rate (whether the draft is paying for
-itself). Names follow vLLM's (`vllm:num_requests_running` ...) where the meaning is the same, under
-our own prefix: `ray_tinyllama_num_requests_running` etc. once Ray exports them (counters get
-`_total`); infra/grafana/tinyllama-serving.json charts them.
+token (latency the user feels), the speculative acceptance rate (whether the draft is paying for
+itself), and the prompt cache's hits: of the prompt tokens queried, how many a free slot's KV held
+already (vLLM's `prefix_cache_queries` / `prefix_cache_hits`, in tokens; their ratio is the hit rate).
+Names follow vLLM's (`vllm:num_requests_running` ...) where the meaning is the same, under our own prefix:
+`ray_tinyllama_num_requests_running` etc. once Ray exports them (counters get `_total`);
+infra/grafana/tinyllama-serving.json charts them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ def serve_observer(decoder: BatchDecoder) -> Observer:
     waiting = metrics.Gauge("tinyllama_num_requests_waiting", description="sequences waiting for a slot")
     kv_usage = metrics.Gauge("tinyllama_kv_cache_usage_perc",
                              description="fraction of the KV cache's positions in use (1 = full)")
-    prompt_tokens = metrics.Counter("tinyllama_prompt_tokens", description="prompt tokens prefilled")
+    prompt_tokens = metrics.Counter("tinyllama_prompt_tokens", description="prompt tokens (cached ones included)")
+    cache_queries = metrics.Counter("tinyllama_prefix_cache_queries",
+                                    description="prompt tokens looked up in the prompt cache")
+    cache_hits = metrics.Counter("tinyllama_prefix_cache_hits",
+                                 description="prompt tokens whose KV the prompt cache held (not prefilled)")
     tokens = metrics.Counter("tinyllama_generation_tokens", description="completion tokens generated")
     ttft = metrics.Histogram("tinyllama_time_to_first_token_seconds", description="submission to first token",
                              boundaries=_LATENCY_BOUNDS)
@@ -48,12 +54,13 @@ def serve_observer(decoder: BatchDecoder) -> Observer:
         kv_usage.set(kv_cache_usage(decoder))
 
     def on_events(events: list[tuple[Submitted, Event]], now: float) -> None:
-        step_tokens = step_prompt = step_drafted = step_accepted = 0
+        step_tokens = step_prompt = step_cached = step_drafted = step_accepted = 0
         for request, event in events:
             if event.tokens:
                 step_tokens += len(event.tokens)
                 if request.last_token_at is None:
                     step_prompt += len(request.prompt)
+                    step_cached += event.cached
                     ttft.observe(now - request.submitted_at)
                 else:
                     tpot.observe((now - request.last_token_at) / len(event.tokens))
@@ -64,6 +71,9 @@ def serve_observer(decoder: BatchDecoder) -> Observer:
             tokens.inc(step_tokens)
         if step_prompt:
             prompt_tokens.inc(step_prompt)
+            cache_queries.inc(step_prompt)
+        if step_cached:
+            cache_hits.inc(step_cached)
         if step_drafted:
             drafted.inc(step_drafted)
             totals["drafted"] += step_drafted

@@ -506,6 +506,7 @@ class DeployParams(Section):
     slots: int = Field(8, ge=1)
     max_waiting: int = Field(64, ge=0)
     stream_interval: int = Field(1, ge=1)          # tokens per streamed chunk after the first (vLLM's option)
+    prompt_cache: bool = True                      # reuse a free slot's KV for a shared prompt prefix
     max_queued_requests: int = Field(16, ge=0)     # requests Serve's proxy holds for busy replicas before 429
     retry_after_s: int = Field(1, ge=1)            # Retry-After of every 429
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies: 413

@@ -127,3 +127,25 @@ def test_penalties_and_logprobs_on_the_compiled_step_without_recompiling(decoder
         assert tokens == eager_tokens and len(logprobs) == len(tokens)
         torch.testing.assert_close(torch.tensor([e.logprob for e in logprobs]),
                                    torch.tensor([e.logprob for e in eager_logprobs]), atol=ATOL, rtol=0)
+
+
+def test_the_prompt_cache_on_the_compiled_step_without_recompiling(decoders):
+    """Prefixes reused from free slots (a partial one, a whole prompt, a previous turn with its answer)
+    under the compiled step: the same tokens and logprobs (within 1e-5) as the same engine with the cache
+    off, and as eager; slots taken out of order (least recently used) compile nothing new."""
+    from test_prompt_cache import assert_logprobs_close, conversation
+
+    compiled, eager = decoders
+    sampling = Sampling(logprobs=2)
+    before = graphs()
+    hot = conversation(compiled, sampling)
+    compiled.prompt_cache = False
+    try:
+        cold = conversation(compiled, sampling)
+    finally:
+        compiled.prompt_cache = True
+    assert graphs() == before, "reusing cached prefixes recompiled the step"
+    assert sum(r["cached"] for r in hot) > 0 and sum(r["cached"] for r in cold) == 0
+    for with_cache, without, in_eager in zip(hot, cold, conversation(eager, sampling)):
+        assert with_cache["tokens"] == without["tokens"] == in_eager["tokens"]
+        assert_logprobs_close(with_cache["logprobs"], without["logprobs"])

@@ -49,10 +49,9 @@ def test_serve_config_passes_rays_schema_and_builds_our_app(tmp_path, served_mod
     assert deployment.max_queued_requests == deploy.max_queued_requests
     assert deployment.backpressure_config.status_code == 429
     assert deployment.backpressure_config.retry_after_s == deploy.retry_after_s
-    assert {k: app.args[k] for k in ("stream_interval", "max_body_bytes", "max_prompt_tokens", "max_stop_chars",
-                                     "max_top_logprobs", "max_queued_requests", "retry_after_s")} == \
-        deploy.model_dump(include={"stream_interval", "max_body_bytes", "max_prompt_tokens", "max_stop_chars",
-                                   "max_top_logprobs", "max_queued_requests", "retry_after_s"})
+    passed = {"stream_interval", "prompt_cache", "max_body_bytes", "max_prompt_tokens", "max_stop_chars",
+              "max_top_logprobs", "max_queued_requests", "retry_after_s"}
+    assert {k: app.args[k] for k in passed} == deploy.model_dump(include=passed)
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
     lineage = json.loads((tmp_path / "models" / "deploy" / "lineage.json").read_text())
     assert lineage == {"model_ref": str(served_model_dir), "model_dir": str(served_model_dir.resolve())}

@@ -162,6 +162,40 @@ def test_the_four_prompt_forms_give_one_choice_per_prompt_in_order(server, local
     assert [(c.index, c.text) for c in twice.choices] == list(enumerate([expected[0]] * 2 + [expected[1]] * 2))
 
 
+def metric(server, name: str) -> float:
+    """The sum over replicas of a counter Ray exports (0 before its first increment)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_the_prompt_cache_reuses_a_shared_prefix_and_changes_no_output(server, local):
+    """Two requests sharing a long prefix, one after the other: the second's tokens and logprobs are the
+    model's own (computed here without any cache), and the reused tokens show in the hits counter."""
+    import time
+
+    hits = "ray_tinyllama_prefix_cache_hits_total"
+    before = metric(server, hits)
+    prefix = local[1].encode("The river flows past the old mill and the miller counts the sacks of grain " * 3,
+                             bos=True)
+    client = server.client()
+    for question in (" Where does the river go?", " Who counts the sacks?"):
+        prompt = prefix + local[1].encode(question)
+        tokens = greedy(local, prompt, 6)
+        reply = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
+        logprobs = reply.choices[0].logprobs
+        assert logprobs.tokens == [text_of(local, t) for t in tokens]
+        rows = log_softmax(local, prompt + tokens)[len(prompt) - 1:]
+        torch.testing.assert_close(torch.tensor(logprobs.token_logprobs),
+                                   torch.stack([row[t] for row, t in zip(rows, tokens)]), atol=ATOL, rtol=0)
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while metric(server, hits) < before + len(prefix):
+        assert time.monotonic() < deadline, f"{hits}: {metric(server, hits)}, expected >= {before + len(prefix)}"
+        time.sleep(2)
+
+
 def test_penalties_top_k_and_min_p_are_applied(server, local):
     client = server.client()
     prompt = "Item 3: the river and the mill and the river and the"

@@ -60,7 +60,7 @@ def serve_args(params: Params, directory: Path, lineage_path: Path, tracking_uri
             "quant": deploy.quant, "api_key_env": deploy.api_key_env, "slots": deploy.slots,
             "max_waiting": deploy.max_waiting, "cpus": deploy.cpus_per_replica, "device": deploy.device,
             "dtype": deploy.dtype, "compile": deploy.compile,
-            "stream_interval": deploy.stream_interval,
+            "stream_interval": deploy.stream_interval, "prompt_cache": deploy.prompt_cache,
             "max_queued_requests": deploy.max_queued_requests, "retry_after_s": deploy.retry_after_s,
             "max_body_bytes": deploy.max_body_bytes, "max_prompt_tokens": deploy.max_prompt_tokens,
             "max_stop_chars": deploy.max_stop_chars, "max_top_logprobs": deploy.max_top_logprobs,

@@ -42,6 +42,8 @@ def add_arguments(parser) -> None:
                              "and for long sessions; on CPU a tiny model compiles for minutes")
     parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
                         help="tokens per streamed chunk after the first (larger: less overhead per token)")
+    parser.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                        help="prefill every prompt whole (default: a prefix a free slot holds is reused)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ references")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus metrics (Ray's, Serve's and the server's) at this port's /metrics")
@@ -74,7 +76,7 @@ def serve_args(args) -> dict:
               "draft_tokens": args.draft_tokens, "quant": args.quant, "api_key_env": args.api_key_env,
               "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus,
               "stream_interval": args.stream_interval, "device": args.device, "dtype": args.dtype,
-              "compile": args.compile}
+              "compile": args.compile, "prompt_cache": args.prompt_cache}
     for flag, _, _ in LIMIT_FLAGS:
         field = flag.removeprefix("--").replace("-", "_")
         if getattr(args, field) is not None:
