@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import urllib.parse
 
@@ -24,7 +23,8 @@ pytestmark = pytest.mark.slow
 def mlflow_ui(pipeline_repo, tmp_path_factory):
     root = clone_workspace(pipeline_repo.root, tmp_path_factory.mktemp("mlflow-ui") / "repo", outputs=False,
                            dvc_cache=False)
-    shutil.copytree(pipeline_repo.root / "metrics", root / "metrics")  # the run ids the stages recorded
+    for read_only in ("metrics", "models"):  # the run ids the stages recorded, the milestones they wrote
+        (root / read_only).symlink_to(pipeline_repo.root / read_only)
     port = free_port()
     log = root.parent / "mlflow-server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
