@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from tasks.errors import UserError
+from tasks.logs import quiet_progress_bars
 
 COMMANDS = {
     # the stages, in the order of the DAG (dvc.yaml); each is `tasks.<package>.stage`
@@ -47,6 +48,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    quiet_progress_bars()  # before the subcommand's module imports tqdm
     args = _parser(command).parse_args(argv)
     try:
         return int(args.handler(args) or 0)

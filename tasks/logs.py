@@ -63,6 +63,13 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def quiet_progress_bars() -> None:
+    """Progress bars (lm-eval's, datasets', transformers') only on a terminal. tqdm binds TQDM_DISABLE when it
+    is first imported, so the CLI calls this before it imports a stage's libraries, not when the log starts."""
+    if not interactive():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def _route_library_logging(handler: logging.Handler) -> list[tuple[logging.Logger, list, bool]]:
     """Every record to `handler` (the log file) through the root logger; returns what to restore.
     Levels stay each library's own (SQLAlchemy's engine stays at WARNING, say)."""
@@ -92,8 +99,7 @@ def stage_log(stage: str, params: Params) -> Iterator[Path]:
     """Run a stage with its console kept to its own lines and the full detail in `logs/<stage>.log`."""
     path = log_file(Layout.from_params(params), stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not interactive():
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and others' bars: a terminal's, not a log's
+    quiet_progress_bars()
     global _stage_handler
     saved_stdout = sys.stdout
     with open(path, "a", encoding="utf-8", buffering=1) as file:

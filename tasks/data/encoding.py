@@ -61,16 +61,11 @@ def encode_chunk(tokenizer, source, separator: str, dtype, chunk: Chunk) -> Enco
 class UnitEncoder:
     """Ray Data UDF: a batch of units (see `tasks.data.units.Unit`) -> their parts, as Arrow tables."""
 
-    def __init__(self, shared: list, part_ids: int = PART_IDS, chunk_bytes: int = sources.CHUNK_BYTES):
-        """`shared`: [the ref of (tokenizer, params)], which the driver put in the object store once and holds
-        until the run ends. Boxed in a list, the ref is not an actor argument in the object store, so Ray can
-        restart a killed actor with it (ray-project/ray#53727). `part_ids`, `chunk_bytes`: the driver's sizes,
-        so every worker cuts parts and chunks as the driver was configured to (tests make them tiny)."""
-        import ray
-
+    def __init__(self, tokenizer, params, part_ids: int = PART_IDS, chunk_bytes: int = sources.CHUNK_BYTES):
+        """`part_ids`, `chunk_bytes`: the driver's sizes, so every worker cuts parts and chunks as the driver
+        was configured to (tests make them tiny to get many of each)."""
         os.environ["RAYON_NUM_THREADS"] = "1"      # read when the tokenizer's thread pool first starts
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        tokenizer, params = ray.get(shared[0])
         sources.CHUNK_BYTES = chunk_bytes
         self.part_ids = part_ids
         self.tokenizer, self.params = tokenizer, params

@@ -51,7 +51,6 @@ def tokenize_units(units: list[Unit], params, tokenizer, directory: Callable[[Un
 
 
 def _run(units: list[Unit], params, tokenizer, directory, dtype, on_sealed) -> None:
-    import ray
     import ray.data
 
     from tasks.data import encoding, sources
@@ -71,10 +70,10 @@ def _run(units: list[Unit], params, tokenizer, directory, dtype, on_sealed) -> N
     # (a fixed pool larger than the nodes that come up would wait forever); the stage's own Ray has them all
     pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=size) if os.environ.get("RAY_ADDRESS")
             else ray.data.ActorPoolStrategy(size=size))
-    shared = [ray.put((tokenizer, params))]  # held here until the run ends (encoding.UnitEncoder says why)
     parts = dataset.map_batches(encoding.UnitEncoder, batch_size=1, compute=pool, num_cpus=1,
                                 resources=dict(params.data.resources_per_worker) or None, batch_format="numpy",
-                                fn_constructor_args=(shared, encoding.PART_IDS, sources.CHUNK_BYTES))
+                                fn_constructor_args=(tokenizer, params, encoding.PART_IDS,
+                                                     sources.CHUNK_BYTES))
     writers: dict[int, UnitWriter] = {}
     try:
         for batch in parts.iter_batches(batch_size=None, batch_format="pyarrow"):
