@@ -351,3 +351,16 @@ def served_model_dir(tmp_path_factory, small_tokenizer_dir):
     config["chat_template"] = template("zephyr").source
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out
+
+
+@pytest.fixture(scope="module")
+def local(served_model_dir):
+    """The served weights and tokenizer in this process (one torch thread: the server has the cores): what
+    the serving tests compute the server's answers from."""
+    import torch
+
+    from model.hf import load_hf
+    from model.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)
+    return load_hf(served_model_dir), Tokenizer.load(served_model_dir)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_serving_math import PROMPTS, REPETITIVE
+from test_serving_math import PROMPTS, REPETITIVE, decode
 
 from model.decoder import BatchDecoder
 from model.sampling import Sampling, SlotPenalties, penalize, probabilities
@@ -41,22 +41,6 @@ def reference_greedy(model, prompt: list[int], n: int, setting: Sampling, eos_id
                 break
             tokens.append(token)
     return tokens[len(prompt):], rows
-
-
-def decode(decoder: BatchDecoder, jobs, eos_id=None) -> list[list]:
-    """Every job to the end, continuous batching as a server does it: (tokens, logprobs, prompt_logprobs)."""
-    results = [[[], [], None] for _ in jobs]
-    owner, pending = {}, list(enumerate(jobs))
-    while pending or decoder.running:
-        while pending and decoder.has_free_slot():
-            i, (prompt, n, sampling) = pending.pop(0)
-            owner[decoder.add(prompt, n, sampling, eos_id)] = i
-        for event in decoder.step():
-            result = results[owner[event.seq_id]]
-            result[0] += event.tokens
-            result[1] += event.logprobs
-            result[2] = event.prompt_logprobs if event.prompt_logprobs is not None else result[2]
-    return results
 
 
 def test_penalize_is_transformers_repetition_then_openais_presence_and_frequency():

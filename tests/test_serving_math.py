@@ -19,17 +19,26 @@ PROMPTS = [[1, 17, 250, 31, 400, 9], [1, 5], [1, 300, 301, 302, 303, 304, 305, 3
 REPETITIVE = [1, 20, 21, 22, 23, 24, 20, 21, 22, 23, 24, 20, 21, 22]
 
 
-def run_all(decoder: BatchDecoder, jobs: list[tuple[list[int], int, Sampling]], eos_id=None) -> list[list[int]]:
-    """Continuous batching as a server does it: add whenever a slot is free, step until all finish."""
-    outputs: list[list[int]] = [[] for _ in jobs]
+def decode(decoder: BatchDecoder, jobs, eos_id=None) -> list[list]:
+    """Every job to the end, continuous batching as a server does it (add whenever a slot is free, step until
+    all finish): (tokens, logprobs, prompt_logprobs) per job."""
+    results = [[[], [], None] for _ in jobs]
     owner, pending = {}, list(enumerate(jobs))
     while pending or decoder.running:
         while pending and decoder.has_free_slot():
             i, (prompt, n, sampling) = pending.pop(0)
             owner[decoder.add(prompt, n, sampling, eos_id)] = i
         for event in decoder.step():
-            outputs[owner[event.seq_id]] += event.tokens
-    return outputs
+            result = results[owner[event.seq_id]]
+            result[0] += event.tokens
+            result[1] += event.logprobs
+            result[2] = event.prompt_logprobs if event.prompt_logprobs is not None else result[2]
+    return results
+
+
+def run_all(decoder: BatchDecoder, jobs: list[tuple[list[int], int, Sampling]], eos_id=None) -> list[list[int]]:
+    """The tokens `decode` emits for each job."""
+    return [tokens for tokens, _, _ in decode(decoder, jobs, eos_id)]
 
 
 def test_slot_forward_matches_a_full_forward_per_row(target):

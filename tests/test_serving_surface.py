@@ -34,16 +34,6 @@ def server(served_model_dir, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="module")
-def local(served_model_dir):
-    """The same weights and tokenizer in this process (one torch thread: the server has the cores)."""
-    from model.hf import load_hf
-    from model.tokenizer import Tokenizer
-
-    torch.set_num_threads(1)
-    return load_hf(served_model_dir), Tokenizer.load(served_model_dir)
-
-
 def log_softmax(local, ids: list[int]) -> torch.Tensor:
     """(len(ids), vocab): row i is the model's raw log-distribution of the token after ids[:i + 1]."""
     with torch.no_grad():
