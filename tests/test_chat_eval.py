@@ -11,10 +11,10 @@ from collections import Counter
 
 import pytest
 
-from tasks.data.corpus.vocab import RELATIONS
+from tasks.data.corpus.vocab import RELATIONS, render
 from tasks.sft.intervals import mcnemar_p, paired, wilson
 from tasks.sft.wordings import FOLLOW_UPS, SPLIT_VERSION, all_wordings, wordings
-from tasks.sft.world_chat import COLUMNS, world_chat
+from tasks.sft.world_chat import ANSWER_FORMS, COLUMNS, world_chat
 
 # The split each version froze: a change of the template set, its order or the split that keeps the
 # version fails here (bump SPLIT_VERSION and record the new fingerprint).
@@ -88,6 +88,26 @@ def _pattern_person(question: str) -> str:
             if match:
                 return match["p"]
     raise AssertionError(question)
+
+
+def test_answers_name_the_relation_before_the_person():
+    """Every answer is its relation's "The … of <person>" form, except where that statement is the fact's
+    held-out phrasing; job's form is no statement of the corpus and none of its reserved phrasings."""
+    from tasks.data.corpus.world import make_world
+
+    chat, world = world_chat(1234, 24), make_world(1234, 24)
+    for relation in RELATIONS:
+        form = ANSWER_FORMS[relation.name]
+        assert form.startswith("The ") and form not in relation.reserved
+        assert (form in relation.statements) == (relation.name != "job"), relation.name
+    answers = [m["content"] for c in chat.sft for m in c if m["role"] == "assistant"]
+    answers += [p.chosen[0]["content"] for p in chat.dpo]
+    in_form = [a for a in answers if any(_pattern(f.replace("{v}", "VALUE")).fullmatch(re.sub(
+        rf"\b({'|'.join(v for r in RELATIONS for v in r.values)})\b", "VALUE", a)) for f in ANSWER_FORMS.values())]
+    assert 0.7 < len(in_form) / len(answers) < 1  # the rest: facts whose form is held out (tiny_facts asks it)
+    held_out = {render(t, world.people[p].name, world.people[p].value(r)) for (p, r), t in
+                world.holdout.fact_phrasing.items()}
+    assert not held_out & set(answers)
 
 
 def test_dpo_pairs_mostly_reject_another_relation_of_the_same_person():

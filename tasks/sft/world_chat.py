@@ -8,13 +8,18 @@ What it must teach is the mapping from a question to the fact it asks for, not a
   fact; the evaluation asks the same facts in `train` wordings (the "seen" column) and in
   `held-out` wordings no example uses (the "held-out" column), with and without the system prompt,
   plus a follow-up about the person named in the turn before (the "multi-turn" column);
+- every answer has one shape, "The <relation> of <person> …" (`ANSWER_FORMS`): the first words name
+  the relation the question asks for, which is the decision to learn, and the person is copied from
+  the question after them. Measured on the tiny profile (chat-1M, SFT only, 200 held-out questions):
+  answers in a phrasing drawn at random from the person's statements 42.5%, always subject-first
+  ("X is a writer.") 2.0%, the bare value ("A pig.") 2.0%, this shape 75.5%;
 - a DPO pair's rejected answer mostly states another relation of the same person ("The home of
   X is in Seville." asked for X's hobby), the failure a wording-matching model makes, and otherwise
   a wrong value of the asked relation in the chosen answer's phrasing.
 
-Nothing here may leak the pretraining eval items (tasks/data/corpus/world.py): answers use only the
-statement phrasings `World.phrasings` allows for that person (never a held-out or reserved one),
-and composed (two-hop) facts are never stated.
+Nothing here may leak the pretraining eval items (tasks/data/corpus/world.py): an answer form is
+used for a fact only where `World.phrasings` allows it (never a held-out or reserved phrasing; the
+fact's other statements otherwise), and composed (two-hop) facts are never stated.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ FOLLOW_UP_CONVERSATIONS = 2  # per person: every relation asked in turn, after t
 PAIRS_PER_FACT = 3           # DPO pairs per fact: all but the last reject another relation's statement
 EVAL_WORDINGS = 5            # questions per eval fact and column, each in another wording
 SYSTEM_EVERY = 3             # one SFT conversation / DPO pair in this many starts with the system message
+ANSWER_FORMS = {             # the corpus's "The … of {p}" statement of each relation; job has none, so its
+    "city": "The home of {p} is in {v}.",          # own question's noun phrase ("the job of {p}") makes one
+    "job": "The job of {p} is {v}.",
+    "pet": "The pet of {p} is a {v}.",
+    "colour": "The favourite colour of {p} is {v}.",
+    "hobby": "The hobby of {p} is {v}.",
+}
 
 
 @dataclass(frozen=True)
@@ -71,9 +83,12 @@ def _ask(world: World, person: int, template: str) -> dict:
 
 
 def _answer(world: World, person: int, relation: str, rng: random.Random, value: str | None = None) -> dict:
-    """A statement of the fact in a phrasing training may use for this person (`value`: a false one)."""
+    """The fact in its answer form, or (where that statement is this fact's held-out phrasing) another
+    statement training may use for this person (`value`: a false one)."""
     who = world.people[person]
-    phrasing = rng.choice(world.phrasings(person, relation, questions=False))
+    allowed, form = world.phrasings(person, relation, questions=False), ANSWER_FORMS[relation]
+    fallback = rng.choice(allowed)  # drawn for every answer: the data does not reshuffle when a hold-out moves
+    phrasing = form if form in allowed or form not in RELATION_BY_NAME[relation].statements else fallback
     return {"role": "assistant", "content": render(phrasing, who.name, value or who.value(relation))}
 
 
