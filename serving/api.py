@@ -55,11 +55,13 @@ class Piece:
     tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached: int = 0  # prompt tokens the prompt cache served (on the choice's first piece)
 
     def extend(self, later: Piece) -> None:
         self.text += later.text
         self.finish = later.finish or self.finish
         self.tokens += later.tokens
+        self.cached += later.cached
         self.logprobs += later.logprobs
         if self.prompt_logprobs is None:
             self.prompt_logprobs = later.prompt_logprobs
@@ -160,7 +162,7 @@ class OpenAIService:
         pieces = _merge([self._choice(i, s, stops, echoes[i // body.n] if echoes else "")
                          for i, s in enumerate(submitted)])
         reply_id = f"{id_prefix}-{uuid.uuid4().hex}"
-        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0, "cached_tokens": 0}
         logprobs = ChoiceLogprobs(self.logprob_format, kind, body.top_logprobs_asked() is not None, prompts, body.n)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -170,6 +172,7 @@ class OpenAIService:
         async for piece in pieces:
             whole[piece.index].extend(piece)
             usage["completion_tokens"] += piece.tokens
+            usage["cached_tokens"] += piece.cached
         choices = [_choice_body(kind, piece, logprobs.of(piece)) for piece in whole]
         return JSONResponse({"id": reply_id, "object": kind, "created": int(time.time()), "model": self.served.name,
                              "choices": choices, "usage": _usage(usage)})
@@ -187,7 +190,7 @@ class OpenAIService:
                 if event.finish == FAILED:
                     raise engine_failed()
                 held.extend(Piece(index, text.push(*event.tokens), None, len(event.tokens), event.logprobs,
-                                  event.prompt_logprobs))
+                                  event.prompt_logprobs, event.cached))
                 if event.finish is not None:
                     held.text += text.finish()
                 held.finish = "stop" if text.done else event.finish
@@ -217,6 +220,7 @@ class OpenAIService:
             try:
                 async for piece in pieces:
                     usage["completion_tokens"] += piece.tokens
+                    usage["cached_tokens"] += piece.cached
                     if piece.text or piece.finish:
                         yield chunk([_delta_body(kind, piece, logprobs.of(piece))])
             except APIError as exc:  # the stream has started (200): the error goes in it, as vLLM sends it
@@ -231,7 +235,11 @@ class OpenAIService:
 
 
 def _usage(usage: dict) -> dict:
-    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt tokens whose keys and
+    values the prompt cache already held (as OpenAI and vLLM report them; each choice of `n` counts its own)."""
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]}}
 
 
 def _sampling(body, choice: int) -> Sampling:
