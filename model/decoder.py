@@ -131,13 +131,12 @@ class BatchDecoder:
         self.model, self.k, self.prefill_chunk = model, k, prefill_chunk
         self.max_len = min(max_len or limit, limit)
         spare = max(prefill_chunk, k + 1)
-        rows = max(slots, 2) if compile else slots  # a compiled CPU step feeds a lone row as two (model/step.py)
-        self.cache = SlotCache.for_model(model, rows, self.max_len, spare)
-        self.penalties = SlotPenalties(rows, model.config.vocab_size, self.cache.device)
+        self.cache = SlotCache.for_model(model, slots, self.max_len, spare)
+        self.penalties = SlotPenalties(slots, model.config.vocab_size, self.cache.device)
         widths = (1, k + 1) if draft is not None else (1,)
         self.decode_step = DecodeStep(model, self.cache, widths, compile, self.penalties)
         self.lookup = draft if isinstance(draft, PromptLookup) else None
-        self.drafter = (DraftModel(draft, rows, self.max_len, spare, widths, compile) if isinstance(draft, Llama)
+        self.drafter = (DraftModel(draft, slots, self.max_len, spare, widths, compile) if isinstance(draft, Llama)
                         else None)
         self.decode_step.warm_up()
         if self.drafter is not None:

@@ -13,9 +13,13 @@ graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, 
   for plain decoding, k + 1 for a speculative verify). Rows with nothing to feed (free,
   still prefilling, or short of W) write to the cache's scratch tail past `max_len`, which no real
   query reads, and their logits are ignored;
-- on CPU the batch dimension is dynamic (one inductor graph for every bucket >= 2, one for 1: torch
-  specializes sizes 0/1); on CUDA each bucket is its own static graph, captured as a CUDA graph
-  (`mode="reduce-overhead"`), the cache being a module buffer so the graph's addresses stay fixed.
+- on CPU the batch dimension is dynamic: one inductor graph for every bucket >= 2 and one for a lone row
+  (torch specializes a size of 1). Feeding a lone row as two instead would save that compile but not
+  its cost: a 2-row GEMM is not a GEMV's price on CPU BLAS (measured with MKL on this project's 2-core
+  machines: the 32000 x 512 output projection takes 7.5 ms for 1 row, 16.5 ms for 2; the 55M config's
+  compiled step 36.5 ms for a lone row fed as two against the eager step's 28.1 ms). On CUDA each bucket
+  is its own static graph, captured as a CUDA graph (`mode="reduce-overhead"`), the cache being a module
+  buffer so the graph's addresses stay fixed.
 
 `warm_up()` compiles every bucket at load, so no request pays for compilation. The step returns
 the logits of every fed position (B, W, vocab) with each row's penalties applied (model/sampling.py
@@ -117,14 +121,10 @@ class DecodeStep:
         self.module = StaticStep(model, cache, penalties)
         self.device = cache.device
         self.compiled = compile
-        # On CPU one graph with a dynamic batch dim serves every bucket; torch specializes a size of 1, so
-        # a lone row is fed as two there (a GEMV and a two-row GEMM read the same weights: same cost).
+        # On CPU one graph with a dynamic batch dim serves every bucket >= 2, and torch specializes a size of 1
+        # into a second graph (see the module docstring for why a lone row is not fed as two).
         self.dynamic = compile and self.device.type != "cuda"
         self.buckets = batch_buckets(cache.slots)
-        if self.dynamic:
-            self.buckets = tuple(sorted({max(b, 2) for b in self.buckets}))
-            if cache.slots < 2:
-                raise ValueError("a compiled CPU step needs a cache of >= 2 slots (a lone row is fed as two)")
         self.fn = self.module
         if compile:
             cuda = self.device.type == "cuda"
@@ -140,7 +140,7 @@ class DecodeStep:
         return next((w for w in self.widths if w >= tokens), None)
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, process: bool = True):
-        if self.dynamic:
+        if self.dynamic and idx.shape[0] > 1:
             for tensor in (idx, positions, drafted):
                 torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
         # compiled: always the one graph that penalizes (as data); eager: that work only when a row needs it
