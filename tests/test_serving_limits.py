@@ -162,7 +162,10 @@ def test_a_full_replica_is_refused_with_429_and_retry_after_at_every_layer(serve
     by_engine = [r for r in replies if r.status_code == 429 and "server_busy" in r.text]
     answered = [r for r in replies if r.status_code == 200]
     assert len(by_serve) + len(by_engine) + len(answered) == len(replies), [r.text[:200] for r in replies]
-    assert len(by_serve) >= extra, [r.text[:200] for r in replies]
+    # Serve's layer refused some, and at least `extra` were refused in all. How many of the `extra` Serve itself
+    # refuses depends on when the proxy learns the replica's count, which the test does not control (seen
+    # once in three runs: 2 of 3).
+    assert by_serve and len(by_serve) + len(by_engine) >= extra, [r.text[:200] for r in replies]
     assert all(r.headers.get("retry-after") == str(RETRY_AFTER) for r in by_serve + by_engine)
     assert len(answered) >= SLOTS + WAITING and all(r.json()["choices"][0]["text"] is not None for r in answered)
     assert wait_for(server, lambda h: h.get("running") == 0 and h.get("waiting") == 0)["status"] == "ok"
