@@ -48,6 +48,7 @@ def test_compiled_logits_match_eager_at_every_step(model):
     forward over each whole sequence: logits close at every step, argmax equal where the margin is clear."""
     cache = SlotCache.for_model(model, SLOTS, spare=1)
     step = DecodeStep(model, cache, compile=True)
+    assert step.buckets == batch_buckets(SLOTS)  # a lone row is its own bucket, not fed as two (model/step.py)
     step.warm_up()
     before = graphs()
     seqs = [list(PROMPTS[0]), list(PROMPTS[2])]
