@@ -41,8 +41,10 @@ FOLLOW_UP_CONVERSATIONS = 2  # per person: every relation asked in turn, after t
 PAIRS_PER_FACT = 3           # DPO pairs per fact: all but the last reject another relation's statement
 EVAL_WORDINGS = 5            # questions per eval fact and column, each in another wording
 SYSTEM_EVERY = 3             # one SFT conversation / DPO pair in this many starts with the system message
-ANSWER_FORMS = {             # the corpus's "The … of {p}" statement of each relation; job has none, so its
-    "city": "The home of {p} is in {v}.",          # own question's noun phrase ("the job of {p}") makes one
+# Each relation's answer: the corpus's "The … of {p}" statement; job has none, so its question's noun phrase
+# ("the job of {p}") makes one.
+ANSWER_FORMS = {
+    "city": "The home of {p} is in {v}.",
     "job": "The job of {p} is {v}.",
     "pet": "The pet of {p} is a {v}.",
     "colour": "The favourite colour of {p} is {v}.",
