@@ -96,9 +96,8 @@ def synthetic_tokenizer(vocab_size: int) -> bytes:
 
 def build(name: str, workdir: Path, threads: int) -> dict:
     """The five contenders of one config, from one set of random weights."""
-    from llama_cpp import Llama as LlamaCpp
-
     from model.tokenizer import save_tokenizer_dir
+    from tasks.quantize.engines import load_llama_cpp
 
     config = CONFIGS[name]()
     torch.manual_seed(0)
@@ -108,8 +107,8 @@ def build(name: str, workdir: Path, threads: int) -> dict:
     contenders = {"fp32": fp32, "fp32 eager": fp32, "int8": int8, "int8 eager": int8}
     for qtype in GGUF_CONTENDERS:
         path = export_gguf(hf_dir, workdir / f"{name}-{qtype}.gguf", qtype).path
-        contenders[f"llama.cpp {qtype}"] = LlamaCpp(model_path=str(path), n_ctx=config.max_seq_len,
-                                                    n_threads=threads, n_threads_batch=threads, verbose=False)
+        contenders[f"llama.cpp {qtype}"] = load_llama_cpp(path, n_ctx=config.max_seq_len, n_threads=threads,
+                                                          n_threads_batch=threads, verbose=False)
     return contenders
 
 

@@ -322,9 +322,9 @@ def export_f16(model_dir: Path, out: Path) -> Path | None:
 
 
 def llamacpp_sequential(gguf: Path, prompts: list[str], max_tokens: int) -> dict:
-    from llama_cpp import Llama as LlamaCpp
+    from tasks.quantize.engines import load_llama_cpp
 
-    llm = LlamaCpp(model_path=str(gguf), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=512, verbose=False)
+    llm = load_llama_cpp(gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=512, verbose=False)
     llm.create_completion(prompts[0], max_tokens=4, temperature=0)
     tokens, ttft, start = 0, [], time.perf_counter()
     for prompt in prompts:

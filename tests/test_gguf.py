@@ -151,11 +151,11 @@ def test_other_architecture_missing_tensor_and_unknown_type_are_named(chat_dir, 
 
 
 def test_llama_cpp_loads_every_type(exported, chat_dir):
-    from llama_cpp import Llama
+    from tasks.quantize.engines import load_llama_cpp
 
     config = load_hf(chat_dir).config
     for qtype, result in exported.items():
-        llm = Llama(model_path=str(result.path), n_ctx=64, verbose=False)
+        llm = load_llama_cpp(result.path, n_ctx=64, verbose=False)
         try:
             assert llm.n_vocab() == config.vocab_size and llm.n_embd() == config.dim, qtype
             assert llm.metadata["general.file_type"] == {"F16": "1", "Q8_0": "7", "Q4_0": "2", "Q5_0": "8"}[qtype]
@@ -228,3 +228,28 @@ def test_chat_template_in_the_file_renders_like_transformers(exported, chat_dir)
     for messages in conversations:
         expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert formatter(messages=messages).prompt == expected
+
+
+# Largest |logit − F16's logit| per type on PROMPTS[0]: measured 0.31 (Q8_0), 0.91 (Q5_0), 2.71 (Q4_0) with F16's
+# logits up to 18.8 on an AMX Xeon; about twice that allowed for other CPUs' kernels. A broken or mis-permuted
+# tensor moves logits by the scale of the logits themselves.
+NEAR_F16 = {"F16": 0.0, "Q8_0": 1.0, "Q5_0": 2.0, "Q4_0": 5.0}
+
+
+def test_every_type_decodes_in_llama_cpp_near_f16(exported, chat_dir):
+    """llama.cpp runs every file we write, not just loads it: on a CPU with AMX, ggml's AMX weight buffers
+    crashed the process (SIGSEGV in decode) on Q8_0 and Q4_0 until `load_llama_cpp` kept them out. Each
+    type's logits stay near F16's on the same tokens (quantization error, not a broken tensor)."""
+    from tasks.quantize.engines import LlamaCppEngine
+
+    tokens = Tokenizer.load(chat_dir).encode(PROMPTS[0], bos=True)
+    logits = {}
+    for qtype, result in exported.items():
+        engine = LlamaCppEngine(result.path, n_ctx=64, threads=1)
+        try:
+            logits[qtype] = engine.logits(tokens)
+        finally:
+            engine.close()
+    for qtype, values in logits.items():
+        assert torch.isfinite(values).all(), qtype
+        assert float((values - logits["F16"]).abs().max()) <= NEAR_F16[qtype], qtype

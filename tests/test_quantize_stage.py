@@ -171,7 +171,7 @@ def test_the_tiny_pipeline_quantizes_its_champion_within_the_gates(pipeline_repo
     """`dvc repro` of the tiny profile ran the stage on the registry's champion chat model with
     params.yaml's gates (Q8_0: PPL ratio ≤ 1.005, same top ≥ 98%); llama.cpp loads every file it wrote,
     whose lineage names the alignment stage that trained the champion and that stage's DVC hash."""
-    from llama_cpp import Llama
+    from tasks.quantize.engines import load_llama_cpp
 
     root = pipeline_repo.root
     metrics = json.loads((root / "metrics" / "quantize.json").read_text())
@@ -180,7 +180,7 @@ def test_the_tiny_pipeline_quantizes_its_champion_within_the_gates(pipeline_repo
     files = sorted((root / "models" / "quantized").glob("*.gguf"))
     assert [f.name for f in files] == sorted(f"tinyllama-chat-champion-{t}.gguf" for t in TYPES)
     for path in files:
-        llm = Llama(model_path=str(path), n_ctx=64, verbose=False)
+        llm = load_llama_cpp(path, n_ctx=64, verbose=False)
         try:
             assert llm.metadata["tinyllama.lineage.source"] == "models:/tinyllama-chat@champion"
             assert llm.metadata["tinyllama.lineage.dvc_stage"] in ("sft", "dpo")

@@ -7,10 +7,56 @@ llama.cpp computes from it, not by our reading of the file.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+_default_params_lock = threading.Lock()
+
+
+def load_llama_cpp(path: str | Path, **options):
+    """llama.cpp's `Llama` for a GGUF file: every place that runs llama.cpp loads it here.
+
+    On a CPU with AMX, ggml moves Q8_0/Q4_0 weights into its AMX buffers ("extra buffer types"), and
+    decoding with them crashes the process (SIGSEGV in `llama_decode`, llama-cpp-python 0.3.36 built
+    natively on a Xeon with AMX_INT8; every tiny-profile Q8_0/Q4_0 file, F16/Q5_0 unaffected). There the
+    weights stay in plain CPU buffers; everywhere else llama.cpp keeps its own fastest layout."""
+    from llama_cpp import Llama
+
+    with _plain_cpu_buffers(_has_amx()):
+        return Llama(model_path=str(path), **options)
+
+
+def _has_amx() -> bool:
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+
+
+@contextmanager
+def _plain_cpu_buffers(enabled: bool):
+    """llama-cpp-python's `Llama` takes no `use_extra_bufts`: while it loads, its model defaults say so."""
+    if not enabled:
+        yield
+        return
+    import llama_cpp.llama_cpp as low_level
+
+    default = low_level.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    with _default_params_lock:
+        low_level.llama_model_default_params = without_extra_buffers
+        try:
+            yield
+        finally:
+            low_level.llama_model_default_params = default
 
 
 class OursEngine:
@@ -29,10 +75,8 @@ class OursEngine:
 
 class LlamaCppEngine:
     def __init__(self, path: str | Path, n_ctx: int, threads: int = 2):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                         n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = load_llama_cpp(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                                  n_threads=threads, n_threads_batch=threads, verbose=False)
         self.vocab_size = self.llm.n_vocab()
         self.n_ctx = n_ctx
 
