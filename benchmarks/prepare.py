@@ -27,7 +27,7 @@ start): a clean run's wall time T, then a run SIGKILLed at 0.6·T and rerun; the
 The corpus is the embedded one (deterministic) in the SlimPajama layout (`train/chunk<N>/*.jsonl.zst`,
 4 files per copy); N× is N copies.
 
-    .venv/bin/python benchmarks/prepare.py            # 5 rounds on the 10x corpus (~5 min on 2 shared cores)
+    .venv/bin/python benchmarks/prepare.py            # 5 rounds on 10x, kill and rerun on 150x (~5 min quiet)
     .venv/bin/python benchmarks/prepare.py --quick    # smoke run: smaller corpus, 1 round
 """
 
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--copies", type=int, default=10, help="corpus copies for the rounds")
-    parser.add_argument("--kill-copies", type=int, default=40, help="corpus copies for kill and rerun")
+    parser.add_argument("--kill-copies", type=int, default=150, help="corpus copies for kill and rerun")
     parser.add_argument("--raw-encode", metavar="PARAMS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_encode:
