@@ -22,8 +22,8 @@ def load_llama_cpp(path: str | Path, **options):
 
     On a CPU with AMX, ggml moves Q8_0/Q4_0 weights into its AMX buffers ("extra buffer types"), and
     decoding with them crashes the process (SIGSEGV in `llama_decode`, llama-cpp-python 0.3.36 built
-    natively on a Xeon with AMX_INT8; every tiny-profile Q8_0/Q4_0 file, F16/Q5_0 unaffected). There the
-    weights stay in plain CPU buffers; everywhere else llama.cpp keeps its own fastest layout."""
+    natively on a Xeon with AMX_INT8: every Q8_0/Q4_0 file tried, the tiny profile's and bench-55m's; F16 and
+    Q5_0 unaffected). There the weights stay in plain CPU buffers; elsewhere llama.cpp keeps its own layout."""
     from llama_cpp import Llama
 
     with _plain_cpu_buffers(_has_amx()):
