@@ -7,8 +7,9 @@ llama.cpp computes from it, not by our reading of the file.
 
 from __future__ import annotations
 
+import functools
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,11 @@ def load_llama_cpp(path: str | Path, **options):
     Q5_0 unaffected). There the weights stay in plain CPU buffers; elsewhere llama.cpp keeps its own layout."""
     from llama_cpp import Llama
 
-    with _plain_cpu_buffers(_has_amx()):
+    with _plain_cpu_buffers() if _has_amx() else nullcontext():
         return Llama(model_path=str(path), **options)
 
 
+@functools.cache
 def _has_amx() -> bool:
     import llama_cpp
 
@@ -37,11 +39,8 @@ def _has_amx() -> bool:
 
 
 @contextmanager
-def _plain_cpu_buffers(enabled: bool):
+def _plain_cpu_buffers():
     """llama-cpp-python's `Llama` takes no `use_extra_bufts`: while it loads, its model defaults say so."""
-    if not enabled:
-        yield
-        return
     import llama_cpp.llama_cpp as low_level
 
     default = low_level.llama_model_default_params
