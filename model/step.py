@@ -4,16 +4,19 @@ Why: eager decoding of a small model is dispatch-bound (hundreds of tiny ops per
 call), and a cache whose attended length grows every step changes shapes every step, which a compiled
 graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, not by the request:
 
-- the cache is preallocated (slots x (max_len + spare) per layer, model/slots.py) and attended over
-  its whole length every step; which keys a query sees is data (a mask built from the fed
-  positions: key position <= query position), so a step's shapes never depend on sequence lengths;
+- the cache is preallocated (slots x (max_len + spare) per layer, model/slots.py); which keys a query
+  sees is data (a mask built from the fed positions: key position <= query position), so a step's
+  shapes never depend on which sequence sits in which row. On CUDA a step attends over all `max_len`
+  positions; on CPU over the first multiple of `ATTENDED` its longest row needs, a dynamic dimension
+  of the same graphs (no recompile as contexts grow; 55M at batch 1: attending over the whole cache,
+  scratch tail included, cost a quarter of the int8 step);
 - a step feeds the first `B` slots (B: a batch bucket, the smallest at least one past the highest
   slot in use; sequences fill free slots from the lowest, and the prompt cache then reuses the least
   recently freed, so B grows to the slots a server keeps warm), `W` tokens each (W: a width bucket, 1
   for plain decoding, k + 1 for a speculative verify). Rows with nothing to feed (free,
   still prefilling, or short of W) write to the cache's scratch tail past `max_len`, which no real
   query reads, and their logits are ignored;
-- on CPU the batch dimension is dynamic: one inductor graph for every bucket >= 2 and one for a lone row
+- on CPU the batch dimension is dynamic too: one inductor graph for every bucket >= 2 and one for a lone row
   (torch specializes a size of 1). Feeding a lone row as two instead would save that compile but not
   its cost: a 2-row GEMM is not a GEMV's price on CPU BLAS (measured with MKL on this project's 2-core
   machines: the 32000 x 512 output projection takes 7.5 ms for 1 row, 16.5 ms for 2; the 55M config's
@@ -34,12 +37,15 @@ caller's, on the device, before one transfer to the host. Compiled and eager ste
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from model.sampling import SlotPenalties, penalize
 from model.slots import SlotCache
+
+ATTENDED = 64  # on CPU a step attends over the first multiple of this many cache positions that its rows need
 
 
 def batch_buckets(slots: int) -> tuple[int, ...]:
@@ -53,17 +59,19 @@ def batch_buckets(slots: int) -> tuple[int, ...]:
 
 class _Rows:
     """The cache as `Attention` sees it in a step: write this step's keys/values of rows 0..B-1 at their
-    positions, return those rows' whole cache (a view: no gather)."""
+    positions (the scratch tail included), return those rows' first `length` positions (a view: no gather).
+    `length` is the cache's `max_len`: no query attends past it, so the scratch tail is written, never read
+    (attending over it too doubled the attention's reads at a prefill chunk's worth of spare)."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor):
-        self.k, self.v, self.positions = k, v, positions
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor, length: int):
+        self.k, self.v, self.positions, self.length = k, v, positions, length
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
 
     def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = k.shape[0]
         self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)
         self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
-        return self.k[layer][:b], self.v[layer][:b]
+        return self.k[layer][:b, :, :self.length], self.v[layer][:b, :, :self.length]
 
 
 class StaticStep(nn.Module):
@@ -79,21 +87,22 @@ class StaticStep(nn.Module):
         for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
             self.register_buffer(f"k{layer}", k, persistent=False)
             self.register_buffer(f"v{layer}", v, persistent=False)
-        self.register_buffer("key_positions", torch.arange(cache.max_len + cache.spare, device=cache.device),
-                             persistent=False)
+        self.register_buffer("key_positions", torch.arange(cache.max_len, device=cache.device), persistent=False)
         self.penalized = penalties is not None
         if penalties is not None:
             for name in ("counts", "prompt", "presence", "frequency", "repetition"):
                 self.register_buffer(f"penalty_{name}", getattr(penalties, name), persistent=False)
         self.last_rope = model.config.max_seq_len - 1
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, process: bool = True):
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, keys: torch.Tensor,
+                process: bool = True):
         model = self.model
         rope = positions.clamp(max=self.last_rope)  # scratch positions: any angle will do
         cos, sin = model.rope_cos[rope][:, None], model.rope_sin[rope][:, None]
-        mask = (self.key_positions <= positions[:, :, None])[:, None]
+        mask = (keys <= positions[:, :, None])[:, None]
         n = len(model.layers)
-        cache = _Rows([getattr(self, f"k{i}") for i in range(n)], [getattr(self, f"v{i}") for i in range(n)], positions)
+        cache = _Rows([getattr(self, f"k{i}") for i in range(n)], [getattr(self, f"v{i}") for i in range(n)], positions,
+                      keys.shape[0])
         x = model.embed_tokens(idx)
         for layer in model.layers:
             x = layer(x, cos, sin, 0, cache, mask)
@@ -103,7 +112,9 @@ class StaticStep(nn.Module):
         b = idx.shape[0]
         # column j predicts the token after fed token j: the guesses up to and including j count as generated
         guesses = torch.zeros_like(logits).scatter_(-1, idx[:, :, None], drafted[:, :, None].to(logits.dtype))
-        counts = self.penalty_counts[:b, None] + guesses.cumsum(1)
+        if idx.shape[1] > 1:  # a plain decode step's one column needs no running sum (aten's cumsum: ~90 us at 32k)
+            guesses = guesses.cumsum(1)
+        counts = self.penalty_counts[:b, None] + guesses
         penalized = penalize(logits, counts, self.penalty_prompt[:b, None], self.penalty_presence[:b],
                              self.penalty_frequency[:b], self.penalty_repetition[:b])
         return penalized, logits.log_softmax(-1)
@@ -126,11 +137,14 @@ class DecodeStep:
         self.dynamic = compile and self.device.type != "cuda"
         self.buckets = batch_buckets(cache.slots)
         self.fn = self.module
+        self.warm = False  # every bucket compiled: guards are then only checked to pick the bucket's graph
         if compile:
             cuda = self.device.type == "cuda"
-            # CUDA graphs need static shapes: one graph per bucket. On CPU, a dynamic batch dim is one graph.
+            # CUDA graphs need static shapes: one graph per bucket. On CPU, a dynamic batch dim is one graph,
+            # called through a C++ wrapper (inductor's Python wrapper costs ~0.1 ms a step at these sizes).
             self.fn = torch.compile(self.module, mode="reduce-overhead" if cuda else None,
-                                    dynamic=False if cuda else None, fullgraph=True)
+                                    dynamic=False if cuda else None, fullgraph=True,
+                                    options=None if cuda else {"cpp_wrapper": True})
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
@@ -139,12 +153,28 @@ class DecodeStep:
         """The width bucket that holds `tokens` fed per row (None: wider than any, feed it eagerly)."""
         return next((w for w in self.widths if w >= tokens), None)
 
-    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, process: bool = True):
-        if self.dynamic and idx.shape[0] > 1:
-            for tensor in (idx, positions, drafted):
-                torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
-        # compiled: always the one graph that penalizes (as data); eager: that work only when a row needs it
-        out = self.fn(idx, positions, drafted, process or self.compiled)
+    def attended(self, end: int) -> torch.Tensor:
+        """The cache positions a step attends over when its rows' real tokens end before `end`: on CPU the
+        first multiple of `ATTENDED` that holds them (a dynamic dimension of the graphs: attention then
+        costs what the longest row's context needs, not the whole cache's); on CUDA all of `max_len`
+        (a CUDA graph's shapes are static)."""
+        length = self.cache.max_len
+        if self.device.type != "cuda":
+            length = min(length, -(-end // ATTENDED) * ATTENDED)
+        return self.module.key_positions[:length]
+
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, keys: torch.Tensor,
+                 process: bool = True):
+        if self.dynamic:
+            torch._dynamo.mark_dynamic(keys, 0, min=2, max=self.cache.max_len)
+            if idx.shape[0] > 1:
+                for tensor in (idx, positions, drafted):
+                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
+        # compiled: always the one graph that penalizes (as data); eager: that work only when a row needs it.
+        # After warm-up, only the guards that tell the buckets' graphs apart are evaluated (all of them cost
+        # ~0.1 ms a step: one per weight); a shape no graph covers still compiles a new one.
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if self.warm else nullcontext():
+            out = self.fn(idx, positions, drafted, keys, process or self.compiled)
         if self.compiled and self.device.type == "cuda":  # CUDA graphs reuse their outputs
             return tuple(None if o is None else o.clone() for o in out)
         return out
@@ -170,6 +200,7 @@ class DecodeStep:
         positions = scratch.repeat(b, 1)
         idx = torch.zeros((b, width), dtype=torch.long)
         drafted = torch.zeros((b, width), dtype=torch.bool)
+        keys = self.attended(max(start + len(chunk) for start, chunk in zip(starts, chunks)))
         for i, (slot, start, chunk) in enumerate(zip(slots, starts, chunks)):
             n = len(chunk)
             idx[slot, :n] = torch.as_tensor(chunk, dtype=torch.long)
@@ -177,7 +208,7 @@ class DecodeStep:
             if counted is not None:
                 drafted[slot, :n] = positions[slot, :n] >= counted[i]
         to = dict(device=self.device, non_blocking=True)
-        return self(idx.to(**to), positions.to(**to), drafted.to(**to), process)
+        return self(idx.to(**to), positions.to(**to), drafted.to(**to), keys, process)
 
     def warm_up(self) -> None:
         """Run every (batch bucket, width) once (CUDA graphs: three times, to record them) on scratch
@@ -186,10 +217,12 @@ class DecodeStep:
         if not self.compiled:
             return
         repeats = 3 if self.device.type == "cuda" else 1
+        keys = self.module.key_positions  # its length is a dynamic dimension on CPU: any will do
         with torch.inference_mode():
             for width in self.widths:
                 for b in self.buckets:
                     positions = torch.arange(self.cache.max_len, self.cache.max_len + width).repeat(b, 1)
                     idx = torch.zeros((b, width), dtype=torch.long, device=self.device)
                     for _ in range(repeats):
-                        self(idx, positions.to(self.device), torch.zeros_like(idx, dtype=torch.bool))
+                        self(idx, positions.to(self.device), torch.zeros_like(idx, dtype=torch.bool), keys)
+        self.warm = True
