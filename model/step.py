@@ -142,7 +142,8 @@ class DecodeStep:
             cuda = self.device.type == "cuda"
             # CUDA graphs need static shapes: one graph per bucket. On CPU, a dynamic batch dim is one graph,
             # called through a C++ wrapper (inductor's Python wrapper costs ~0.1 ms a step at these sizes).
-            self.fn = torch.compile(self.module, mode="reduce-overhead" if cuda else None,
+            # the bound forward, not the module: no nn.Module call wrappers around the compiled frame
+            self.fn = torch.compile(self.module.forward, mode="reduce-overhead" if cuda else None,
                                     dynamic=False if cuda else None, fullgraph=True,
                                     options=None if cuda else {"cpp_wrapper": True})
 
@@ -195,20 +196,20 @@ class DecodeStep:
             return self._run(slots, starts, chunks, counted, width, process)
 
     def _run(self, slots, starts, chunks, counted, width: int, process: bool):
+        # built as lists, then one tensor each: per-row tensor ops cost more than the tiny model's step
         b = self.bucket(max(slots) + 1)
-        scratch = torch.arange(self.cache.max_len, self.cache.max_len + width)
-        positions = scratch.repeat(b, 1)
-        idx = torch.zeros((b, width), dtype=torch.long)
-        drafted = torch.zeros((b, width), dtype=torch.bool)
-        keys = self.attended(max(start + len(chunk) for start, chunk in zip(starts, chunks)))
+        scratch = range(self.cache.max_len, self.cache.max_len + width)
+        idx, positions = [[0] * width for _ in range(b)], [list(scratch) for _ in range(b)]
+        drafted = [[False] * width for _ in range(b)]
         for i, (slot, start, chunk) in enumerate(zip(slots, starts, chunks)):
-            n = len(chunk)
-            idx[slot, :n] = torch.as_tensor(chunk, dtype=torch.long)
-            positions[slot, :n] = torch.arange(start, start + n)
+            fed = range(start, start + len(chunk))
+            idx[slot][:len(chunk)], positions[slot][:len(chunk)] = chunk, fed
             if counted is not None:
-                drafted[slot, :n] = positions[slot, :n] >= counted[i]
-        to = dict(device=self.device, non_blocking=True)
-        return self(idx.to(**to), positions.to(**to), drafted.to(**to), keys, process)
+                drafted[slot][:len(chunk)] = [p >= counted[i] for p in fed]
+        keys = self.attended(max(start + len(chunk) for start, chunk in zip(starts, chunks)))
+        return self(torch.tensor(idx, dtype=torch.long, device=self.device),
+                    torch.tensor(positions, dtype=torch.long, device=self.device),
+                    torch.tensor(drafted, dtype=torch.bool, device=self.device), keys, process)
 
     def warm_up(self) -> None:
         """Run every (batch bucket, width) once (CUDA graphs: three times, to record them) on scratch
