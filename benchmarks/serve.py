@@ -108,6 +108,7 @@ def start_server(model_dir: Path, port: int, log: Path, slots: int, stream_inter
 
     command = [str(Path(sys.executable).parent / "tinyllama"), "serve", "--model", str(model_dir), "--name", "bench",
                "--port", str(port), "--slots", str(slots), "--max-waiting", "256", "--cpus", str(THREADS),
+               "--max-queued-requests", "64",  # Serve's proxy must not 429 a 32-client burst the engine would queue
                "--stream-interval", str(stream_interval), *flags]
     proc = start(command, log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wait_http(f"http://127.0.0.1:{port}/health", 600, proc, log)
@@ -161,18 +162,21 @@ async def http_load(url: str, prompts: list[str], concurrency: int, requests: in
 
 
 def ours(model_dir: Path, prompts: list[str], work: Path, quick: bool, max_tokens: int,
-         stream_interval: int = 1) -> list[dict]:
+         stream_interval: int = 1, compile: bool = True) -> list[dict]:
     from servers import free_port, stop
 
-    port = free_port()
-    proc = start_server(model_dir, port, work / f"serve-{model_dir.name}.log", 32, stream_interval)
+    port, started = free_port(), time.perf_counter()
+    proc = start_server(model_dir, port, work / f"serve-{model_dir.name}.log", 32, stream_interval,
+                        *(["--compile"] if compile else []))
+    start_s = round(time.perf_counter() - started, 1)  # Ray, Serve and the replica's load (and compile)
+    print(f"  ours (interval {stream_interval}) {model_dir.name:10s} server up in {start_s} s", flush=True)
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(http_load(url, prompts, 2, 4, 8))  # warm-up: first allocations, first connections
         rows = []
         for concurrency in (1, 8, 32):
             requests = concurrency * (1 if quick else 2) if concurrency > 1 else (2 if quick else 8)
-            rows.append({"stream_interval": stream_interval,
+            rows.append({"stream_interval": stream_interval, "server_start_s": start_s,
                          **asyncio.run(http_load(url, prompts, concurrency, requests, max_tokens))})
             print(f"  ours (interval {stream_interval}) {model_dir.name:10s} c={concurrency:2d}: "
                   f"{rows[-1]['tokens_per_s']:7.1f} tok/s  "
@@ -182,7 +186,7 @@ def ours(model_dir: Path, prompts: list[str], work: Path, quick: bool, max_token
         stop(proc, grace=60)
 
 
-def engine_direct(model_dir: Path, prompts: list[str], requests: int, max_tokens: int) -> dict:
+def engine_direct(model_dir: Path, prompts: list[str], requests: int, max_tokens: int, compile: bool = True) -> dict:
     """The same continuous batching without HTTP or Ray (32 slots, every request queued at once): how
     much of the HTTP figure the engine alone would give, i.e. what the server layer costs."""
     import torch
@@ -193,7 +197,7 @@ def engine_direct(model_dir: Path, prompts: list[str], requests: int, max_tokens
 
     torch.set_num_threads(THREADS)
     tokenizer = Tokenizer.load(model_dir)
-    decoder = BatchDecoder(load_hf(model_dir), slots=32, prefill_chunk=128)
+    decoder = BatchDecoder(load_hf(model_dir), slots=32, prefill_chunk=128, compile=compile)  # compiles here
     queue = [tokenizer.encode(prompts[i % len(prompts)], bos=True) for i in range(requests)]
     tokens, start = 0, time.perf_counter()
     while queue or decoder.running:
@@ -342,8 +346,9 @@ def llamacpp_sequential(gguf: Path, prompts: list[str], max_tokens: int) -> dict
 # ---------------------------------------------------------------- speculative decoding
 
 
-def speculative(target_dir: Path, draft_dir: Path | None, max_tokens: int, count: int) -> dict:
-    """One sequence at a time on one thread (a model this small decodes faster on one; both sides alike)."""
+def speculative(target_dir: Path, draft_dir: Path | None, max_tokens: int, count: int, compile: bool = True) -> dict:
+    """One sequence at a time on one thread (a model this small decodes faster on one; both sides alike),
+    both sides on the compiled step unless `compile` is off (compiled before the timed rounds)."""
     import torch
 
     from model.generate import generate, speculative_generate
@@ -359,16 +364,18 @@ def speculative(target_dir: Path, draft_dir: Path | None, max_tokens: int, count
     results = {}
     for name, (prompts, drafter, label) in classes.items():
         ids = [tokenizer.encode(p, bos=True) for p in prompts]
+        generate(target, ids[0], 2, eos_id=None, compile=compile)  # warm-up: the compiled steps, before timing
+        speculative_generate(target, drafter, ids[0], 2, k=4, eos_id=None, compile=compile)
         plain_s, spec_s, stats, same = [], [], {"drafted": 0, "accepted": 0, "target_passes": 0}, True
         for _ in range(2):  # two rounds, alternating, keep each side's faster
             start = time.perf_counter()
-            plain = [generate(target, p, max_tokens, eos_id=tokenizer.eos_id) for p in ids]
+            plain = [generate(target, p, max_tokens, eos_id=tokenizer.eos_id, compile=compile) for p in ids]
             plain_s.append(time.perf_counter() - start)
             start, spec = time.perf_counter(), []
             for p in ids:
                 one = {}
                 spec.append(speculative_generate(target, drafter, p, max_tokens, k=4, eos_id=tokenizer.eos_id,
-                                                 stats=one))
+                                                 stats=one, compile=compile))
                 for key in stats:
                     stats[key] += one[key]
             spec_s.append(time.perf_counter() - start)
@@ -400,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which of throughput,speculative,prompt-cache to run")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="our engine eager (default: on the compiled decode step, as `deploy.compile` serves)")
     parser.add_argument("--work", type=Path, default=RESULTS / "serve-work")
     parser.add_argument("--json", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args(argv)
@@ -415,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     models = {"tiny": args.tiny} if "tiny" in chosen else {}
     if "55m" in chosen and LLAMA2_TOKENIZER.is_file():
         models["55m"] = bench_55m_dir(args.work)
-    report: dict = {"threads": THREADS, "max_tokens": max_tokens, "load_before": os.getloadavg(), "models": {}}
+    report: dict = {"threads": THREADS, "max_tokens": max_tokens, "compiled": args.compile,
+                    "load_before": os.getloadavg(), "models": {}}
     for name, model_dir in models.items():
         prompts = OPEN_PROMPTS
         print(f"{name}: {model_dir}", flush=True)
@@ -424,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
             entry["prompt_cache"] = prompt_cache(model_dir, args.work, 3 if args.quick else 5)
         if "throughput" not in parts:
             continue
-        entry["ours"] = ours(model_dir, prompts, args.work, args.quick, max_tokens)
-        entry["ours_stream_interval_4"] = ours(model_dir, prompts, args.work, args.quick, max_tokens, 4)
-        entry["engine_direct_32"] = engine_direct(model_dir, prompts, 32 if args.quick else 64, max_tokens)
+        entry["ours"] = ours(model_dir, prompts, args.work, args.quick, max_tokens, compile=args.compile)
+        entry["ours_stream_interval_4"] = ours(model_dir, prompts, args.work, args.quick, max_tokens, 4, args.compile)
+        entry["engine_direct_32"] = engine_direct(model_dir, prompts, 32 if args.quick else 64, max_tokens,
+                                                  args.compile)
         print(f"  engine alone, 32 slots, no HTTP: {entry['engine_direct_32']['tokens_per_s']} tok/s", flush=True)
         entry["transformers"] = transformers_sequential(model_dir, prompts, max_tokens)
         print(f"  transformers sequential: {entry['transformers']['tokens_per_s']} tok/s", flush=True)
@@ -448,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["ratios"]["interval4_c32_over_llama_cpp"] = round(by_c4[32] / entry["llama_cpp"]["tokens_per_s"], 2)
     if "tiny" in chosen and "speculative" in parts:
         draft = args.draft if (args.draft / "model.safetensors").is_file() else None
-        report["speculative"] = speculative(args.tiny, draft, max_tokens, 4 if args.quick else 16)
+        report["speculative"] = speculative(args.tiny, draft, max_tokens, 4 if args.quick else 16, args.compile)
     report["load_after"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

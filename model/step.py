@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -112,8 +113,9 @@ class StaticStep(nn.Module):
         b = idx.shape[0]
         # column j predicts the token after fed token j: the guesses up to and including j count as generated
         guesses = torch.zeros_like(logits).scatter_(-1, idx[:, :, None], drafted[:, :, None].to(logits.dtype))
-        if idx.shape[1] > 1:  # a plain decode step's one column needs no running sum (aten's cumsum: ~90 us at 32k)
-            guesses = guesses.cumsum(1)
+        # the running sum over the (static, few) columns as adds inductor fuses; aten's cumsum is a
+        # fallback kernel (~90 us a step at a 32k vocab), and a plain decode step's one column needs none
+        guesses = torch.cat(list(accumulate(guesses.split(1, dim=1))), dim=1)
         counts = self.penalty_counts[:b, None] + guesses
         penalized = penalize(logits, counts, self.penalty_prompt[:b, None], self.penalty_presence[:b],
                              self.penalty_frequency[:b], self.penalty_repetition[:b])
