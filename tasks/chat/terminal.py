@@ -31,8 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
     parser.add_argument("--compile", action="store_true",
-                        help="decode on the compiled step (model/step.py), compiled at start: pays off on a GPU "
-                             "and for long sessions; on CPU a tiny model compiles for minutes")
+                        help="decode on the compiled step (model/step.py), compiled at start (on 2 CPU cores "
+                             "~10-25 s with a cold inductor cache); 1.3-2x the eager rate at batch 1 on CPU")
 
 
 def _template_source(directory, name: str | None) -> str:
