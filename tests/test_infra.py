@@ -376,6 +376,9 @@ def test_every_ray_node_and_client_runs_token_auth_with_the_token_from_a_secret(
     config = _yaml("ray/cluster-16gpu.yaml")
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert any("ray-auth-token" in c and "auth_token" in c for c in config["initialization_commands"])
+    region = config["provider"]["region"]
+    aws_calls = [c for c in config["initialization_commands"] if "aws " in c]
+    assert aws_calls and all(f"--region {region}" in c for c in aws_calls), "the node AMI's CLI has no region"
     for where, template in _kuberay_pods():
         containers = template["spec"]["containers"] + template["spec"].get("initContainers", [])
         for container in containers:
