@@ -8,6 +8,7 @@ arithmetic; the Dockerfile's build steps against the Makefile's setup.
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -213,6 +214,11 @@ def test_worker_dockerfile_parses_into_a_cuda_image_with_a_compiler_and_a_builde
     assert builder["base"] == "base" and final["base"] == "base"
     assert any("pip wheel --require-hashes" in rest for _, rest in builder["steps"])
     assert any(i == "COPY" and rest.startswith("--from=builder") for i, rest in final["steps"])
+    for stage in stages:  # the base's python3.11 (deadsnakes) has no pip: every pip is a venv's, made in its stage
+        runs = " ".join(rest for instruction, rest in stage["steps"] if instruction == "RUN")
+        assert not re.search(r"-m pip\b|(^|[\s;&|])pip3?\s", runs), f"pip outside a venv in {stage['name']}"
+        for venv in re.findall(r"(\S+)/bin/pip\b", runs):
+            assert f"-m venv {venv}" in runs, f"{venv}/bin/pip without `python3.11 -m venv {venv}` before it"
     installs = [rest for i, rest in final["steps"] if i == "RUN" and "pip install" in rest]
     assert installs and all("--no-index" in rest for rest in installs), "the final stage installs built wheels only"
     for stage in stages:
