@@ -282,6 +282,18 @@ def test_platform_lock_pins_requirements_lock_and_has_a_file_for_every_package_o
     assert any(name.startswith("nvidia-cuda-runtime") for name in locked), "torch's CUDA build"
 
 
+def test_the_docs_gpu_install_is_the_images_cuda_build():
+    """README, Makefile and Dockerfile name the CUDA the lock's torch is built for, and its driver floor."""
+    locked = {p["name"]: p["version"] for p in _platform_lock()["packages"]}
+    cuda = locked["nvidia-cuda-runtime"].split(".")[0]
+    assert cuda == "13", "the driver floor below (>= 580) is CUDA 13's"
+    for name in ("README.md", "Makefile", "infra/docker/Dockerfile"):
+        text = (ROOT / name).read_text()
+        assert set(re.findall(r"\bcu(\d\d)\d\b", text)) <= {cuda}, f"{name} names another CUDA build"
+        assert set(re.findall(r"CUDA (\d+)", text)) <= {cuda}, f"{name} names another CUDA version"
+    assert "driver >= 580" in (ROOT / "README.md").read_text()
+
+
 def test_platform_lock_refuses_a_wheel_for_another_platform():
     """The check above can fail: a macOS-only or CPython 3.12-only wheel matches none of the image's tags."""
     from packaging.utils import parse_wheel_filename
