@@ -409,6 +409,11 @@ def test_dashboard_and_job_api_stay_inside_the_cluster_network():
     config = _yaml("ray/cluster-16gpu.yaml")
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host" in head and "--dashboard-host=0.0.0.0" not in head
+    # bound to the private IP, not localhost: `ray dashboard`'s tunnel (to the head's localhost) is refused, so
+    # the runbook tunnels to the private IP and points `serve deploy` there
+    assert "--dashboard-host=$(hostname -I" in head
+    readme = (ROOT / "README.md").read_text()
+    assert "-L 8265:$HEAD:8265" in readme and "RAY_DASHBOARD_ADDRESS=http://$(hostname -I" in readme
     assert config["provider"]["use_internal_ips"] is True
     for rule in config["provider"]["security_group"]["IpPermissions"]:
         assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", [])), rule
