@@ -397,12 +397,20 @@ def test_every_ray_node_and_client_runs_token_auth_with_the_token_from_a_secret(
     region = config["provider"]["region"]
     aws_calls = [c for c in config["initialization_commands"] if "aws " in c]
     assert aws_calls and all(f"--region {region}" in c for c in aws_calls), "the node AMI's CLI has no region"
+    # KubeRay: authOptions, so the operator itself sends the token to the dashboard (job status, Serve config)
+    # and puts it in every Ray container and the submitter; a container's own RAY_AUTH_* would shadow it
+    readme = (ROOT / "README.md").read_text()
+    for name in ("rayjob.yaml", "rayservice.yaml"):
+        spec = _yaml(f"kuberay/{name}")["spec"]
+        cluster = spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+        assert cluster["authOptions"] == {"mode": "token", "secretName": "tinyllama-ray-auth"}, name
+        assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52), "Ray's token auth"
+    assert "kubectl create secret generic tinyllama-ray-auth --from-literal=auth_token=" in readme
+    assert "KubeRay operator >= 1.6" in readme, "authOptions.secretName is KubeRay 1.6's"
     for where, template in _kuberay_pods():
-        containers = template["spec"]["containers"] + template["spec"].get("initContainers", [])
-        for container in containers:
-            env = {e["name"]: e for e in container.get("env", [])}
-            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (where, container["name"])
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], (where, container["name"])
+        for container in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, (where, container["name"])
 
 
 def test_dashboard_and_job_api_stay_inside_the_cluster_network():
