@@ -5,9 +5,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 PARAMS ?= params.yaml
-# Where the CPU torch wheel comes from. On this workplace's machines pip finds the
-# 2.13.0 CPU wheel on disk; elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# (CPU) or .../whl/cu128 (GPU, see README "GPU install").
+# Where the torch wheel comes from. On this workplace's machines pip finds the 2.13.0 CPU wheel
+# on disk; elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU) or
+# https://pypi.org/simple (GPU: PyPI's CUDA 13 build, the image's; driver >= 580, README "GPU install").
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # llama-cpp-python has no wheel on the index: pip compiles llama.cpp (~6 min on 2 quiet cores, ~18 min

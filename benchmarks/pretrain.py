@@ -159,29 +159,37 @@ def steady_tokens_per_s(step_s: list[float], params, skip: int) -> float:
     return params.train.global_batch_tokens / statistics.median(steady)
 
 
-def gpu_1b(steps: int, micro_batch: int, activation_checkpointing: bool) -> dict:
-    """The 1.1B recipe on one GPU: the stage's Trainer with FSDP2 over NCCL (world 1), bf16 mixed precision
-    and the profile's torch.compile, seq 2048, `micro_batch` rows × 2 micro-steps per step, on random token
-    rows; tokens/s/GPU and MFU against the configured peak, and the peak memory against `tinyllama plan`'s
-    estimate for the same settings."""
-    import torch
+def gpu_1b_params(root: Path, micro_batch: int, activation_checkpointing: bool):
+    """configs/tinyllama-1.1b.yaml on one GPU: world 1 with a 1 × 1 `train.mesh` (the 16-GPU run's HSDP code
+    path at world size 1), 2 micro-steps of `micro_batch` rows per step, paths under `root`, no evals."""
     import yaml
 
     from tasks.params import parse_params
+
+    raw = yaml.safe_load((ROOT / "configs" / "tinyllama-1.1b.yaml").read_text())
+    raw["paths"] = {"data": str(root / "data"), "models": str(root / "models"), "metrics": str(root / "metrics")}
+    raw["data"]["rows_per_shard"] = 512
+    tokens_per_step = 2 * micro_batch * raw["data"]["seq_len"]
+    raw["train"].update(workers=1, mesh={"replicate": 1, "shard": 1}, micro_batch=micro_batch,
+                        global_batch_tokens=tokens_per_step, activation_checkpointing=activation_checkpointing,
+                        total_tokens=64 * tokens_per_step, milestones=[64 * tokens_per_step],
+                        checkpoint_every_steps=10**6, val_every_steps=10**6,
+                        eval_milestones_during_training=False, checkpoint_dir=str(root / "checkpoints"))
+    return parse_params(raw, "1.1B benchmark params")
+
+
+def gpu_1b(steps: int, micro_batch: int, activation_checkpointing: bool) -> dict:
+    """The 1.1B recipe on one GPU (`gpu_1b_params`): the stage's Trainer with FSDP2 over NCCL on a 1 × 1 HSDP
+    mesh, bf16 mixed precision and the profile's torch.compile, seq 2048, on random token rows; tokens/s/GPU
+    and MFU against the configured peak, and the peak memory against `tinyllama plan`'s estimate for the
+    same settings."""
+    import torch
+
     from tasks.pretrain.plan import memory_per_gpu
 
     with tempfile.TemporaryDirectory(prefix="bench-1b-") as tmp:
         root = Path(tmp)
-        raw = yaml.safe_load((ROOT / "configs" / "tinyllama-1.1b.yaml").read_text())
-        raw["paths"] = {"data": str(root / "data"), "models": str(root / "models"), "metrics": str(root / "metrics")}
-        raw["data"]["rows_per_shard"] = 512
-        tokens_per_step = 2 * micro_batch * raw["data"]["seq_len"]
-        raw["train"].update(workers=1, micro_batch=micro_batch, global_batch_tokens=tokens_per_step,
-                            activation_checkpointing=activation_checkpointing,
-                            total_tokens=64 * tokens_per_step, milestones=[64 * tokens_per_step],
-                            checkpoint_every_steps=10**6, val_every_steps=10**6,
-                            eval_milestones_during_training=False, checkpoint_dir=str(root / "checkpoints"))
-        params = parse_params(raw, "1.1B benchmark params")
+        params = gpu_1b_params(root, micro_batch, activation_checkpointing)
         write_data(params, root)
         out = root / "gpu.json"
         from servers import free_port
@@ -194,7 +202,7 @@ def gpu_1b(steps: int, micro_batch: int, activation_checkpointing: bool) -> dict
     plan = memory_per_gpu(params, params.llama_config().num_params())
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps,
             "micro_batch": micro_batch, "activation_checkpointing": activation_checkpointing,
-            "tokens_per_step": tokens_per_step, "tokens_per_s_per_gpu": round(tokens_per_s),
+            "tokens_per_step": params.train.global_batch_tokens, "tokens_per_s_per_gpu": round(tokens_per_s),
             "step_s_median": steady, "first_step_s": times[0],
             "mfu_vs_configured_peak": flops / (params.plan.peak_tflops_per_worker * 1e12),
             "achieved_tflops": flops / 1e12, "anchor": "24k tok/s/GPU, 56% MFU on A100-40G (312 TFLOP/s bf16)",

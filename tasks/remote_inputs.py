@@ -1,5 +1,5 @@
-"""Inputs a profile may name by URI (`tokenizer.model_file`, `eval.data_dir`): read from shared storage
-(s3:// through s3fs, or any fsspec protocol) with retries, never from a hub.
+"""Inputs a profile may name by URI (`tokenizer.model_file`, `eval.data_dir`, `sft.chat_eval.source`): read
+from shared storage (s3:// through s3fs, or any fsspec protocol) with retries, never from a hub.
 
 On a cluster no node has the laptop's `/data/...`; the 1.1B profile names these inputs on the bucket
 every node reaches. A transient error (a dropped connection, a throttled request, a timeout) is retried

@@ -1,4 +1,4 @@
-"""HSDP (`train.mesh`, tasks/pretrain/parallel.py) on CPU/gloo: four processes as a 2 × 2 mesh (two
+"""HSDP (`train.mesh`, tasks/train/parallel.py) on CPU/gloo: four processes as a 2 × 2 mesh (two
 "nodes" of two) train the same 20 steps as FSDP2 over all four, and the losses agree to float tolerance.
 The same code path NCCL runs on 2 nodes × 8 GPUs; the parameters really are 2-D DTensors (replicated
 over the outer dim, sharded over the inner one)."""

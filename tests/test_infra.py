@@ -8,6 +8,7 @@ arithmetic; the Dockerfile's build steps against the Makefile's setup.
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -213,6 +214,11 @@ def test_worker_dockerfile_parses_into_a_cuda_image_with_a_compiler_and_a_builde
     assert builder["base"] == "base" and final["base"] == "base"
     assert any("pip wheel --require-hashes" in rest for _, rest in builder["steps"])
     assert any(i == "COPY" and rest.startswith("--from=builder") for i, rest in final["steps"])
+    for stage in stages:  # the base's python3.11 (deadsnakes) has no pip: every pip is a venv's, made in its stage
+        runs = " ".join(rest for instruction, rest in stage["steps"] if instruction == "RUN")
+        assert not re.search(r"-m pip\b|(^|[\s;&|])pip3?\s", runs), f"pip outside a venv in {stage['name']}"
+        for venv in re.findall(r"(\S+)/bin/pip\b", runs):
+            assert f"-m venv {venv}" in runs, f"{venv}/bin/pip without `python3.11 -m venv {venv}` before it"
     installs = [rest for i, rest in final["steps"] if i == "RUN" and "pip install" in rest]
     assert installs and all("--no-index" in rest for rest in installs), "the final stage installs built wheels only"
     for stage in stages:
@@ -274,6 +280,18 @@ def test_platform_lock_pins_requirements_lock_and_has_a_file_for_every_package_o
             sdist_only.append(name)
     assert "llama-cpp-python" in sdist_only and locked["torch"]["version"] == pins["torch"]
     assert any(name.startswith("nvidia-cuda-runtime") for name in locked), "torch's CUDA build"
+
+
+def test_the_docs_gpu_install_is_the_images_cuda_build():
+    """README, Makefile and Dockerfile name the CUDA the lock's torch is built for, and its driver floor."""
+    locked = {p["name"]: p["version"] for p in _platform_lock()["packages"]}
+    cuda = locked["nvidia-cuda-runtime"].split(".")[0]
+    assert cuda == "13", "the driver floor below (>= 580) is CUDA 13's"
+    for name in ("README.md", "Makefile", "infra/docker/Dockerfile"):
+        text = (ROOT / name).read_text()
+        assert set(re.findall(r"\bcu(\d\d)\d\b", text)) <= {cuda}, f"{name} names another CUDA build"
+        assert set(re.findall(r"CUDA (\d+)", text)) <= {cuda}, f"{name} names another CUDA version"
+    assert "driver >= 580" in (ROOT / "README.md").read_text()
 
 
 def test_platform_lock_refuses_a_wheel_for_another_platform():
@@ -376,18 +394,34 @@ def test_every_ray_node_and_client_runs_token_auth_with_the_token_from_a_secret(
     config = _yaml("ray/cluster-16gpu.yaml")
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert any("ray-auth-token" in c and "auth_token" in c for c in config["initialization_commands"])
+    region = config["provider"]["region"]
+    aws_calls = [c for c in config["initialization_commands"] if "aws " in c]
+    assert aws_calls and all(f"--region {region}" in c for c in aws_calls), "the node AMI's CLI has no region"
+    # KubeRay: authOptions, so the operator itself sends the token to the dashboard (job status, Serve config)
+    # and puts it in every Ray container and the submitter; a container's own RAY_AUTH_* would shadow it
+    readme = (ROOT / "README.md").read_text()
+    for name in ("rayjob.yaml", "rayservice.yaml"):
+        spec = _yaml(f"kuberay/{name}")["spec"]
+        cluster = spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+        assert cluster["authOptions"] == {"mode": "token", "secretName": "tinyllama-ray-auth"}, name
+        assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52), "Ray's token auth"
+    assert "kubectl create secret generic tinyllama-ray-auth --from-literal=auth_token=" in readme
+    assert "KubeRay operator >= 1.6" in readme, "authOptions.secretName is KubeRay 1.6's"
     for where, template in _kuberay_pods():
-        containers = template["spec"]["containers"] + template["spec"].get("initContainers", [])
-        for container in containers:
-            env = {e["name"]: e for e in container.get("env", [])}
-            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (where, container["name"])
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], (where, container["name"])
+        for container in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, (where, container["name"])
 
 
 def test_dashboard_and_job_api_stay_inside_the_cluster_network():
     config = _yaml("ray/cluster-16gpu.yaml")
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host" in head and "--dashboard-host=0.0.0.0" not in head
+    # bound to the private IP, not localhost: `ray dashboard`'s tunnel (to the head's localhost) is refused, so
+    # the runbook tunnels to the private IP and points `serve deploy` there
+    assert "--dashboard-host=$(hostname -I" in head
+    readme = (ROOT / "README.md").read_text()
+    assert "-L 8265:$HEAD:8265" in readme and "RAY_DASHBOARD_ADDRESS=http://$(hostname -I" in readme
     assert config["provider"]["use_internal_ips"] is True
     for rule in config["provider"]["security_group"]["IpPermissions"]:
         assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", [])), rule

@@ -62,3 +62,23 @@ def test_plan_bad_model_exits_2_with_one_line(tmp_path, model, needle):
     assert result.returncode == 2
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_one_gpu_benchmark_runs_the_recipe_on_a_1x1_hsdp_mesh(tmp_path):
+    """`benchmarks/pretrain.py --gpu-1b` (world 1) validates with the 1.1B recipe's settings and HSDP's
+    code path, without a GPU; its memory plan is the one the benchmark compares against."""
+    import importlib.util
+    from pathlib import Path
+
+    from tasks.pretrain.plan import memory_per_gpu
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    params = bench.gpu_1b_params(tmp_path, micro_batch=4, activation_checkpointing=False)
+    train = params.train
+    assert (train.workers, train.mesh.replicate, train.mesh.shard) == (1, 1, 1)
+    assert (train.strategy, train.precision, train.compile, train.use_gpu) == ("fsdp", "bf16", True, True)
+    assert params.grad_accum == 2 and params.llama_config().num_params() == 1_100_048_384
+    assert 0 < memory_per_gpu(params, params.llama_config().num_params())["total"] < 40

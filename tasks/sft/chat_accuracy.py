@@ -27,37 +27,46 @@ from tasks.sft.world_chat import COLUMNS, ChatEvalItem, chat_for
 SHOWN_EXAMPLES = 3   # replies per column kept in the metrics for a reader to see what the model says
 SLOTS = 64           # questions decoded together
 CHAMPION_COLUMN = "held-out"
+FIELD = "sft.chat_eval.source"
 
 
-def _jsonl_items(path: Path) -> list[ChatEvalItem]:
+def _jsonl_items(source: str) -> list[ChatEvalItem]:
+    """The items of a JSON lines file: a local path, or a URI on storage every node reads (`s3://`: the
+    cluster profile's, through tasks/remote_inputs.py, never a hub)."""
     from model.chat import MessagesError, check_messages
+    from tasks.layout import is_uri
+    from tasks.remote_inputs import read_input_file
 
-    if not path.is_file():
-        raise UserError(f"sft.chat_eval.source: {path} is not a file (a JSON lines file of "
+    if not is_uri(source) and not Path(source).is_file():
+        raise UserError(f"{FIELD}: {source} is not a file (a JSON lines file of "
                         "{\"messages\": [...], \"answer\": str}, or 'builtin')")
+    try:
+        text = read_input_file(source, FIELD).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{FIELD}: {source} is not UTF-8 text: {exc}") from None
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            check_messages(row["messages"], f"{path}:{number} messages")
+            check_messages(row["messages"], f"{source}:{number} messages")
             if row["messages"][-1]["role"] != "user" or not str(row["answer"]).strip():
-                raise ValueError(f"{path}:{number}: the messages must end with a user turn and answer be non-empty")
+                raise ValueError(f"{source}:{number}: the messages must end with a user turn and answer be non-empty")
             column = row.get("column", CHAMPION_COLUMN)
             if column not in COLUMNS:
-                raise ValueError(f"{path}:{number}: column must be one of {', '.join(COLUMNS)}, got {column!r}")
+                raise ValueError(f"{source}:{number}: column must be one of {', '.join(COLUMNS)}, got {column!r}")
         except (json.JSONDecodeError, KeyError, TypeError, MessagesError, ValueError) as exc:
-            raise UserError(f"sft.chat_eval.source: {path}:{number}: {type(exc).__name__}: {exc}") from None
+            raise UserError(f"{FIELD}: {source}:{number}: {type(exc).__name__}: {exc}") from None
         items.append(ChatEvalItem(tuple(row["messages"]), str(row["answer"]), tuple(row.get("wrong", ())), column))
     if not items:
-        raise UserError(f"sft.chat_eval.source: {path} has no items")
+        raise UserError(f"{FIELD}: {source} has no items")
     return items
 
 
 def eval_items(params: Params) -> list[ChatEvalItem]:
     spec = params.sft.chat_eval
-    items = chat_for(params).eval if spec.source == "builtin" else _jsonl_items(Path(spec.source))
+    items = chat_for(params).eval if spec.source == "builtin" else _jsonl_items(spec.source)
     return items[:spec.limit] if spec.limit else items
 
 

@@ -18,23 +18,22 @@ from tasks.sft.jobs import Job
 
 
 def evaluate_and_register(params: Params, layout: Layout, jobs: list[Job], trained: dict[str, dict],
-                          variant_runs: dict[str, str], prior: dict) -> tuple[dict, list[str], str]:
-    """Score the base milestone (SFT stage) and every trained model, log them into the variant's run and
-    register them. Returns (metrics by variant, task names, eval settings note)."""
+                          variant_runs: dict[str, str], prior: dict, items: list) -> tuple[dict, list[str], str]:
+    """Score the base milestone (SFT stage) and every trained model on the MC tasks and the chat eval's
+    `items` (read by the stage before training), log them into the variant's run and register them.
+    Returns (metrics by variant, task names, eval settings note)."""
     from mlflow import MlflowClient
 
     from tasks.dvc_stage import dvc_stage_hash
     from tasks.evaluate.scoring import collect_inputs
     from tasks.evaluate.stage import settings_note
     from tasks.registry import register_chat_model
-    from tasks.sft.chat_accuracy import eval_items
     from tasks.sft.report import model_metrics
     from tasks.sft.scorecard import evaluate_model, log_evaluation
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri(params)
     client = MlflowClient(uri)
-    items = eval_items(params)
     stage_hash = dvc_stage_hash()
     metrics = {}
     with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as include_dir:

@@ -27,6 +27,7 @@ def run_stage(params: Params, kind: str, resume: str = "auto") -> dict:
     """`tinyllama sft|dpo`: check, train, evaluate, register, report. Returns the stage's metrics."""
     from tasks.evaluate.stage import pretrain_run_id
     from tasks.ray_cluster import check_train_resources, console_relay, ray_session
+    from tasks.sft.chat_accuracy import eval_items
     from tasks.sft.jobs import plan_jobs
     from tasks.sft.register import evaluate_and_register
     from tasks.sft.report import chat_table
@@ -35,6 +36,7 @@ def run_stage(params: Params, kind: str, resume: str = "auto") -> dict:
     params = with_absolute_paths(params)
     layout = Layout.from_params(params)
     jobs = plan_jobs(params, layout, kind)  # every input check, before anything is written
+    items = eval_items(params)  # the chat eval's questions too (sft.chat_eval.source), not after training
     prior = read_json(layout.metrics_file("sft"), "run `tinyllama sft` first") if kind == "dpo" else {}
     missing = [job.variant.name for job in jobs
                if kind == "dpo" and "mlflow_run_id" not in prior.get(job.variant.name, {})]
@@ -50,7 +52,7 @@ def run_stage(params: Params, kind: str, resume: str = "auto") -> dict:
             parent = pretrain_run if kind == "sft" else prior[job.variant.name]["mlflow_run_id"]
             trained[job.variant.name] = train_job(params, layout, job, parent, resume, console)
             runs[job.variant.name] = trained[job.variant.name]["mlflow_run_id"] if kind == "sft" else parent
-    metrics, tasks, settings = evaluate_and_register(params, layout, jobs, trained, runs, prior)
+    metrics, tasks, settings = evaluate_and_register(params, layout, jobs, trained, runs, prior, items)
     write_json_atomic(layout.metrics_file(kind), {name: {k: v for k, v in entry.items() if k == kind or
                                                          k in ("base", "base_milestone", "template", "mlflow_run_id")}
                                                   for name, entry in metrics.items()})

@@ -214,7 +214,9 @@ class Trainer:
             # A milestone step is a checkpoint step: a sharded run's milestone is converted from that checkpoint.
             if milestones or self.step % train.checkpoint_every_steps == 0 or self.step == plan.total_steps:
                 self.report(checkpoint=True)
-            for milestone in milestones:  # collective
+            # Every rank calls export: a full-weight export gathers (a collective); a sharded pretrain run's
+            # only has rank 0 submit a Ray task that converts the checkpoint, no rank waiting.
+            for milestone in milestones:
                 self.objective.export(self.export_context(), milestone)
             self.objective.collect_exports(self.export_context(), wait=False)
         if self.step == first_step:  # resumed a finished run: hand the driver its recorded metrics
