@@ -266,20 +266,20 @@ class BatchDecoder:
         choices = grid.argmax(-1).tolist()  # the step's one device->host transfer (greedy rows need no more)
         sampled = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         probs = {}
-        if sampled:
-            slots = [seqs[i].slot for i in sampled for _ in range(keep[i])]
+        if sampled:  # row i of the grid is seqs[i]'s
+            rows = [i for i in sampled for _ in range(keep[i])]
             columns = [j for i in sampled for j in range(keep[i])]
             settings = [seqs[i].sampling for i in sampled for _ in range(keep[i])]
-            probs = dict(zip(sampled, probabilities(grid[slots, columns], settings).split([keep[i] for i in sampled])))
+            probs = dict(zip(sampled, probabilities(grid[rows, columns], settings).split([keep[i] for i in sampled])))
         self.stats["target_passes"] += 1
         verified = []
         for i, (seq, (drafts, proposal)) in enumerate(zip(seqs, proposals)):
             if seq.sampling.greedy:
-                verified.append(accept_greedy(drafts, choices[seq.slot][:keep[i]]))
+                verified.append(accept_greedy(drafts, choices[i][:keep[i]]))
             else:
                 verified.append(accept_drafts(probs[i], drafts, proposal, seq.generator))
         # column j of a row predicted its j-th new token
-        reported = _token_logprobs(seqs, [new for new, _ in verified], lambda i, j: logprobs[seqs[i].slot, j])
+        reported = _token_logprobs(seqs, [new for new, _ in verified], lambda i, j: logprobs[i, j])
         for seq, (drafts, _), (new, accepted), lps in zip(seqs, proposals, verified, reported):
             event = events.setdefault(seq.id, Event(seq.id))
             event.drafted += len(drafts)

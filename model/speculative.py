@@ -75,8 +75,8 @@ class DraftModel:
             if self.step.width(max(len(c) for c in chunks)) is None:  # a long catch-up: eagerly, at any width
                 logits = torch.cat(forward_rows(self.model, self.cache, slots, starts, chunks, [1] * len(active)))
             else:  # the compiled step; each row's last fed token predicts its next draft
-                grid, _ = self.step.run(slots, starts, chunks)
-                logits = grid[slots, [len(c) - 1 for c in chunks]]
+                grid, _ = self.step.run(slots, starts, chunks)  # row i: slots[i]
+                logits = grid[range(len(chunks)), [len(c) - 1 for c in chunks]]
             choices = logits.argmax(-1).tolist()
             for row, i in enumerate(active):
                 seq = seqs[i]

@@ -59,28 +59,34 @@ def batch_buckets(slots: int) -> tuple[int, ...]:
 
 
 class _Rows:
-    """The cache as `Attention` sees it in a step: write this step's keys/values of rows 0..B-1 at their
-    positions (the scratch tail included), return those rows' first `length` positions (a view: no gather).
-    `length` is the cache's `max_len`: no query attends past it, so the scratch tail is written, never read
-    (attending over it too doubled the attention's reads at a prefill chunk's worth of spare)."""
+    """The cache as `Attention` sees it in a step: write this step's keys/values of row i into slot
+    `slots[i]` at its positions (the scratch tail included), return those slots' first `length` positions.
+    `length` never reaches the scratch tail: no query attends past `max_len`, so the tail is written, never
+    read. `gather`: the slots are any (CPU: a gathered copy, small at decode lengths); else they are
+    0..B-1 and read as a view (CUDA)."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor, length: int):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor, length: int,
+                 slots: torch.Tensor, gather: bool):
         self.k, self.v, self.positions, self.length = k, v, positions, length
-        self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        self.slots, self.gather = slots, gather
 
     def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = k.shape[0]
-        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)
-        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
-        return self.k[layer][:b, :, :self.length], self.v[layer][:b, :, :self.length]
+        self.k[layer][self.slots[:, None], :, self.positions] = k.transpose(1, 2)
+        self.v[layer][self.slots[:, None], :, self.positions] = v.transpose(1, 2)
+        return self.read(self.k[layer][:, :, :self.length]), self.read(self.v[layer][:, :, :self.length])
+
+    def read(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """The step's rows of a per-slot tensor."""
+        return per_slot[self.slots] if self.gather else per_slot[:self.slots.shape[0]]
 
 
 class StaticStep(nn.Module):
-    """`forward(idx, positions, drafted)`: (B, W) token ids fed at (B, W) cache positions of slots 0..B-1
-    → (B, W, vocab) penalized logits and (B, W, vocab) raw log-probabilities (None without `penalties`:
-    a draft model's step). `drafted` (B, W) marks the fed tokens that are guesses, not yet counted as
-    generated. The cache's and the penalties' tensors are this module's buffers (shared with `cache` and
-    `penalties`, so the eager prefill and the decoder's bookkeeping write into the same memory)."""
+    """`forward(idx, positions, drafted, keys, slots)`: (B, W) token ids fed at (B, W) cache positions of
+    the (B,) `slots`, attending over the cache positions `keys` → (B, W, vocab) penalized logits and
+    (B, W, vocab) raw log-probabilities (None without `penalties`: a draft model's step). `drafted` (B, W)
+    marks the fed tokens that are guesses, not yet counted as generated. The cache's and the penalties'
+    tensors are this module's buffers (shared with `cache` and `penalties`, so the eager prefill and the
+    decoder's bookkeeping write into the same memory)."""
 
     def __init__(self, model, cache: SlotCache, penalties: SlotPenalties | None = None):
         super().__init__()
@@ -94,31 +100,32 @@ class StaticStep(nn.Module):
             for name in ("counts", "prompt", "presence", "frequency", "repetition"):
                 self.register_buffer(f"penalty_{name}", getattr(penalties, name), persistent=False)
         self.last_rope = model.config.max_seq_len - 1
+        self.gather = cache.device.type != "cuda"  # see DecodeStep: rows are any slots on CPU, the first B on CUDA
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, keys: torch.Tensor,
-                process: bool = True):
+                slots: torch.Tensor, process: bool = True):
         model = self.model
         rope = positions.clamp(max=self.last_rope)  # scratch positions: any angle will do
         cos, sin = model.rope_cos[rope][:, None], model.rope_sin[rope][:, None]
         mask = (keys <= positions[:, :, None])[:, None]
         n = len(model.layers)
         cache = _Rows([getattr(self, f"k{i}") for i in range(n)], [getattr(self, f"v{i}") for i in range(n)], positions,
-                      keys.shape[0])
+                      keys.shape[0], slots, self.gather)
         x = model.embed_tokens(idx)
         for layer in model.layers:
             x = layer(x, cos, sin, 0, cache, mask)
         logits = model.lm_head(model.norm(x)).float()
         if not (self.penalized and process):
             return logits, None
-        b = idx.shape[0]
         # column j predicts the token after fed token j: the guesses up to and including j count as generated
         guesses = torch.zeros_like(logits).scatter_(-1, idx[:, :, None], drafted[:, :, None].to(logits.dtype))
         # the running sum over the (static, few) columns as adds inductor fuses; aten's cumsum is a
         # fallback kernel (~90 us a step at a 32k vocab), and a plain decode step's one column needs none
         guesses = torch.cat(list(accumulate(guesses.split(1, dim=1))), dim=1)
-        counts = self.penalty_counts[:b, None] + guesses
-        penalized = penalize(logits, counts, self.penalty_prompt[:b, None], self.penalty_presence[:b],
-                             self.penalty_frequency[:b], self.penalty_repetition[:b])
+        counts = cache.read(self.penalty_counts)[:, None] + guesses
+        penalized = penalize(logits, counts, cache.read(self.penalty_prompt)[:, None],
+                             cache.read(self.penalty_presence), cache.read(self.penalty_frequency),
+                             cache.read(self.penalty_repetition))
         return penalized, logits.log_softmax(-1)
 
 
@@ -156,6 +163,18 @@ class DecodeStep:
         """The width bucket that holds `tokens` fed per row (None: wider than any, feed it eagerly)."""
         return next((w for w in self.widths if w >= tokens), None)
 
+    def rows(self, slots: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(the slot each row of the step feeds, the row of each of `slots`). On CPU the rows are `slots`
+        themselves, padded to a batch bucket with the first (padding rows write only scratch positions):
+        a step costs what the running sequences need whatever slots they hold (CPU BLAS's small-M GEMM
+        time grows with the rows, and with the prompt cache a lone request may sit in a high slot). On
+        CUDA they are the first B slots, B the bucket past the highest (a GEMM of a few rows costs what one
+        does there, and the cache is read as a view, not gathered)."""
+        if self.module.gather:
+            b = self.bucket(len(slots))
+            return [*slots, *[slots[0]] * (b - len(slots))], list(range(len(slots)))
+        return list(range(self.bucket(max(slots) + 1))), list(slots)
+
     def attended(self, end: int) -> torch.Tensor:
         """The cache positions a step attends over when its rows' real tokens end before `end`: on CPU the
         first multiple of `ATTENDED` that holds them (a dynamic dimension of the graphs: attention then
@@ -167,25 +186,25 @@ class DecodeStep:
         return self.module.key_positions[:length]
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, keys: torch.Tensor,
-                 process: bool = True):
+                 slots: torch.Tensor, process: bool = True):
         if self.dynamic:
             torch._dynamo.mark_dynamic(keys, 0, min=2, max=self.cache.max_len)
             if idx.shape[0] > 1:
-                for tensor in (idx, positions, drafted):
+                for tensor in (idx, positions, drafted, slots):
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
         # compiled: always the one graph that penalizes (as data); eager: that work only when a row needs it.
         # After warm-up, only the guards that tell the buckets' graphs apart are evaluated (all of them cost
         # ~0.1 ms a step: one per weight); a shape no graph covers still compiles a new one.
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if self.warm else nullcontext():
-            out = self.fn(idx, positions, drafted, keys, process or self.compiled)
+            out = self.fn(idx, positions, drafted, keys, slots, process or self.compiled)
         if self.compiled and self.device.type == "cuda":  # CUDA graphs reuse their outputs
             return tuple(None if o is None else o.clone() for o in out)
         return out
 
     def run(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]],
             counted: Sequence[int] | None = None, process: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed `chunks[i]` at positions `starts[i]`.. of slot `slots[i]`; returns the (B, W, vocab) logits
-        grid, row = slot, column j = the j-th fed token of that slot (padding rows/columns: ignore), and
+        """Feed `chunks[i]` at positions `starts[i]`.. of slot `slots[i]`; returns the (len(slots), W, vocab)
+        logits grid, row i = slot `slots[i]`, column j = the j-th token fed to it (padding columns: ignore), and
         the raw log-probabilities of the same grid (None for a step without penalties, or an eager one
         told that no row needs them: `process=False`). `counted[i]`: the slot's tokens before that
         position are counted in its penalties already; fed tokens from there on are guesses (default:
@@ -199,19 +218,25 @@ class DecodeStep:
 
     def _run(self, slots, starts, chunks, counted, width: int, process: bool):
         # built as lists, then one tensor each: per-row tensor ops cost more than the tiny model's step
-        b = self.bucket(max(slots) + 1)
+        fed_slots, row_of = self.rows(slots)
+        b = len(fed_slots)
         scratch = range(self.cache.max_len, self.cache.max_len + width)
         idx, positions = [[0] * width for _ in range(b)], [list(scratch) for _ in range(b)]
         drafted = [[False] * width for _ in range(b)]
-        for i, (slot, start, chunk) in enumerate(zip(slots, starts, chunks)):
+        for i, (row, start, chunk) in enumerate(zip(row_of, starts, chunks)):
             fed = range(start, start + len(chunk))
-            idx[slot][:len(chunk)], positions[slot][:len(chunk)] = chunk, fed
+            idx[row][:len(chunk)], positions[row][:len(chunk)] = chunk, fed
             if counted is not None:
-                drafted[slot][:len(chunk)] = [p >= counted[i] for p in fed]
+                drafted[row][:len(chunk)] = [p >= counted[i] for p in fed]
         keys = self.attended(max(start + len(chunk) for start, chunk in zip(starts, chunks)))
-        return self(torch.tensor(idx, dtype=torch.long, device=self.device),
-                    torch.tensor(positions, dtype=torch.long, device=self.device),
-                    torch.tensor(drafted, dtype=torch.bool, device=self.device), keys, process)
+        out = self(torch.tensor(idx, dtype=torch.long, device=self.device),
+                   torch.tensor(positions, dtype=torch.long, device=self.device),
+                   torch.tensor(drafted, dtype=torch.bool, device=self.device), keys,
+                   torch.tensor(fed_slots, dtype=torch.long, device=self.device), process)
+        if self.module.gather:
+            return tuple(None if o is None else o[:len(slots)] for o in out)
+        rows = torch.tensor(row_of, device=self.device)
+        return tuple(None if o is None else o[rows] for o in out)
 
     def warm_up(self) -> None:
         """Run every (batch bucket, width) once (CUDA graphs: three times, to record them) on scratch
@@ -226,6 +251,7 @@ class DecodeStep:
                 for b in self.buckets:
                     positions = torch.arange(self.cache.max_len, self.cache.max_len + width).repeat(b, 1)
                     idx = torch.zeros((b, width), dtype=torch.long, device=self.device)
+                    slots = torch.arange(b, device=self.device)
                     for _ in range(repeats):
-                        self(idx, positions.to(self.device), torch.zeros_like(idx, dtype=torch.bool), keys)
+                        self(idx, positions.to(self.device), torch.zeros_like(idx, dtype=torch.bool), keys, slots)
         self.warm = True

@@ -52,15 +52,15 @@ def test_compiled_logits_match_eager_at_every_step(model):
     step.warm_up()
     before = graphs()
     seqs = [list(PROMPTS[0]), list(PROMPTS[2])]
-    slots = [0, 2]  # not contiguous: slot 1 idles in the bucket, fed only scratch positions
+    slots = [0, 2]  # not contiguous: on CPU the step feeds slots 0 and 2 as rows 0 and 1
     with torch.inference_mode():
         for i, seq in enumerate(seqs):  # prefill token by token through the step itself
             for pos, token in enumerate(seq[:-1]):
                 step.run([slots[i]], [pos], [[token]])
         for _ in range(12):
             grid, _ = step.run(slots, [len(s) - 1 for s in seqs], [[s[-1]] for s in seqs])
-            for slot, seq in zip(slots, seqs):
-                got, want = grid[slot, 0], model(torch.tensor([seq]))[0, -1]
+            for row, seq in enumerate(seqs):
+                got, want = grid[row, 0], model(torch.tensor([seq]))[0, -1]
                 torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
                 top2 = want.topk(2).values
                 if top2[0] - top2[1] > 2 * ATOL:
