@@ -10,12 +10,14 @@ graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, 
   positions; on CPU over the first multiple of `ATTENDED` its longest row needs, a dynamic dimension
   of the same graphs (no recompile as contexts grow; 55M at batch 1: attending over the whole cache,
   scratch tail included, cost a quarter of the int8 step);
-- a step feeds the first `B` slots (B: a batch bucket, the smallest at least one past the highest
-  slot in use; sequences fill free slots from the lowest, and the prompt cache then reuses the least
-  recently freed, so B grows to the slots a server keeps warm), `W` tokens each (W: a width bucket, 1
-  for plain decoding, k + 1 for a speculative verify). Rows with nothing to feed (free,
-  still prefilling, or short of W) write to the cache's scratch tail past `max_len`, which no real
-  query reads, and their logits are ignored;
+- a step feeds `B` rows (B: a batch bucket), `W` tokens each (W: a width bucket, 1 for plain decoding,
+  k + 1 for a speculative verify). On CPU the rows are the slots being fed, in any order, padded to
+  the bucket (`DecodeStep.rows`): the step costs what the running sequences need, wherever the prompt
+  cache put them (a lone request in slot 7 used to decode at bucket 8: 55M, 8 sequential requests,
+  63-70 tok/s before, 112-128 after). On CUDA they are the first B slots, B the bucket past the highest
+  in use, and the cache is read as a view. Rows and columns with nothing to feed (padding, a free slot,
+  a row short of W) write to the cache's scratch tail past `max_len`, which no query reads, and their
+  logits are ignored;
 - on CPU the batch dimension is dynamic too: one inductor graph for every bucket >= 2 and one for a lone row
   (torch specializes a size of 1). Feeding a lone row as two instead would save that compile but not
   its cost: a 2-row GEMM is not a GEMV's price on CPU BLAS (measured with MKL on this project's 2-core
