@@ -153,7 +153,7 @@ class DecodeStep:
             cuda = self.device.type == "cuda"
             # CUDA graphs need static shapes: one graph per bucket. On CPU, a dynamic batch dim is one graph,
             # called through a C++ wrapper (inductor's Python wrapper costs ~0.1 ms a step at these sizes).
-            # the bound forward, not the module: no nn.Module call wrappers around the compiled frame
+            # The bound forward, not the module: no nn.Module call layers around the compiled frame.
             self.fn = torch.compile(self.module.forward, mode="reduce-overhead" if cuda else None,
                                     dynamic=False if cuda else None, fullgraph=True,
                                     options=None if cuda else {"cpp_wrapper": True})
@@ -196,7 +196,7 @@ class DecodeStep:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
         # compiled: always the one graph that penalizes (as data); eager: that work only when a row needs it.
         # After warm-up, only the guards that tell the buckets' graphs apart are evaluated (all of them cost
-        # ~0.1 ms a step: one per weight); a shape no graph covers still compiles a new one.
+        # ~0.1 ms a step: one per weight); a shape no graph covers raises rather than run a wrong graph.
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if self.warm else nullcontext():
             out = self.fn(idx, positions, drafted, keys, slots, process or self.compiled)
         if self.compiled and self.device.type == "cuda":  # CUDA graphs reuse their outputs
