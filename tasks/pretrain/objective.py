@@ -76,9 +76,13 @@ class PretrainObjective(Objective):
         return self._exports.checkpoints() if self._exports else set()
 
     def resume_exports(self, context: ExportContext) -> None:
-        """After a restart (rank 0, sharded runs): milestones already passed whose background export died with
-        the previous attempt are converted again from their checkpoints, if those are still kept."""
-        if context.params.train.strategy != "fsdp" or context.rank != 0:
+        """After a restart, milestones already passed whose export died with the previous attempt. Sharded
+        (rank 0): converted again from their checkpoints, if those are still kept. Full weights: see
+        `_resume_full_export`."""
+        if context.params.train.strategy != "fsdp":
+            self._resume_full_export(context)
+            return
+        if context.rank != 0:
             return
         from tasks.train.checkpoint import checkpoint_name, list_checkpoints, sealed_milestones
 
@@ -94,6 +98,26 @@ class PretrainObjective(Objective):
             metadata = {"milestone": name, "milestone_tokens": milestone, "tokens_seen": plan.tokens_after(step),
                         "step": step}
             self._submit_export(context, step, name, metadata)
+
+    def _resume_full_export(self, context: ExportContext) -> None:
+        """Full weights (DDP): a milestone on the restored step that is not sealed (the previous attempt died
+        between that step's checkpoint and its export) is exported now: the restored weights are that step's.
+        A collective, so rank 0 decides (it reads the run's dir) and every rank joins. An earlier milestone
+        cannot be missing: its export ran in its own step, before any later checkpoint."""
+        import torch.distributed as dist
+
+        from tasks.train.checkpoint import sealed_milestones
+
+        plan = context.plan
+        due = [m for m in plan.milestones if plan.milestone_step(m) == context.step]
+        if not due:
+            return
+        missing = [[m for m in due if format_tokens(m) not in sealed_milestones(context.run_uri)]
+                   if context.rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(missing, src=0)
+        for milestone in missing[0]:
+            self.export(context, milestone)
 
     def collect_exports(self, context: ExportContext, wait: bool) -> None:
         for name, uri, metadata in (self._exports.finished(wait) if self._exports else []):
