@@ -43,7 +43,8 @@ def _run_and_resume(root: Path, device: str, backend: str, precision: str) -> di
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         trainer = _trainer(root, device, precision)
-        losses = [trainer.train_step()["loss"] for _ in range(6)]
+        steps = [trainer.train_step() for _ in range(6)]
+        losses = [m["loss"] for m in steps]
         val = trainer.val_loss()
         state = {"step": trainer.step, "tokens_seen": trainer.plan.tokens_after(trainer.step),
                  "loader": trainer.loader.state(), "metrics": {"final_train_loss": losses[-1]}}
@@ -55,8 +56,8 @@ def _run_and_resume(root: Path, device: str, backend: str, precision: str) -> di
         resumed = _trainer(root, device, precision)
         weights = {k: v.full_tensor().float().cpu() for k, v in trainer.model.state_dict().items()}
         restored = {k: v.full_tensor().float().cpu() for k, v in resumed.model.state_dict().items()}
-        return {"losses": losses, "val": val, "step": resumed.step, "same": all(torch.equal(weights[k], restored[k])
-                                                                                for k in weights),
+        return {"losses": losses, "val": val, "step": resumed.step, "gpu_mem": steps[-1].get("gpu_mem_peak_gib"),
+                "same": all(torch.equal(weights[k], restored[k]) for k in weights),
                 "milestone": json.loads((root / "run" / "milestones" / "1" / "milestone.json").read_text())}
     finally:
         dist.destroy_process_group()
@@ -72,9 +73,13 @@ def _check(outcome: dict) -> None:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_fsdp_loop_collectives_and_sharded_resume_on_cpu(tmp_path):
-    _check(_run_and_resume(tmp_path, "cpu", "gloo", "fp32"))
+    outcome = _run_and_resume(tmp_path, "cpu", "gloo", "fp32")
+    _check(outcome)
+    assert outcome["gpu_mem"] is None, "the GPU memory metric only where there is a GPU"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (NCCL, bf16): run where one is present")
 def test_fsdp_bf16_loop_over_nccl_on_a_gpu(tmp_path):
-    _check(_run_and_resume(tmp_path, "cuda", "nccl", "bf16"))
+    outcome = _run_and_resume(tmp_path, "cuda", "nccl", "bf16")
+    _check(outcome)
+    assert 0 < outcome["gpu_mem"] < torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -141,10 +141,13 @@ class Trainer:
         self.tokens_seen += step_tokens
         elapsed = time.perf_counter() - started
         tokens_per_s = step_tokens / elapsed
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value(norm), "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-                "tokens_seen": self.tokens_seen, "step_time_s": elapsed, "step_tokens": step_tokens,
-                **{key: _mean_across_ranks(value / len(batches)) for key, value in extra_sums.items()}}
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value(norm), "tokens_per_s": tokens_per_s,
+                   "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+                   "tokens_seen": self.tokens_seen, "step_time_s": elapsed, "step_tokens": step_tokens,
+                   **{key: _mean_across_ranks(value / len(batches)) for key, value in extra_sums.items()}}
+        if self.device.type == "cuda":  # the figure to hold against `tinyllama plan`'s memory per GPU
+            metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return metrics
 
     @torch.no_grad()
     def val_loss(self) -> float:
