@@ -3,21 +3,25 @@ same loop in the same processes layout without Ray, interleaved in one invocatio
 
   .venv/bin/python benchmarks/pretrain.py                 # 2 rounds per side (A B A B), tiny preset, 30 steps each
   .venv/bin/python benchmarks/pretrain.py --steps 8 --rounds 1   # smoke run
-  .venv/bin/python benchmarks/pretrain.py --gpu-1b        # 1.1B, one GPU, FSDP2 + bf16, seq 2048 (no Ray)
+  .venv/bin/python benchmarks/pretrain.py --gpu-1b --rounds 1   # 1.1B on one GPU: bare, then the stage under Ray
+  .venv/bin/python benchmarks/pretrain.py --gpu-1b --sides bare  # the same without Ray (a machine without it)
 
-Both sides run `tasks.train.loop.Trainer` (model, DDP, loader over the same prepared shards, AdamW,
-schedule, the loss all-reduce) on 2 processes × 1 thread with torch.distributed over gloo:
-- **ray**: the whole stage (`tasks.pretrain.stage.pretrain`), Ray Train starting the workers; a step's time
-  is the `tokens_per_s` the stage logs to MLflow for it;
-- **bare**: the same `Trainer`, its two processes started by `torch.multiprocessing` and joined in a gloo
-  process group by hand; each step timed the same way (`Trainer.train_step`).
+Both sides run `tasks.train.loop.Trainer` (model, DDP or FSDP2, loader over the same prepared shards,
+AdamW, schedule, the loss all-reduce) on the same workers: 2 processes × 1 thread over gloo for the tiny
+preset, 1 GPU over NCCL for `--gpu-1b`:
+- **ray**: the whole stage (`tasks.pretrain.stage.pretrain`), Ray Train starting the workers, with its
+  checkpoint(s) and milestone export; a step's time is the `tokens_per_s` the stage logs to MLflow for it;
+- **bare**: the same `Trainer`, its processes started by `torch.multiprocessing` and joined in a process
+  group by hand; each step timed the same way (`Trainer.train_step`).
 "Steady" = the median over steps after `--skip` warm-up steps, leaving out steps that validate or checkpoint.
-`ratio` = Ray steady tokens/s ÷ bare steady tokens/s, the median of the per-round-pair ratios. Target ≥ 0.9.
+`ratio` = Ray steady tokens/s ÷ bare steady tokens/s, the median of the per-round-pair ratios. Target ≥ 0.9
+on the shared CPU box, ≥ 0.95 on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -83,10 +87,11 @@ def _bare_worker(rank: int, world: int, port: int, config, steps: int, device: s
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         trainer = Trainer(config, Placement.from_process_group(torch.device(device)))
-        times = [trainer.train_step()["step_time_s"] for _ in range(steps)]
+        steps_run = [trainer.train_step() for _ in range(steps)]
         if rank == 0:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-            Path(out).write_text(json.dumps({"step_s": times, "peak_rss_mib": peak}))
+            Path(out).write_text(json.dumps({"step_s": [m["step_time_s"] for m in steps_run], "peak_rss_mib": peak,
+                                             "gpu_mem_peak_gib": steps_run[-1].get("gpu_mem_peak_gib")}))
     finally:
         dist.destroy_process_group()
 
@@ -96,7 +101,9 @@ def bare_round(params, root: Path, steps: int) -> dict:
     from servers import free_port
 
     out = root / "bare.json"
-    mp.spawn(_bare_worker, args=(params.train.workers, free_port(), _loop_config(params, root), steps, "cpu", str(out)),
+    device = "cuda" if params.train.use_gpu else "cpu"
+    config = _loop_config(params, root)
+    mp.spawn(_bare_worker, args=(params.train.workers, free_port(), config, steps, device, str(out)),
              nprocs=params.train.workers, join=True)
     return json.loads(out.read_text())
 
@@ -145,10 +152,22 @@ def ray_round(params, root: Path) -> dict:
     started = time.perf_counter()
     with TreeRss() as rss:
         metrics = pretrain(params, resume="never")
-    history = sorted(MlflowClient().get_metric_history(metrics["mlflow_run_id"], "tokens_per_s"), key=lambda m: m.step)
+    client = MlflowClient()
+    history = sorted(client.get_metric_history(metrics["mlflow_run_id"], "tokens_per_s"), key=lambda m: m.step)
+    gpu_mem = client.get_metric_history(metrics["mlflow_run_id"], "gpu_mem_peak_gib")
     return {"step_s": [params.train.global_batch_tokens / m.value for m in history],
             "wall_s": round(time.perf_counter() - started, 1), "peak_rss_tree_mib": rss.peak // 2**20,
-            "peak_rss_mib": rss.peak_worker // 2**20}
+            "peak_rss_mib": rss.peak_worker // 2**20,
+            "gpu_mem_peak_gib": max((m.value for m in gpu_mem), default=None)}
+
+
+def ray_session_if(wanted: bool, params):
+    """Ray for the whole invocation when a side needs it (it is started once, not per round)."""
+    if not wanted:
+        return contextlib.nullcontext()
+    from tasks.ray_cluster import ray_session
+
+    return ray_session(params, "benchmark")
 
 
 def steady_tokens_per_s(step_s: list[float], params, skip: int) -> float:
@@ -159,54 +178,41 @@ def steady_tokens_per_s(step_s: list[float], params, skip: int) -> float:
     return params.train.global_batch_tokens / statistics.median(steady)
 
 
-def gpu_1b_params(root: Path, micro_batch: int, activation_checkpointing: bool):
-    """configs/tinyllama-1.1b.yaml on one GPU: world 1 with a 1 × 1 `train.mesh` (the 16-GPU run's HSDP code
-    path at world size 1), 2 micro-steps of `micro_batch` rows per step, paths under `root`, no evals."""
+def gpu_1b_params(root: Path, steps: int, micro_batch: int, activation_checkpointing: bool, micro_steps: int = 1):
+    """configs/tinyllama-1.1b.yaml on one GPU of this machine: world 1 with a 1 × 1 `train.mesh` (the 16-GPU
+    run's HSDP code path at world size 1), `micro_steps` micro-batches of `micro_batch` rows per step,
+    `steps` steps with one checkpoint two thirds in and one at the end, where the run's one milestone is
+    (a sharded milestone is converted from its checkpoint); no evals, no `trainer` resource (the p4d nodes'
+    label), paths under `root`."""
     import yaml
 
     from tasks.params import parse_params
+    from tasks.ray_cluster import usable_cpus
 
     raw = yaml.safe_load((ROOT / "configs" / "tinyllama-1.1b.yaml").read_text())
     raw["paths"] = {"data": str(root / "data"), "models": str(root / "models"), "metrics": str(root / "metrics")}
     raw["data"]["rows_per_shard"] = 512
-    tokens_per_step = 2 * micro_batch * raw["data"]["seq_len"]
+    tokens_per_step = micro_steps * micro_batch * raw["data"]["seq_len"]
+    cpus = min(raw["train"]["cpus_per_worker"], usable_cpus())
     raw["train"].update(workers=1, mesh={"replicate": 1, "shard": 1}, micro_batch=micro_batch,
                         global_batch_tokens=tokens_per_step, activation_checkpointing=activation_checkpointing,
-                        total_tokens=64 * tokens_per_step, milestones=[64 * tokens_per_step],
-                        checkpoint_every_steps=10**6, val_every_steps=10**6,
-                        eval_milestones_during_training=False, checkpoint_dir=str(root / "checkpoints"))
+                        total_tokens=steps * tokens_per_step, milestones=[steps * tokens_per_step],
+                        checkpoint_every_steps=max(1, 2 * steps // 3), val_every_steps=10**6,
+                        log_every_steps=max(1, steps // 6), cpus_per_worker=cpus, threads_per_worker=cpus,
+                        resources_per_worker={}, eval_milestones_during_training=False,
+                        checkpoint_dir=str(root / "checkpoints"))
     return parse_params(raw, "1.1B benchmark params")
 
 
-def gpu_1b(steps: int, micro_batch: int, activation_checkpointing: bool) -> dict:
-    """The 1.1B recipe on one GPU (`gpu_1b_params`): the stage's Trainer with FSDP2 over NCCL on a 1 × 1 HSDP
-    mesh, bf16 mixed precision and the profile's torch.compile, seq 2048, on random token rows; tokens/s/GPU
-    and MFU against the configured peak, and the peak memory against `tinyllama plan`'s estimate for the
-    same settings."""
-    import torch
-
+def gpu_figures(params, tokens_per_s: float, gpu_mem_peak_gib: float | None) -> dict:
+    """MFU against the configured peak and the peak memory against `tinyllama plan`'s estimate for the same
+    settings, for one side's steady tokens/s on the GPU."""
     from tasks.pretrain.plan import memory_per_gpu
 
-    with tempfile.TemporaryDirectory(prefix="bench-1b-") as tmp:
-        root = Path(tmp)
-        params = gpu_1b_params(root, micro_batch, activation_checkpointing)
-        write_data(params, root)
-        out = root / "gpu.json"
-        from servers import free_port
-
-        _bare_worker(0, 1, free_port(), _loop_config(params, root), steps, "cuda", str(out))
-        times = json.loads(out.read_text())["step_s"]
-    steady = statistics.median(times[3:])
-    tokens_per_s = params.train.global_batch_tokens / steady
     flops = params.llama_config().flops_per_token(params.data.seq_len) * tokens_per_s
-    plan = memory_per_gpu(params, params.llama_config().num_params())
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps,
-            "micro_batch": micro_batch, "activation_checkpointing": activation_checkpointing,
-            "tokens_per_step": params.train.global_batch_tokens, "tokens_per_s_per_gpu": round(tokens_per_s),
-            "step_s_median": steady, "first_step_s": times[0],
-            "mfu_vs_configured_peak": flops / (params.plan.peak_tflops_per_worker * 1e12),
-            "achieved_tflops": flops / 1e12, "anchor": "24k tok/s/GPU, 56% MFU on A100-40G (312 TFLOP/s bf16)",
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "plan_mem_gib": plan}
+    return {"mfu_vs_configured_peak": round(flops / (params.plan.peak_tflops_per_worker * 1e12), 3),
+            "achieved_tflops": round(flops / 1e12, 1), "gpu_mem_peak_gib": gpu_mem_peak_gib,
+            "plan_mem_gib": memory_per_gpu(params, params.llama_config().num_params())["total"]}
 
 
 def main() -> None:
@@ -215,40 +221,51 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="round pairs (bare, Ray), interleaved")
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the medians")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--gpu-1b", action="store_true")
+    parser.add_argument("--gpu-1b", action="store_true", help="the 1.1B recipe on one GPU instead of the tiny preset")
+    parser.add_argument("--sides", default="bare,ray", help="bare, ray or both (a machine without Ray: bare)")
     parser.add_argument("--micro-batch", type=int, default=4, help="--gpu-1b: rows per micro-step")
+    parser.add_argument("--micro-steps", type=int, default=1, help="--gpu-1b: micro-steps per step (accumulation)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="--gpu-1b: recompute blocks")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "pretrain.json"))
     args = parser.parse_args()
+    sides = args.sides.split(",")
+    target = 0.95 if args.gpu_1b else 0.9
+    with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
+        root = Path(tmp)
+        params = (gpu_1b_params(root, args.steps, args.micro_batch, args.activation_checkpointing, args.micro_steps)
+                  if args.gpu_1b else bench_params(root, args.steps, args.preset))
+        write_data(params, root)
+        rounds = []
+        with ray_session_if("ray" in sides, params):
+            for index in range(args.rounds):
+                order = sides if index % 2 == 0 else sides[::-1]
+                measured = {side: (bare_round(params, root, args.steps) if side == "bare" else ray_round(params, root))
+                            for side in order}
+                rate = {side: steady_tokens_per_s(m["step_s"], params, args.skip) for side, m in measured.items()}
+                row = {"order": order, **{f"{side}_tokens_per_s": round(rate[side]) for side in order}}
+                if len(order) == 2:
+                    row["ratio"] = round(rate["ray"] / rate["bare"], 3)
+                for side, m in measured.items():
+                    row[f"{side}_peak_rss_mib"] = m["peak_rss_mib"]
+                    if args.gpu_1b:
+                        row[f"{side}_gpu"] = gpu_figures(params, rate[side], m["gpu_mem_peak_gib"])
+                if "ray" in measured:
+                    row.update(ray_tree_peak_rss_mib=measured["ray"]["peak_rss_tree_mib"],
+                               ray_stage_wall_s=measured["ray"]["wall_s"])
+                rounds.append(row)
+                print(json.dumps(rounds[-1]), flush=True)
+    result = {"model": "tinyllama-1.1b" if args.gpu_1b else args.preset, "steps": args.steps,
+              "tokens_per_step": params.train.global_batch_tokens, "workers": params.train.workers,
+              "threads_per_worker": params.train.threads_per_worker, "rounds": rounds}
     if args.gpu_1b:
-        result = gpu_1b(args.steps, args.micro_batch, args.activation_checkpointing)
-    else:
-        from tasks.ray_cluster import ray_session
+        import torch
 
-        with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
-            root = Path(tmp)
-            params = bench_params(root, args.steps, args.preset)
-            write_data(params, root)
-            rounds = []
-            with ray_session(params, "benchmark"):
-                for index in range(args.rounds):
-                    order = ("bare", "ray") if index % 2 == 0 else ("ray", "bare")
-                    measured = {side: (bare_round(params, root, args.steps) if side == "bare"
-                                       else ray_round(params, root))
-                                for side in order}
-                    rate = {side: steady_tokens_per_s(m["step_s"], params, args.skip) for side, m in measured.items()}
-                    rounds.append({"order": order, "bare_tokens_per_s": round(rate["bare"]),
-                                   "ray_tokens_per_s": round(rate["ray"]),
-                                   "ratio": round(rate["ray"] / rate["bare"], 3),
-                                   "bare_peak_rss_mib": measured["bare"]["peak_rss_mib"],
-                                   "ray_worker_peak_rss_mib": measured["ray"]["peak_rss_mib"],
-                                   "ray_tree_peak_rss_mib": measured["ray"]["peak_rss_tree_mib"],
-                                   "ray_stage_wall_s": measured["ray"]["wall_s"]})
-                    print(json.dumps(rounds[-1]), flush=True)
+        result.update(device=torch.cuda.get_device_name(), torch=torch.__version__, micro_batch=args.micro_batch,
+                      micro_steps=args.micro_steps, activation_checkpointing=args.activation_checkpointing,
+                      anchor="24k tok/s/GPU, 56% MFU on A100-40G (312 TFLOP/s bf16)")
+    if len(sides) == 2:
         ratio = statistics.median(r["ratio"] for r in rounds)
-        result = {"model": args.preset, "steps": args.steps, "tokens_per_step": params.train.global_batch_tokens,
-                  "workers": params.train.workers, "threads_per_worker": params.train.threads_per_worker,
-                  "rounds": rounds, "ratio": ratio, "target": 0.9, "target_met": ratio >= 0.9}
+        result.update(ratio=ratio, target=target, target_met=ratio >= target)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

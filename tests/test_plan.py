@@ -76,9 +76,14 @@ def test_the_one_gpu_benchmark_runs_the_recipe_on_a_1x1_hsdp_mesh(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_pretrain", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    params = bench.gpu_1b_params(tmp_path, micro_batch=4, activation_checkpointing=False)
+    params = bench.gpu_1b_params(tmp_path, steps=30, micro_batch=4, activation_checkpointing=False)
     train = params.train
     assert (train.workers, train.mesh.replicate, train.mesh.shard) == (1, 1, 1)
     assert (train.strategy, train.precision, train.compile, train.use_gpu) == ("fsdp", "bf16", True, True)
-    assert params.grad_accum == 2 and params.llama_config().num_params() == 1_100_048_384
+    assert params.grad_accum == 1 and params.llama_config().num_params() == 1_100_048_384
     assert 0 < memory_per_gpu(params, params.llama_config().num_params())["total"] < 40
+    # Under Ray on one machine: no p4d `trainer` label to ask for, one mid-run checkpoint, and the one
+    # milestone on the last step, a checkpoint step (the sharded export is converted from it).
+    assert train.resources_per_worker == {} and not train.eval_milestones_during_training
+    steps = train.total_tokens // train.global_batch_tokens
+    assert steps == 30 and train.milestones == [train.total_tokens] and train.checkpoint_every_steps == 20
