@@ -136,7 +136,7 @@ def publish(params: Params, root: str, ray_address: str | None, keep_serving: bo
     """Leave the champion served (a cluster: `serve deploy`; here: a background `tinyllama serve`)
     or print the command that serves it (flows/serve.py)."""
     if ray_address:
-        message = f"serving on the cluster at {deploy_to_cluster(params, Path(root), dashboard_address)}"
+        message = f"serving on the cluster at {deploy_to_cluster(params, Path(root), ray_address, dashboard_address)}"
     elif keep_serving:
         pid = start_local(params, Path(root))
         message = (f"serving at {url(params)} (pid {pid}, log {SERVE_LOG}); stop it with kill -TERM -- -{pid}")
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=1, help="retries per stage after a crash (default: 1)")
     parser.add_argument("--keep-serving", action="store_true", help="leave the champion served on this machine")
     parser.add_argument("--dashboard-address", default=None,
-                        help="the cluster's Ray dashboard for `serve deploy` (default: RAY_DASHBOARD_ADDRESS)")
+                        help="the cluster's Ray dashboard for `serve deploy` (default: RAY_DASHBOARD_ADDRESS, "
+                             "else the one the cluster registered)")
     args = parser.parse_args(argv)
     try:
         load_params(args.params)  # fail in one line, before Prefect starts, on a bad profile

@@ -3,8 +3,8 @@
 Everything here goes through commands a user could type: the deploy stage has written the Serve
 config and the lineage (which model it resolved), and
 - on a Ray cluster, Ray's own `serve deploy` hands that config to the cluster's dashboard
-  (`--dashboard-address`, else `RAY_DASHBOARD_ADDRESS`, else http://127.0.0.1:8265 on the head node),
-  where it stays up;
+  (`--dashboard-address`, else `RAY_DASHBOARD_ADDRESS`, else the address the cluster registered for its
+  dashboard, asked of the cluster), where it stays up;
 - on this machine, when asked to keep it running, `tinyllama serve` starts as a background process
   in its own session (stopped with SIGTERM to its process group, as the message says);
 - otherwise the flow prints the one command that starts it.
@@ -12,14 +12,17 @@ config and the lineage (which model it resolved), and
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from tasks.files import read_json
 from tasks.layout import Layout
 from tasks.params import Params
+from tasks.ray_cluster import dashboard_url
 
 SERVE_LOG = Path(".services") / "serve.log"
 
@@ -37,18 +40,19 @@ def serve_command(params: Params, root: Path) -> list[str]:
     return command
 
 
-def url(params: Params) -> str:
-    host = "127.0.0.1" if params.deploy.host in ("0.0.0.0", "::") else params.deploy.host
+def url(params: Params, head: str = "127.0.0.1") -> str:
+    """The API's URL; a proxy bound to every interface is reached through `head` (a cluster's head node)."""
+    host = head if params.deploy.host in ("0.0.0.0", "::") else params.deploy.host
     return f"http://{host}:{params.deploy.port}/v1"
 
 
-def deploy_to_cluster(params: Params, root: Path, dashboard_address: str | None) -> str:
-    """`serve deploy` the stage's config to a running cluster; returns the API URL."""
-    command = [str(Path(sys.executable).parent / "serve"), "deploy", str(Layout.from_params(params, root).serve_config)]
-    if dashboard_address:
-        command += ["--address", dashboard_address]
+def deploy_to_cluster(params: Params, root: Path, ray_address: str, dashboard_address: str | None) -> str:
+    """`serve deploy` the stage's config to the cluster at `ray_address`; returns the API URL."""
+    address = dashboard_address or os.environ.get("RAY_DASHBOARD_ADDRESS") or dashboard_url(ray_address)
+    command = [str(Path(sys.executable).parent / "serve"), "deploy", str(Layout.from_params(params, root).serve_config),
+               "--address", address]
     subprocess.run(command, check=True, cwd=root)
-    return url(params)
+    return url(params, urlparse(address).hostname or "127.0.0.1")
 
 
 def start_local(params: Params, root: Path) -> int:

@@ -140,6 +140,24 @@ def test_without_a_cluster_the_flow_prints_the_command_that_serves(tmp_path):
     assert "http://127.0.0.1:8123/v1" in message
 
 
+def test_on_a_cluster_the_flow_finds_the_dashboard_the_head_registered():
+    """`serve deploy`'s default is localhost:8265; a head whose dashboard is elsewhere (the runbook's listens on
+    its private IP) is found by asking the cluster, which is what the flow does without --dashboard-address."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from servers import free_port
+
+    from tasks.ray_cluster import dashboard_url
+
+    port = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                            "dashboard_port": port})
+    try:
+        assert dashboard_url(cluster.address) == f"http://127.0.0.1:{port}"
+        assert not ray.is_initialized(), "the flow's process is left as it was"
+    finally:
+        cluster.shutdown()
+
 
 def test_the_gate_compares_every_request_and_names_the_worst():
     """The gate's comparison (pure): the largest difference and where, a request scored one way only, NaN."""
