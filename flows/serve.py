@@ -27,16 +27,27 @@ from tasks.ray_cluster import dashboard_url
 SERVE_LOG = Path(".services") / "serve.log"
 
 
+# deploy's fields that `tinyllama serve` takes, and its flag for each (a bool field: the flag that sets it to the
+# opposite of its default); the others are the cluster's (replicas) or the deploy stage's (gate, checks).
+SERVE_FLAGS = {"draft": "--draft", "draft_tokens": "--draft-tokens", "quant": "--quant", "api_key_env": "--api-key-env",
+               "slots": "--slots", "max_waiting": "--max-waiting", "cpus_per_replica": "--cpus", "device": "--device",
+               "dtype": "--dtype", "compile": "--compile", "stream_interval": "--stream-interval",
+               "prompt_cache": "--no-prompt-cache", "max_queued_requests": "--max-queued-requests",
+               "retry_after_s": "--retry-after-s", "max_body_bytes": "--max-body-bytes",
+               "max_prompt_tokens": "--max-prompt-tokens", "max_stop_chars": "--max-stop-chars",
+               "max_top_logprobs": "--max-top-logprobs"}
+
+
 def serve_command(params: Params, root: Path) -> list[str]:
+    """The `tinyllama serve` command that serves what the profile's deploy section describes; a setting at its
+    default is left out (the command's defaults are deploy's), so the tiny profile's command stays short."""
     deploy = params.deploy
     model = read_json(Layout.from_params(params, root).lineage_file, "written by the deploy stage")["model_ref"]
     command = [".venv/bin/tinyllama", "serve", "--model", model, "--host", deploy.host, "--port", str(deploy.port)]
-    if deploy.draft:
-        command += ["--draft", deploy.draft]
-    if deploy.quant != "none":
-        command += ["--quant", deploy.quant]
-    if deploy.api_key_env:
-        command += ["--api-key-env", deploy.api_key_env]
+    for field, flag in SERVE_FLAGS.items():
+        value = getattr(deploy, field)
+        if value != type(deploy).model_fields[field].get_default(call_default_factory=True):
+            command += [flag] if isinstance(value, bool) else [flag, str(value)]
     return command
 
 

@@ -140,6 +140,37 @@ def test_without_a_cluster_the_flow_prints_the_command_that_serves(tmp_path):
     assert "http://127.0.0.1:8123/v1" in message
 
 
+def test_the_printed_serve_command_carries_every_deploy_setting_the_server_takes(tmp_path):
+    """The command the flow prints (or starts with --keep-serving), parsed by `tinyllama serve`'s own parser,
+    gives back each deploy setting it takes (a 1.1B-like section: cuda, bf16, compile, no prompt cache, ...);
+    settings at their defaults are left out of it."""
+    import argparse
+
+    from flows.serve import SERVE_FLAGS, serve_command
+    from tasks.deploy.serve import add_arguments
+    from tasks.deploy.stage import write_artifacts
+
+    milestone = tmp_path / "models" / "pretrain" / "1M"
+    milestone.mkdir(parents=True)
+    (milestone / "config.json").write_text("{}")
+    write_artifacts(parse_params(_params(tmp_path, model=None)))  # the lineage the command names the model from
+    changed = dict(draft="prompt-lookup", draft_tokens=6, quant="int8", api_key_env="SERVE_KEY", slots=3,
+                   max_waiting=5, cpus_per_replica=1, device="cuda", dtype="bf16", compile=True, stream_interval=4,
+                   prompt_cache=False, max_queued_requests=7, retry_after_s=3, max_body_bytes=4096,
+                   max_prompt_tokens=100, max_stop_chars=9, max_top_logprobs=2)
+    assert set(changed) == set(SERVE_FLAGS)
+    deploy = parse_params(_params(tmp_path, **changed)).deploy
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    dest = {flag: action.dest for action in parser._actions for flag in action.option_strings}
+    parsed = parser.parse_args(serve_command(parse_params(_params(tmp_path, **changed)), tmp_path)[2:])
+    assert {field: getattr(parsed, dest[flag]) for field, flag in SERVE_FLAGS.items()} == {
+        field: getattr(deploy, field) for field in SERVE_FLAGS}
+    assert parsed.model == str(milestone)
+    default = serve_command(parse_params(_params(tmp_path)), tmp_path)
+    assert not set(default) & set(SERVE_FLAGS.values()), default
+
+
 def test_on_a_cluster_the_flow_finds_the_dashboard_the_head_registered():
     """`serve deploy`'s default is localhost:8265; a head whose dashboard is elsewhere (the runbook's listens on
     its private IP) is found by asking the cluster, which is what the flow does without --dashboard-address."""
