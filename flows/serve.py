@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tasks.errors import UserError
 from tasks.files import read_json
 from tasks.layout import Layout
 from tasks.params import Params
-from tasks.ray_cluster import dashboard_url
 
 SERVE_LOG = Path(".services") / "serve.log"
 
@@ -55,6 +55,23 @@ def url(params: Params, head: str = "127.0.0.1") -> str:
     """The API's URL; a proxy bound to every interface is reached through `head` (a cluster's head node)."""
     host = head if params.deploy.host in ("0.0.0.0", "::") else params.deploy.host
     return f"http://{host}:{params.deploy.port}/v1"
+
+
+def dashboard_url(address: str) -> str:
+    """The dashboard a running cluster registered for itself (the host and port its head bound, with a
+    scheme), asked of the cluster at `address`. `serve deploy` otherwise assumes http://localhost:8265,
+    and the 16-GPU runbook's head listens on its private IP, not on localhost."""
+    import ray
+
+    context = ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        url = context.address_info.get("webui_url")
+    finally:
+        ray.shutdown()
+    if not url:
+        raise UserError(f"the Ray cluster at {address} runs no dashboard, and `serve deploy` goes through it: "
+                        "start the head with its dashboard (ray start --head --include-dashboard true)")
+    return url if "://" in url else f"http://{url}"
 
 
 def deploy_to_cluster(params: Params, root: Path, ray_address: str, dashboard_address: str | None) -> str:

@@ -112,23 +112,6 @@ def shutdown_ray(keep_logs_in: Path | None = None) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def dashboard_url(address: str) -> str:
-    """The dashboard a running cluster registered for itself (the host and port its head bound, with a
-    scheme), asked of the cluster at `address`. `serve deploy` otherwise assumes http://localhost:8265,
-    and the 16-GPU runbook's head listens on its private IP, not on localhost."""
-    import ray
-
-    context = ray.init(address=address, log_to_driver=False, configure_logging=False)
-    try:
-        url = context.address_info.get("webui_url")
-    finally:
-        ray.shutdown()
-    if not url:
-        raise UserError(f"the Ray cluster at {address} runs no dashboard, and `serve deploy` goes through it: "
-                        "start the head with its dashboard (ray start --head --include-dashboard true)")
-    return url if "://" in url else f"http://{url}"
-
-
 def ray_logs_dir(params: Params, stage: str) -> Path:
     return Layout.from_params(params).logs_dir / f"{stage}-ray"
 

@@ -178,7 +178,7 @@ def test_on_a_cluster_the_flow_finds_the_dashboard_the_head_registered():
     from ray.cluster_utils import Cluster
     from servers import free_port
 
-    from tasks.ray_cluster import dashboard_url
+    from flows.serve import dashboard_url
 
     port = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
