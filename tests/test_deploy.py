@@ -159,11 +159,12 @@ def test_the_printed_serve_command_carries_every_deploy_setting_the_server_takes
                    prompt_cache=False, max_queued_requests=7, retry_after_s=3, max_body_bytes=4096,
                    max_prompt_tokens=100, max_stop_chars=9, max_top_logprobs=2)
     assert set(changed) == set(SERVE_FLAGS)
-    deploy = parse_params(_params(tmp_path, **changed)).deploy
+    params = parse_params(_params(tmp_path, **changed))
+    deploy = params.deploy
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     dest = {flag: action.dest for action in parser._actions for flag in action.option_strings}
-    parsed = parser.parse_args(serve_command(parse_params(_params(tmp_path, **changed)), tmp_path)[2:])
+    parsed = parser.parse_args(serve_command(params, tmp_path)[2:])
     assert {field: getattr(parsed, dest[flag]) for field, flag in SERVE_FLAGS.items()} == {
         field: getattr(deploy, field) for field in SERVE_FLAGS}
     assert parsed.model == str(milestone)
