@@ -57,21 +57,22 @@ def usable_cpus() -> int:
 
 
 def start_ray(cpus: int, dashboard_port: int | None = None, metrics_port: int | None = None,
-              runtime_env: dict | None = None) -> str | None:
+              runtime_env: dict | None = None, local: bool = False) -> str | None:
     """Ray for this process, started the one way every command starts it: connected to `RAY_ADDRESS` when
     set (returns None), else a local Ray with exactly `cpus` CPUs and a private temp dir (returned: the
     caller removes it after `ray.shutdown()`), its dashboard on `dashboard_port` when given, Prometheus
-    metrics on `metrics_port` (else a port Ray picks)."""
+    metrics on `metrics_port` (else a port Ray picks). `local`: a local Ray even when `RAY_ADDRESS` names a
+    cluster (the deploy stage's gate serves on this machine, its own dashboard included)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a pipeline stage must never prompt
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and not local:
         ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
         return None
     # Short path on purpose: Ray's unix sockets live under it (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    ray.init(num_cpus=cpus, include_dashboard=dashboard_port is not None, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard_port is not None, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False,
              runtime_env=runtime_env, _metrics_export_port=metrics_port, _system_config=LOCAL_SYSTEM_CONFIG)
     return temp_dir

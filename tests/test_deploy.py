@@ -72,11 +72,19 @@ def test_rayservice_manifest_runs_our_application_builder():
     schema = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     (app,) = schema.applications
     assert app.import_path == "serving.app:build_app"
-    from serving.app import parse_args
+    from serving.app import actor_options, parse_args
+    from tasks.deploy.config import serve_args
 
     args = parse_args(app.args)
-    assert args.api_key_env == "TINYLLAMA_API_KEY" and args.cpus == app.deployments[0].ray_actor_options.num_cpus
+    # what the deploy stage writes for the 1.1B profile (and checked through its gate): the same settings,
+    # but the model dir (the init container's) and the lineage file (the head's)
+    profile = load_params(ROOT / "configs/tinyllama-1.1b.yaml")
+    written = parse_args(serve_args(profile, Path(args.model), Path("lineage.json"), "sqlite:///unused.db"))
+    assert args.model_dump(exclude={"lineage_file"}) == written.model_dump(exclude={"lineage_file"})
+    assert (args.device, args.dtype, args.compile) == ("cuda", "bf16", True), "the 1.1B serves on GPUs"
     (deployment,) = app.deployments
+    options = deployment.ray_actor_options
+    assert {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus} == actor_options(args)
     assert deployment.max_ongoing_requests == args.max_ongoing_requests()
     assert deployment.max_queued_requests == args.max_queued_requests and args.stream_interval > 1
     assert deployment.backpressure_config.model_dump() == args.backpressure()

@@ -359,12 +359,12 @@ def _kuberay_pods():
             yield f"{name} submitter", doc["spec"]["submitterPodTemplate"]
 
 
-def test_rayjob_pods_fit_their_node_types_by_cpu_gpu_and_memory():
+def test_kuberay_pods_fit_their_node_types_by_cpu_gpu_and_memory():
     types, reserve = _instance_types()
     job = _yaml("kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]
-    templates = [("head", job["headGroupSpec"]["template"])] + [(g["groupName"], g["template"])
-                                                                 for g in job["workerGroupSpecs"]]
-    for where, template in templates:
+    for where, template in _kuberay_pods():
+        if where.endswith("submitter"):
+            continue  # the job's client: no requests, scheduled wherever it fits
         node = types[template["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]]
         asked = {"cpu": 0.0, "memory": 0.0, "gpu": 0.0}
         for container in template["spec"]["containers"]:
@@ -457,3 +457,67 @@ def test_every_node_has_an_instance_profile_with_the_buckets_rights():
     for uri in (params.paths.shared, params.train.checkpoint_dir):
         bucket = uri.removeprefix("s3://").split("/")[0]
         assert f"arn:aws:s3:::{bucket}/*" in resources, uri
+
+
+def test_the_head_has_the_gpu_and_the_disk_its_driver_side_stages_need():
+    """The stages run in the driver's process on the head: its SFT/DPO scorecards, a missed milestone's
+    evaluate and the deploy gate use eval.device / deploy.device there, and prepare seals every input's
+    tokens on its disk before packing (`tinyllama plan`'s staging figure)."""
+    from tasks.params import load_params
+    from tasks.pretrain.plan import prepare_estimate
+
+    params = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml")
+    cuda = "cuda" in (params.eval.device, params.deploy.device)
+    staging_gb = prepare_estimate(params)["staging_disk_gb"]
+    types, _ = _instance_types()
+    config = _yaml("ray/cluster-16gpu.yaml")
+    head = config["available_node_types"][config["head_node_type"]]
+    assert types[head["node_config"]["InstanceType"]]["gpu"] >= cuda, "the driver's CUDA stages need a GPU"
+    assert head["resources"].get("GPU") == 0, "the head's GPU is the driver's: Ray schedules nothing on it"
+    (volume,) = head["node_config"]["BlockDeviceMappings"]
+    assert volume["Ebs"]["VolumeSize"] >= 1.2 * staging_gb, (volume, staging_gb)
+    assert volume["Ebs"].get("Throughput", 125) >= 500, "gp3's default 125 MB/s: hours to write and read it"
+    job = _yaml("kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"]
+    (container,) = job["template"]["spec"]["containers"]
+    assert _quantity(container["resources"]["limits"].get("nvidia.com/gpu", 0)) >= cuda
+    assert job["rayStartParams"]["num-gpus"] == "0"
+    volumes = {v["name"]: v for v in job["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"].endswith(f"/{params.paths.data}")]
+    claim = volumes[mount["name"]]["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert _quantity(claim["resources"]["requests"]["storage"]) * 1.0737 >= 1.2 * staging_gb  # GiB -> GB
+
+
+def test_the_autoscaler_may_read_the_ami_parameter_its_node_types_name():
+    """`ImageId: resolve:ssm:...` makes RunInstances read the parameter as its caller (the head's role)."""
+    import json
+
+    config = _yaml("ray/cluster-16gpu.yaml")
+    images = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    policy = json.loads((INFRA / "aws" / "tinyllama-head-policy.json").read_text())
+    allowed = [s for s in policy["Statement"] if "ssm:GetParameters" in s["Action"]]
+    for image in images:
+        if image.startswith("resolve:ssm:"):
+            name = image.removeprefix("resolve:ssm:")
+            assert any(name.startswith(r.split(":parameter", 1)[1].rstrip("*")) for s in allowed
+                       for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])), name
+
+
+def test_the_serving_api_key_reaches_the_gate_and_every_replica():
+    import json
+
+    from tasks.params import load_params
+
+    env = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml").deploy.api_key_env
+    config = _yaml("ray/cluster-16gpu.yaml")
+    # written on the host before the container starts (as ubuntu: ~ is /home/ubuntu), read by `docker run`
+    (env_file,) = [o.split()[1] for o in config["docker"]["run_options"] if o.startswith("--env-file")]
+    (written,) = [c for c in config["initialization_commands"] if f"{env}=" in c]
+    assert written.endswith("> " + env_file.replace("/home/ubuntu/", "~/")) and "/tinyllama/api-key" in written
+    assert config["auth"]["ssh_user"] == "ubuntu"
+    policy = json.loads((INFRA / "aws" / "tinyllama-node-policy.json").read_text())
+    assert "parameter/tinyllama/api-key" in json.dumps(policy)
+    job = _yaml("kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"]
+    service = _yaml("kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for container in [job["template"]["spec"]["containers"][0]] + [g["template"]["spec"]["containers"][0]
+                                                                   for g in service]:
+        assert {"secretRef": {"name": "tinyllama-api-key"}} in container["envFrom"], container["name"]

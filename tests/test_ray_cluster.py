@@ -5,6 +5,7 @@ lines reach the stage's console through a queue, and the session's logs are kept
 from __future__ import annotations
 
 import os
+import shutil
 
 import yaml
 from conftest import pretrain_params
@@ -53,3 +54,26 @@ def test_ray_is_sized_by_the_cores_this_process_may_use():
     finally:
         os.sched_setaffinity(0, allowed)
     assert 1 <= usable_cpus() <= len(allowed)
+
+
+def test_a_local_session_stays_local_when_ray_address_names_a_cluster(monkeypatch):
+    """The deploy stage's gate serves on this machine's own Ray even in a stage run against a cluster (the flow
+    sets RAY_ADDRESS for every stage): its `serve deploy` goes to that Ray's dashboard on 127.0.0.1."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tasks.ray_cluster import free_port, start_ray
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    temp_dir = None
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        temp_dir = start_ray(1, dashboard_port=free_port(), local=True)
+        assert temp_dir is not None
+        assert ray.get_runtime_context().gcs_address != cluster.address
+        assert ray.cluster_resources().get("CPU") == 1, "this machine's one-CPU Ray, not the 0-CPU cluster"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -19,9 +19,10 @@ APPLICATION = "tinyllama"
 
 
 @contextmanager
-def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = None, metrics_port: int | None = None):
-    """Ray (local unless RAY_ADDRESS is set) + Serve's proxy on host:port for the block, which gets the
-    local Ray's temp dir (its logs are under it; None on a cluster); the dashboard
+def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = None, metrics_port: int | None = None,
+                  local: bool = False):
+    """Ray (local unless RAY_ADDRESS is set, or always with `local`) + Serve's proxy on host:port for the block,
+    which gets the local Ray's temp dir (its logs are under it; None on a cluster); the dashboard
     (which `serve deploy` talks to) only when `dashboard_port` is given; Prometheus metrics (Ray's and
     Serve's, ours included) at `metrics_port`'s /metrics when given, else on a port Ray picks."""
     import ray
@@ -29,7 +30,7 @@ def serve_session(cpus: int, host: str, port: int, dashboard_port: int | None = 
 
     from tasks.ray_cluster import start_ray
 
-    temp_dir = start_ray(cpus, dashboard_port=dashboard_port, metrics_port=metrics_port)
+    temp_dir = start_ray(cpus, dashboard_port=dashboard_port, metrics_port=metrics_port, local=local)
     try:
         serve.start(http_options={"host": host, "port": port})
         yield temp_dir

@@ -102,7 +102,9 @@ def deploy(params: Params) -> dict:
     local = _local_copy(config, port)
     base_url = f"http://127.0.0.1:{port}"
     layout = Layout.from_params(params)
-    with serve_session(usable_cpus(), "127.0.0.1", port, dashboard_port), \
+    # the gate serves a local copy on this machine's own Ray, even in a stage run against a cluster
+    # (RAY_ADDRESS): its dashboard is the one `serve deploy` is pointed at, and the copy binds 127.0.0.1
+    with serve_session(usable_cpus(), "127.0.0.1", port, dashboard_port, local=True), \
             tempfile.TemporaryDirectory(prefix="tinyllama-gate-") as include_dir:
         start = time.monotonic()
         _serve_deploy(local, dashboard_port, config_path.parent)

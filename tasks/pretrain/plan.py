@@ -169,16 +169,22 @@ def prepare_estimate(params: Params) -> dict | None:
     data = params.data
     if data.corpus_tokens is None:
         return None
+    from tasks.data.shards import token_dtype
+
     seconds = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes)
+    # the sealed units wait on the driver's disk ({paths.data}/.prepare.tmp) until phase 2 packs them
+    staging_gb = data.corpus_tokens * token_dtype(params.tokenizer.vocab_size).itemsize / 1e9
     return {"corpus_tokens": data.corpus_tokens, "workers": data.encode_processes,
-            "tokens_per_cpu_second": data.tokens_per_cpu_second, "days": seconds / 86400}
+            "tokens_per_cpu_second": data.tokens_per_cpu_second, "days": seconds / 86400,
+            "staging_disk_gb": staging_gb}
 
 
 def _render_prepare(estimate: dict | None) -> list[str]:
     if estimate is None:
         return ["prepare            (set data.corpus_tokens for an estimate)"]
     return [f"prepare            {_duration(estimate['days'])} for {format_tokens(estimate['corpus_tokens'])} tokens "
-            f"on {estimate['workers']} CPU workers at {estimate['tokens_per_cpu_second']:,.0f} tok/CPU-s"]
+            f"on {estimate['workers']} CPU workers at {estimate['tokens_per_cpu_second']:,.0f} tok/CPU-s",
+            f"{'':19}{estimate['staging_disk_gb']:,.0f} GB of sealed tokens on the driver's disk until packed"]
 
 
 def _resources(params: Params) -> dict[str, dict[str, float]]:
