@@ -225,6 +225,27 @@ def test_cli_reports_bad_params_in_one_line_with_exit_2(tmp_path):
     assert not (root / "dvc.lock").exists()
 
 
+def test_a_cluster_run_without_a_shared_mlflow_stops_in_one_line_with_exit_2(tmp_path):
+    """On a cluster (--ray-address) milestone evals log from other nodes: the local sqlite default is refused
+    before anything starts; a tracking server is accepted."""
+    from flows.pipeline import check_cluster_tracking
+    from tasks.params import MlflowParams, load_params
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    profile = str(ROOT / "configs/tinyllama-1.1b.yaml")
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", profile, "--ray-address", "auto"],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": ""}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("pipeline: error: mlflow.tracking_uri: sqlite:///") and "MLFLOW_TRACKING_URI" in line
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+    params = load_params(ROOT / "configs/tinyllama-1.1b.yaml").model_copy(
+        update={"mlflow": MlflowParams(tracking_uri="http://mlflow.internal:5000")})
+    check_cluster_tracking(params, "auto")
+    check_cluster_tracking(load_params(ROOT / "params.yaml"), None)  # the tiny profile's local store
+
+
 def test_bad_input_is_not_retried_and_the_next_run_resumes_from_the_failed_stage(tmp_path, monkeypatch, prefect_server):
     root = _toy_repo(tmp_path / "toy")
     _mlflow_run(root)
