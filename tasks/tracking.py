@@ -42,14 +42,23 @@ def client(uri: str):
     return _import_mlflow().MlflowClient(tracking_uri=uri)
 
 
+def local_artifacts(uri: str) -> Path | None:
+    """Where a sqlite store's artifacts go: beside its database file (for the default store, mlflow/artifacts).
+    MLflow's own default, ./mlruns of whatever directory the process runs in, scatters one store's artifacts
+    over every working directory that ever logged to it. None for a server, which places them itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+
+
 def configure_mlflow(params: Params) -> str:
     """Point mlflow at the profile's store and experiment; returns the experiment id."""
     mlflow = _import_mlflow()
 
     uri = tracking_uri(params)
-    local = uri == local_tracking_uri()
-    if local:
-        (Path.cwd() / LOCAL_STORE_DIR / "artifacts").mkdir(parents=True, exist_ok=True)
+    artifacts = local_artifacts(uri)
+    if artifacts is not None:
+        artifacts.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
     if experiment is not None:
@@ -58,7 +67,7 @@ def configure_mlflow(params: Params) -> str:
                 mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, key, value)
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
         return experiment.experiment_id
-    artifact_location = (Path.cwd() / LOCAL_STORE_DIR / "artifacts").resolve().as_uri() if local else None
+    artifact_location = artifacts.resolve().as_uri() if artifacts is not None else None
     experiment_id = mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifact_location,
                                              tags=EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)

@@ -81,3 +81,26 @@ def test_missing_refs_are_user_errors_naming_the_ref(store, ref, message):
     register_chat_model(uri, "tinyllama-chat", run_id, _model_dir(root, 1), "sft/model", {}, 0.1)
     with pytest.raises(UserError, match=message):
         resolve_model(ref, uri)
+
+
+def test_a_sqlite_stores_artifacts_go_beside_its_database_not_into_the_working_directory(tmp_path, monkeypatch):
+    """MLflow's default for a sqlite store is ./mlruns of the process's directory: a stage run from the repo (or a
+    test) would scatter one store's artifacts into each directory it ran in."""
+    import mlflow
+
+    from tasks.params import load_params
+    from tasks.tracking import configure_mlflow, local_artifacts, local_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    try:
+        experiment = mlflow.MlflowClient().get_experiment(configure_mlflow(params))
+    finally:
+        mlflow.set_tracking_uri(None)  # configure_mlflow sets mlflow's process-wide URI: leave none behind
+    assert experiment.artifact_location == (tmp_path / "store" / "artifacts").as_uri()
+    assert list((tmp_path / "work").iterdir()) == []
+    assert local_artifacts(local_tracking_uri(tmp_path)) == tmp_path / "mlflow" / "artifacts"
+    assert local_artifacts("http://mlflow.internal:5000") is None
