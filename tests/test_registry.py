@@ -91,13 +91,15 @@ def test_a_sqlite_stores_artifacts_go_beside_its_database_not_into_the_working_d
     from tasks.params import load_params
     from tasks.tracking import configure_mlflow, local_artifacts, local_tracking_uri
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)  # an earlier in-process stage may have set mlflow's process-wide URI
     (tmp_path / "store").mkdir()
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     try:
-        experiment = mlflow.MlflowClient().get_experiment(configure_mlflow(params))
+        experiment = mlflow.MlflowClient(uri).get_experiment(configure_mlflow(params))
     finally:
         mlflow.set_tracking_uri(None)  # configure_mlflow sets mlflow's process-wide URI: leave none behind
     assert experiment.artifact_location == (tmp_path / "store" / "artifacts").as_uri()
