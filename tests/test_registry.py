@@ -83,25 +83,28 @@ def test_missing_refs_are_user_errors_naming_the_ref(store, ref, message):
         resolve_model(ref, uri)
 
 
-def test_a_sqlite_stores_artifacts_go_beside_its_database_not_into_the_working_directory(tmp_path, monkeypatch):
+def test_a_sqlite_stores_artifacts_go_beside_its_database_not_into_the_working_directory(tmp_path):
     """MLflow's default for a sqlite store is ./mlruns of the process's directory: a stage run from the repo (or a
-    test) would scatter one store's artifacts into each directory it ran in."""
+    test) would scatter one store's artifacts into each directory it ran in. A stage's own process, as a stage
+    runs (mlflow's tracking URI is process-wide state that earlier in-process tests leave behind)."""
+    import os
+    import subprocess
+    import sys
+
     import mlflow
 
-    from tasks.params import load_params
-    from tasks.tracking import configure_mlflow, local_artifacts, local_tracking_uri
+    from tasks.tracking import local_artifacts, local_tracking_uri
 
+    root = Path(__file__).resolve().parents[1]
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(None)  # an earlier in-process stage may have set mlflow's process-wide URI
     (tmp_path / "store").mkdir()
     (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    try:
-        experiment = mlflow.MlflowClient(uri).get_experiment(configure_mlflow(params))
-    finally:
-        mlflow.set_tracking_uri(None)  # configure_mlflow sets mlflow's process-wide URI: leave none behind
+    code = ("from tasks.params import load_params; from tasks.tracking import configure_mlflow; "
+            f"print(configure_mlflow(load_params({str(root / 'params.yaml')!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "work", capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(root)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    experiment = mlflow.MlflowClient(uri).get_experiment(proc.stdout.split()[-1])
     assert experiment.artifact_location == (tmp_path / "store" / "artifacts").as_uri()
     assert list((tmp_path / "work").iterdir()) == []
     assert local_artifacts(local_tracking_uri(tmp_path)) == tmp_path / "mlflow" / "artifacts"
