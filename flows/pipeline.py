@@ -115,14 +115,22 @@ def run_stage(stage: Stage, root: str, ray_address: str | None, params: Params) 
     return StageResult(stage.name, ran, seconds)
 
 
-def check_cluster_tracking(params: Params, ray_address: str | None) -> None:
-    """A run on a Ray cluster logs to MLflow from other nodes too (milestone evals, exports): a store on this
-    machine's disk (the tiny profile's default sqlite file) would split its runs between nodes, or fail there."""
+def check_cluster_profile(params: Params, ray_address: str | None) -> None:
+    """What a run on a Ray cluster needs besides the cluster, checked before any stage runs (not at hour 40):
+    - a shared MLflow store: milestone evals and exports log from other nodes, and a store on this machine's
+      disk (the tiny profile's default sqlite file) would split its runs between nodes, or fail there;
+    - shared storage (`paths.shared`): the shards every worker reads, and the model the replicas of the final
+      `serve deploy` fetch (they run on other nodes than the one that resolved it)."""
+    if not ray_address:
+        return
     uri = tracking_uri(params)
-    if ray_address and ("://" not in uri or uri.split(":", 1)[0] in ("sqlite", "file")):
+    if "://" not in uri or uri.split(":", 1)[0] in ("sqlite", "file"):
         raise UserError(f"mlflow.tracking_uri: {uri} is on this machine's disk, and a run on a Ray cluster "
                         "(--ray-address) logs from every node; set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) "
                         "to the shared MLflow server (README \"Scaling out\")")
+    if not params.paths.shared:
+        raise UserError("paths.shared: a run on a Ray cluster (--ray-address) needs storage every node reaches "
+                        "(shards, eval cache, the served model), e.g. s3://<bucket>/pipeline")
 
 
 def activate_params(params_file: str | Path, root: Path) -> Params:
@@ -162,7 +170,7 @@ def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retrie
     """Run the DAG in dvc.yaml on the profile `params`; `ray_address` points the stages at a Ray cluster
     (and deploys the champion there for good), `keep_serving` leaves it served on this machine."""
     root = Path.cwd()
-    check_cluster_tracking(load_params(params), ray_address)
+    check_cluster_profile(load_params(params), ray_address)
     profile = activate_params(params, root)
     stages = load_stages(root)
     results = []
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # fail in one line, before Prefect starts, on a bad profile or a cluster run without a shared MLflow
-        check_cluster_tracking(load_params(args.params), args.ray_address)
+        check_cluster_profile(load_params(args.params), args.ray_address)
         with _patient_ephemeral_server():
             pipeline(params=args.params, ray_address=args.ray_address, retries=args.retries,
                      keep_serving=args.keep_serving, dashboard_address=args.dashboard_address)

@@ -2,7 +2,8 @@
 
 Everything here goes through commands a user could type: the deploy stage has written the Serve
 config and the lineage (which model it resolved), and
-- on a Ray cluster, Ray's own `serve deploy` hands that config to the cluster's dashboard
+- on a Ray cluster, Ray's own `serve deploy` hands that config, its model published to shared storage
+  first (the replicas run on other nodes), to the cluster's dashboard
   (`--dashboard-address`, else `RAY_DASHBOARD_ADDRESS`, else the address the cluster registered for its
   dashboard, asked of the cluster), where it stays up;
 - on this machine, when asked to keep it running, `tinyllama serve` starts as a background process
@@ -25,6 +26,7 @@ from tasks.layout import Layout
 from tasks.params import Params
 
 SERVE_LOG = Path(".services") / "serve.log"
+CLUSTER_SERVE_CONFIG = Path(".services") / "serve_config.cluster.yaml"  # what `serve deploy` sent to a cluster
 
 
 # deploy's fields that `tinyllama serve` takes, and its flag for each (a bool field: the flag that sets it to the
@@ -75,10 +77,13 @@ def dashboard_url(address: str) -> str:
 
 
 def deploy_to_cluster(params: Params, root: Path, ray_address: str, dashboard_address: str | None) -> str:
-    """`serve deploy` the stage's config to the cluster at `ray_address`; returns the API URL."""
+    """`serve deploy` the stage's config to the cluster at `ray_address`, its model first published to
+    shared storage for the replicas (`tinyllama publish`); returns the API URL."""
     address = dashboard_address or os.environ.get("RAY_DASHBOARD_ADDRESS") or dashboard_url(ray_address)
-    command = [str(Path(sys.executable).parent / "serve"), "deploy", str(Layout.from_params(params, root).serve_config),
-               "--address", address]
+    tools = Path(sys.executable).parent
+    subprocess.run([str(tools / "tinyllama"), "publish", "--out", str(CLUSTER_SERVE_CONFIG)],  # the active params.yaml
+                   check=True, cwd=root)
+    command = [str(tools / "serve"), "deploy", str(CLUSTER_SERVE_CONFIG), "--address", address]
     subprocess.run(command, check=True, cwd=root)
     return url(params, urlparse(address).hostname or "127.0.0.1")
 

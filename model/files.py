@@ -6,6 +6,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+SERVING_SEAL = "serving-seal.json"  # written last into a model dir published for a cluster's replicas: files' sha256
 
 TOKENIZER_MODEL_FILE = "tokenizer.model"          # SentencePiece: what llama.cpp's converter reads
 TOKENIZER_JSON_FILE = "tokenizer.json"            # HF tokenizers backend

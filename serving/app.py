@@ -43,7 +43,7 @@ class ServeArgs(BaseModel):
     """What a replica serves and how; the `args:` of a Serve config."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str                                   # a HF Llama dir (registry refs are resolved to one first)
+    model: str                                   # a HF Llama dir, or one published on shared storage (s3://...)
     name: str | None = None                      # the model id clients send; default: registry name or dir name
     draft: str | None = None                     # a draft model dir, or "prompt-lookup"
     draft_tokens: int = Field(4, ge=1, le=16)
@@ -58,7 +58,7 @@ class ServeArgs(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"       # cuda: the replica asks Serve for a GPU (num_gpus 1)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False                        # the compiled decode step (model/step.py), compiled at load
-    lineage_file: str | None = None              # the deploy stage's lineage.json
+    lineage_file: str | None = None              # the deploy stage's lineage.json (a path or a URI)
     max_body_bytes: int = Field(Limits.max_body_bytes, ge=1024)            # larger request bodies: 413
     max_prompt_tokens: int | None = Field(Limits.max_prompt_tokens, ge=1)  # None: the context less one
     max_stop_chars: int = Field(Limits.max_stop_chars, ge=1)               # per stop string

@@ -4,7 +4,8 @@ A model dir is the pipeline's HF Llama dir (docs/CONTRACTS.md): config.json (wit
 metadata the stages write), model.safetensors, the tokenizer files, `tokenizer_config.json`'s
 `chat_template` for chat variants, `generation_config.json`'s `stop_strings`. Registry references
 (`models:/...`) are resolved to such a dir before they get here (tasks/deploy/), so a replica needs
-nothing but the path.
+nothing but the path: a local dir, or a dir published on shared storage that it copies first
+(serving/fetch.py: how a cluster's GPU replicas get the head's model).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from model.hf import load_hf, read_hf_config
 from model.llama import Llama
 from model.speculative import PromptLookup
 from model.tokenizer import Tokenizer
+from serving.fetch import is_remote, local_model_dir, read_text
 
 PROMPT_LOOKUP = "prompt-lookup"
 
@@ -42,11 +44,12 @@ class ServedModel:
         return limit
 
 
-def _json(path: Path) -> dict:
-    if not path.is_file():
+def _json(path: str | Path) -> dict:
+    """A JSON file on local disk ({} when absent) or on shared storage."""
+    if not is_remote(str(path)) and not Path(path).is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(str(path)))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
@@ -67,7 +70,7 @@ def lineage(directory: Path, lineage_file: str | None) -> dict:
     name and version, alias, MLflow run)."""
     info = dict(read_hf_config(directory).get("tinyllama") or {})
     if lineage_file:
-        info.update(_json(Path(lineage_file)))
+        info.update(_json(lineage_file))
     return info
 
 
@@ -75,7 +78,7 @@ def load(model_dir: str, name: str | None = None, draft: str | None = None, quan
          lineage_file: str | None = None, device: str = "cpu", dtype: str = "fp32") -> ServedModel:
     """Load everything a replica serves, on `device` in `dtype` (model/devices.py); `ValueError`s name the
     file or argument at fault."""
-    directory = Path(model_dir)
+    directory = local_model_dir(model_dir)
     if not directory.is_dir():
         raise ValueError(f"model: not a directory: {directory}")
     where = {"device": check_device(device), "dtype": check_dtype(dtype)}
@@ -90,6 +93,7 @@ def load(model_dir: str, name: str | None = None, draft: str | None = None, quan
     if draft == PROMPT_LOOKUP:
         drafter = PromptLookup()
     elif draft:
+        draft = str(local_model_dir(draft))
         if not Path(draft).is_dir():
             raise ValueError(f"draft: not a directory (nor {PROMPT_LOOKUP!r}): {draft}")
         drafter = _quantize(load_hf(draft, **where), quant)

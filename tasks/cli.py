@@ -30,6 +30,8 @@ COMMANDS = {
     "generate": ("tasks.chat.generate", "sample text from a checkpoint dir"),
     "chat": ("tasks.chat.terminal", "talk to a chat model (a dir or models:/tinyllama-chat@champion)"),
     "serve": ("tasks.deploy.serve", "the OpenAI-compatible server (Ray Serve) for a model dir or registry alias"),
+    "publish": ("tasks.deploy.publish", "put the deployed model on shared storage and write the Serve config a "
+                "cluster's replicas can run"),
 }
 
 

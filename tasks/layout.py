@@ -18,6 +18,7 @@ from pathlib import Path
 from model.files import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
+    SERVING_SEAL,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILES,
     TOKENIZER_MODEL_FILE,
@@ -28,9 +29,8 @@ from tasks.params import Params
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE",
            "WEIGHTS_INDEX_FILE", "TOKENIZER_MODEL_FILE", "MANIFEST_FILE", "EVAL_TASKS_FILE", "MILESTONE_SEAL",
-           "SERVE_CONFIG_FILE", "LINEAGE_FILE", "RUN_FILE", "COMPLETE_FILE", "CHECKPOINT_FILE", "EVAL_REPORT_FILES",
-           "Layout", "is_uri", "resolve", "join", "with_absolute_paths",
-           "shard_location"]
+           "SERVE_CONFIG_FILE", "LINEAGE_FILE", "SERVING_SEAL", "RUN_FILE", "COMPLETE_FILE", "CHECKPOINT_FILE",
+           "EVAL_REPORT_FILES", "Layout", "is_uri", "resolve", "join", "with_absolute_paths", "shard_location"]
 
 MANIFEST_FILE = "manifest.json"        # {paths.data}/prepared/manifest.json
 EVAL_TASKS_FILE = "tasks.json"         # {paths.data}/eval/tasks.json: the tiny profile's eval task registry
@@ -144,6 +144,12 @@ class Layout:
     def shard_store(self) -> str | None:
         """Where prepare puts shards, content-addressed (`<sha256>.parquet`), when they must be shared."""
         return join(self.shared, "shards") if self.shared else None
+
+    @property
+    def serving_store(self) -> str | None:
+        """Where `serve deploy` to a cluster publishes the served model dirs, sealed and content-addressed
+        (`<sha256>/<dir name>`), for replicas on any node to fetch (tasks/deploy/publish.py)."""
+        return join(self.shared, "serving") if self.shared else None
 
     @property
     def eval_cache(self) -> str:

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.atomic import replace_dir
+from serving.fetch import cache_root
 from tasks.errors import UserError
 from tasks.files import sha256_file
 from tasks.layout import CONFIG_FILE, WEIGHTS_FILE
 
 CHAMPION = "champion"
 ACCURACY_TAG, WEIGHTS_TAG = "heldout_chat_accuracy", "weights_sha256"
-CACHE_ENV = "TINYLLAMA_MODEL_CACHE"
 _REF = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 
 
@@ -89,8 +89,6 @@ def register_chat_model(tracking_uri: str, name: str, run_id: str, model_dir: Pa
     return Registered(name, str(version.version), str(champion.version) == str(version.version), new)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tinyllama" / "models")
 
 
 def _complete(directory: Path, weights: str | None) -> bool:
@@ -122,7 +120,7 @@ def resolve_model(ref: str, tracking_uri: str) -> Path:
     except MlflowException as exc:
         raise UserError(f"model {ref!r}: not in the registry at {tracking_uri} "
                         f"({str(exc).splitlines()[0]})") from None
-    target = _cache_root() / name / str(version.version)
+    target = cache_root() / name / str(version.version)
     weights = version.tags.get(WEIGHTS_TAG)
     if _complete(target, weights):
         return target

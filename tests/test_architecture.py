@@ -21,7 +21,8 @@ from tasks.cli import COMMANDS
 
 NEVER_IN_MODEL = ("ray", "prefect", "mlflow", "dvc", "lm_eval", "tasks", "flows", "serving")
 SERVING_MAY_IMPORT = ("model", "serving", "ray", "fastapi", "starlette", "uvicorn", "pydantic", "torch", "numpy",
-                      "safetensors", "jinja2", "anyio", "prometheus_client")
+                      "safetensors", "jinja2", "anyio", "prometheus_client",
+                      "fsspec")  # a replica copies a model dir published on shared storage (serving/fetch.py)
 # The shared top of tasks/ (schema, errors, paths, files, MLflow store, the CLI dispatcher): what a flow
 # needs to validate a profile, find outputs and link runs.
 FLOWS_MAY_IMPORT_FROM_TASKS = ("tasks.cli", "tasks.errors", "tasks.params", "tasks.layout", "tasks.files",

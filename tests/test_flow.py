@@ -225,10 +225,11 @@ def test_cli_reports_bad_params_in_one_line_with_exit_2(tmp_path):
     assert not (root / "dvc.lock").exists()
 
 
-def test_a_cluster_run_without_a_shared_mlflow_stops_in_one_line_with_exit_2(tmp_path):
+def test_a_cluster_run_without_a_shared_mlflow_or_storage_stops_in_one_line_with_exit_2(tmp_path):
     """On a cluster (--ray-address) milestone evals log from other nodes: the local sqlite default is refused
-    before anything starts; a tracking server is accepted."""
-    from flows.pipeline import check_cluster_tracking
+    before anything starts; a tracking server is accepted. So is a profile without shared storage."""
+    from flows.pipeline import check_cluster_profile
+    from tasks.errors import UserError
     from tasks.params import MlflowParams, load_params
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -242,8 +243,12 @@ def test_a_cluster_run_without_a_shared_mlflow_stops_in_one_line_with_exit_2(tmp
     assert list(tmp_path.iterdir()) == [], "nothing written"
     params = load_params(ROOT / "configs/tinyllama-1.1b.yaml").model_copy(
         update={"mlflow": MlflowParams(tracking_uri="http://mlflow.internal:5000")})
-    check_cluster_tracking(params, "auto")
-    check_cluster_tracking(load_params(ROOT / "params.yaml"), None)  # the tiny profile's local store
+    check_cluster_profile(params, "auto")
+    check_cluster_profile(load_params(ROOT / "params.yaml"), None)  # the tiny profile's local store
+    raw = params.model_dump(mode="json")
+    raw["paths"]["shared"] = None
+    with pytest.raises(UserError, match=r"^paths\.shared: .*every node"):
+        check_cluster_profile(type(params).model_validate(raw), "auto")
 
 
 def test_bad_input_is_not_retried_and_the_next_run_resumes_from_the_failed_stage(tmp_path, monkeypatch, prefect_server):

@@ -13,15 +13,16 @@ import threading
 
 from model.devices import check_device
 from serving.auth import is_loopback
-from tasks.deploy.champion import resolve
+from tasks.deploy.champion import served_ref
 from tasks.errors import UserError
 
 PROMPT_LOOKUP = "prompt-lookup"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS",
-                        help="a HF Llama dir, or a registry reference (resolved through MLflow)")
+    parser.add_argument("--model", required=True, metavar="DIR|models:/NAME@ALIAS|URI",
+                        help="a HF Llama dir, a registry reference (resolved through MLflow), or a dir the flow "
+                             "published on shared storage (s3://.../serving/<sha256>/<name>: fetched by the replica)")
     parser.add_argument("--draft", default=None, metavar=f"DIR|{PROMPT_LOOKUP}",
                         help="speculative decoding: a smaller model dir with the same vocabulary, or prompt lookup")
     parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per step")
@@ -71,8 +72,8 @@ def serve_args(args) -> dict:
                         "others can reach must check a key")
     draft = args.draft
     if draft and draft != PROMPT_LOOKUP:
-        draft = str(resolve(draft, args.tracking_uri, "--draft").resolve())
-    values = {"model": str(resolve(args.model, args.tracking_uri).resolve()), "name": args.name, "draft": draft,
+        draft = served_ref(draft, args.tracking_uri, "--draft")
+    values = {"model": served_ref(args.model, args.tracking_uri, "--model"), "name": args.name, "draft": draft,
               "draft_tokens": args.draft_tokens, "quant": args.quant, "api_key_env": args.api_key_env,
               "slots": args.slots, "max_waiting": args.max_waiting, "cpus": args.cpus,
               "stream_interval": args.stream_interval, "device": args.device, "dtype": args.dtype,
