@@ -79,6 +79,9 @@ def test_the_cluster_config_names_only_shared_storage_and_a_redeploy_uploads_not
     assert cli(["publish", "--params", str(no_shared), "--out", str(tmp_path / "x.yaml")]) == 2
     assert capsys.readouterr().err.startswith("tinyllama publish: error: paths.shared: serving on a cluster")
     assert not (tmp_path / "x.yaml").exists()
+    with_shared = _params_file(tmp_path / "undeployed", bucket, served_model_dir)
+    assert cli(["publish", "--params", str(with_shared), "--out", str(tmp_path / "x.yaml")]) == 2
+    assert "no Serve config to publish: run the deploy stage first" in capsys.readouterr().err
 
     changed = shutil.copytree(served_model_dir, tmp_path / "changed" / "chat-model")
     (changed / "generation_config.json").write_text('{"stop_strings": ["###"]}')
@@ -94,6 +97,7 @@ def test_a_replica_loads_the_published_dir_from_its_nodes_cache(tmp_path, s3_env
 
     from model.hf import load_hf
     from serving.loader import load
+    from tasks.deploy.publish import publish_model_dir
     from tasks.deploy.serve import add_arguments, serve_args
 
     config, _ = _publish(tmp_path, served_model_dir)
@@ -111,6 +115,7 @@ def test_a_replica_loads_the_published_dir_from_its_nodes_cache(tmp_path, s3_env
     inode = (copy / "model.safetensors").stat().st_ino
     assert load(args["model"]).directory == copy
     assert (copy / "model.safetensors").stat().st_ino == inode, "a second replica on the node copied it again"
+    assert publish_model_dir(copy, args["model"].rsplit("/", 2)[0]) == args["model"], "a node's copy published again"
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -26,6 +26,7 @@ from tasks.params import Params, add_params_argument, load_params
 def publish_model_dir(directory: Path, store: str) -> str:
     """The URI of `directory` published under `store` (uploaded unless that exact content is already there)."""
     record = seal_record(directory)
+    record["files"].pop(SERVING_SEAL, None)  # a node's copy of a published dir, published again
     uri = join(store, sha256_json(record)[:16], directory.name)
     if not exists(join(uri, SERVING_SEAL)):
         upload(directory, uri, list(record["files"]))
@@ -47,6 +48,9 @@ def cluster_serve_config(params: Params, root: Path, out: Path) -> Path:
     if layout.serving_store is None:
         raise UserError("paths.shared: serving on a cluster needs storage every node reads (the replicas fetch "
                         "the model from it); set it, e.g. s3://<bucket>/shared")
+    if not layout.serve_config.is_file():
+        raise UserError(f"{layout.serve_config}: no Serve config to publish: run the deploy stage first "
+                        "(dvc repro deploy)")
     config = yaml.safe_load(layout.serve_config.read_text())
     args = config["applications"][0]["args"]
     args["model"] = publish_model_dir(Path(args["model"]), layout.serving_store)
