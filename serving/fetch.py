@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from model.atomic import atomic_dir
-from model.files import SERVING_SEAL
+from model.files import SERVING_SEAL, model_cache_root
 
-CACHE_ENV = "TINYLLAMA_MODEL_CACHE"
 PUBLISHED = "published"  # under the cache root: published dirs (registry versions go to <name>/<version>/)
 
 
@@ -46,11 +44,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_root() -> Path:
-    """This node's cache of model dirs: published ones (here) and registry versions (tasks/registry.py)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tinyllama" / "models")
-
-
 def local_model_dir(ref: str, cache: Path | None = None) -> Path:
     """`ref` itself when it is a local path, else the verified local copy of the published dir it names
     (made now when this node has none). Raises ValueError for a dir that is not published, OSError when
@@ -60,7 +53,8 @@ def local_model_dir(ref: str, cache: Path | None = None) -> Path:
     import fsspec
 
     name = ref.rstrip("/").rsplit("/", 1)[-1]
-    target = (cache or cache_root()) / PUBLISHED / hashlib.sha256(ref.rstrip("/").encode()).hexdigest()[:16] / name
+    key = hashlib.sha256(ref.rstrip("/").encode()).hexdigest()[:16]
+    target = (cache or model_cache_root()) / PUBLISHED / key / name
     if (target / SERVING_SEAL).is_file():
         return target
     fs, root = fsspec.core.url_to_fs(ref)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.atomic import replace_dir
-from serving.fetch import cache_root
+from model.files import model_cache_root
 from tasks.errors import UserError
 from tasks.files import sha256_file
 from tasks.layout import CONFIG_FILE, WEIGHTS_FILE
@@ -120,7 +120,7 @@ def resolve_model(ref: str, tracking_uri: str) -> Path:
     except MlflowException as exc:
         raise UserError(f"model {ref!r}: not in the registry at {tracking_uri} "
                         f"({str(exc).splitlines()[0]})") from None
-    target = cache_root() / name / str(version.version)
+    target = model_cache_root() / name / str(version.version)
     weights = version.tags.get(WEIGHTS_TAG)
     if _complete(target, weights):
         return target
