@@ -56,6 +56,14 @@ def test_milestone_evals_log_as_they_land_and_failures_only_tag(tmp_path, eval_m
     assert "eval_failed/1K" in tags and "safetensors" in tags["eval_failed/1K"].lower()
     assert "eval_failed/4K" not in tags
 
+    # A rerun after a fault exports 4K again: its scores are cached, so no task starts (none would be done
+    # at once: it loads a model) and the scores are logged again at the same step.
+    again = submit_milestone_eval(params, inputs, sealed / "4K", run_id, 4096, project["uri"])
+    ready, _ = ray.wait([again], timeout=0)
+    assert ready, "cached scores must not wait for an eval task"
+    assert ray.get(again)["cached"] and ray.get(again)["avg"] == ok["avg"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/avg")] == [(4096, ok["avg"])] * 2
+
     # The stage then finds 4K already scored (same weights) and scores only 1K itself.
     results = {r["milestone"]: r for r in evaluate(params)}
     assert results["4K"]["cached"] and not results["1K"]["cached"]

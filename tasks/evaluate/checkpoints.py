@@ -8,6 +8,7 @@ settings rewrites `100K/` with new weights, and its old scores must not be reuse
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +25,33 @@ class Checkpoint:
     weights_sha256: str
 
 
+def _shards(index: dict) -> list[str]:
+    return sorted(set(index.get("weight_map", {}).values()))
+
+
 def _weights_sha256(directory: Path) -> str:
     if (directory / WEIGHTS_FILE).is_file():
         return sha256_file(directory / WEIGHTS_FILE)
     if (directory / WEIGHTS_INDEX_FILE).is_file():
-        shards = sorted(set(json.loads((directory / WEIGHTS_INDEX_FILE).read_text()).get("weight_map", {}).values()))
+        shards = _shards(json.loads((directory / WEIGHTS_INDEX_FILE).read_text()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if not shards or missing:
             raise UserError(f"checkpoint {directory}: weight shard {missing[0] if missing else '(none)'} is missing")
         return sha256_json({s: sha256_file(directory / s) for s in shards})
     raise UserError(f"checkpoint {directory}: no weights ({WEIGHTS_FILE} missing)")
+
+
+def sealed_weights_sha256(files: dict[str, str], read_index: Callable[[], dict]) -> str | None:
+    """`Checkpoint.weights_sha256` of a sealed dir, from its seal's record (each file's sha256) without
+    reading the weights; `read_index` reads the dir's sharded-weights index when it has one. None when the
+    record lists no complete weights."""
+    if WEIGHTS_FILE in files:
+        return files[WEIGHTS_FILE]
+    if WEIGHTS_INDEX_FILE in files:
+        shards = _shards(read_index())
+        if shards and all(s in files for s in shards):
+            return sha256_json({s: files[s] for s in shards})
+    return None
 
 
 def read_checkpoint(directory: Path, name: str | None = None) -> Checkpoint:

@@ -37,8 +37,7 @@ def run_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str, r
     import torch
 
     from tasks.evaluate.checkpoints import read_milestone
-    from tasks.evaluate.mlflow_log import client_for, log_result, mark_failed
-    from tasks.evaluate.report import result_line
+    from tasks.evaluate.mlflow_log import client_for, mark_failed
     from tasks.evaluate.scoring import score_checkpoint
     from tasks.files import materialize_sealed
     from tasks.layout import MILESTONE_SEAL
@@ -52,9 +51,7 @@ def run_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str, r
             milestone = replace(read_milestone(local), tokens_seen=int(tokens_seen))
             name = milestone.name
             result = score_checkpoint(params, inputs, inputs.tasks.write(Path(scratch) / "tasks"), milestone)
-        log_result(client, run_id, result)
-        say(f"eval {result_line(result)}")
-        return {"status": "ok", **result}
+        return _reported(client, run_id, result, say)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         mark_failed(client, run_id, name, error + "\n" + traceback.format_exc(limit=5))
@@ -62,19 +59,58 @@ def run_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str, r
         return {"status": "failed", "milestone": name, "tokens": int(tokens_seen), "error": error}
 
 
+def _reported(client, run_id: str, result: dict, say: Callable[[str], None]) -> dict:
+    """A milestone's scores logged into the pretrain run and said on one line; the eval's return value."""
+    from tasks.evaluate.mlflow_log import log_result
+    from tasks.evaluate.report import result_line
+
+    log_result(client, run_id, result)
+    say(f"eval {result_line(result)}")
+    return {"status": "ok", **result}
+
+
+def cached_milestone_scores(inputs: EvalInputs, milestone_dir: str, tokens_seen: int) -> dict | None:
+    """The scores of a sealed milestone whose weights the eval cache already holds, found from its seal
+    alone (each file's sha256), or None. A rerun after a fault exports again the milestones an earlier
+    attempt scored: the driver logs their cached scores itself instead of starting a task that would hold
+    `eval.resources` (a GPU on the cluster) and download the weights only to find them cached."""
+    from tasks.errors import UserError
+    from tasks.evaluate.checkpoints import sealed_weights_sha256
+    from tasks.evaluate.scoring import cached_result
+    from tasks.files import read_json
+    from tasks.layout import MILESTONE_SEAL, WEIGHTS_INDEX_FILE, join
+
+    try:
+        seal = read_json(join(milestone_dir, MILESTONE_SEAL))
+        weights = sealed_weights_sha256(seal["files"], lambda: read_json(join(milestone_dir, WEIGHTS_INDEX_FILE)))
+    except (UserError, OSError, KeyError, TypeError):
+        return None  # unreadable here: the task reads it again and reports what is wrong
+    cached = None if weights is None else cached_result(inputs, weights)
+    if cached is None:
+        return None
+    name = seal.get("milestone") or milestone_dir.rstrip("/").rsplit("/", 1)[-1]
+    return {**cached, "milestone": name, "tokens": int(tokens_seen), "cached": True}
+
+
 def submit_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str | Path, run_id: str,
                           tokens_seen: int, mlflow_uri: str, console: Console | None = None):
     """Start the eval as a Ray task with `eval.resources`; returns its ObjectRef (a dict with "status" once
-    done). The line with the scores goes to `console` (the stage's), else to the task's own output."""
+    done). The line with the scores goes to `console` (the stage's), else to the task's own output. Scores
+    already cached (`cached_milestone_scores`) are logged here, and the ref holds them at once."""
     import ray
 
+    say = console.say if console is not None else print
+    cached = cached_milestone_scores(inputs, resolve(milestone_dir), tokens_seen)
+    if cached is not None:
+        from tasks.evaluate.mlflow_log import client_for
+
+        return ray.put(_reported(client_for(mlflow_uri), run_id, cached, say))
     resources = eval_resources(params)
     # max_calls=1: the worker process, whose priority the task lowers, exits with it.
     task = ray.remote(max_calls=1)(_background_milestone_eval).options(
         **resources, max_retries=0, name=f"eval-{str(milestone_dir).rstrip('/').rsplit('/', 1)[-1]}")
     return task.remote(params.train.eval_priority, with_absolute_paths(params), inputs, resolve(milestone_dir),
-                       run_id, int(tokens_seen), mlflow_uri, max(1, int(resources["num_cpus"])),
-                       console.say if console is not None else print)
+                       run_id, int(tokens_seen), mlflow_uri, max(1, int(resources["num_cpus"])), say)
 
 
 def _background_milestone_eval(priority: str, *args) -> dict:

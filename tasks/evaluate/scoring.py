@@ -58,12 +58,13 @@ def collect_inputs(params: Params) -> EvalInputs:
                       cache_dir=layout.eval_cache)
 
 
-def cache_path(inputs: EvalInputs, checkpoint: Checkpoint) -> str:
-    return join(inputs.cache_dir, f"{checkpoint.weights_sha256}-{inputs.key}.json")
+def cache_path(inputs: EvalInputs, weights_sha256: str) -> str:
+    return join(inputs.cache_dir, f"{weights_sha256}-{inputs.key}.json")
 
 
-def cached_result(inputs: EvalInputs, checkpoint: Checkpoint) -> dict | None:
-    path = cache_path(inputs, checkpoint)
+def cached_result(inputs: EvalInputs, weights_sha256: str) -> dict | None:
+    """The cached scores of the weights with this sha256 (`Checkpoint.weights_sha256`), or None."""
+    path = cache_path(inputs, weights_sha256)
     if not exists(path):
         return None
     try:
@@ -76,7 +77,7 @@ def score_checkpoint(params: Params, inputs: EvalInputs, taskset: TaskSet, check
     """{"milestone" (the checkpoint's name), "tokens", "weights_sha256", "scores": {task: TaskScore dict},
     "avg", "val_ppl", "wall_s", "cached"}; stored in the cache before it is returned. `taskset` is
     `inputs.tasks` written out (`TaskBundle.write`)."""
-    cached = cached_result(inputs, checkpoint)
+    cached = cached_result(inputs, checkpoint.weights_sha256)
     if cached is not None:
         return {**cached, "milestone": checkpoint.name, "tokens": checkpoint.tokens_seen, "cached": True}
     start = time.perf_counter()
@@ -96,5 +97,5 @@ def score_checkpoint(params: Params, inputs: EvalInputs, taskset: TaskSet, check
         "val_ppl": ppl,
         "wall_s": round(time.perf_counter() - start, 3),
     }
-    write_json_atomic(cache_path(inputs, checkpoint), result)
+    write_json_atomic(cache_path(inputs, checkpoint.weights_sha256), result)
     return {**result, "cached": False}
