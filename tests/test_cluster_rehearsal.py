@@ -4,7 +4,7 @@ What differs from the tiny profile is everything a multi-node cluster changes, a
 profile's known failure modes would fail it:
 - a Ray cluster of several nodes (`ray.cluster_utils.Cluster`): two "trainer" nodes for 4 FSDP2 workers
   on a 2 × 2 HSDP mesh (`train.mesh`, as the 1.1B profile's 2 × 8)
-  over gloo and one "evaluator" node for milestone evals, each kind reached through custom resources
+  over gloo and one "evaluator" node (two slots) for milestone evals, each kind reached through custom resources
   (`train.resources_per_worker`, `eval.resources`) and checked together before training starts: a
   cluster without room for the evals fails before training, naming what is missing;
 - shared storage only: the prepared shards (content-addressed, `paths.shared`), the run's checkpoints
@@ -42,14 +42,15 @@ MILESTONES = ["4K", "8K", "16K", "24K"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head (no CPUs: the driver's), two trainer nodes, one evaluator node; its address."""
+    """A head (no CPUs: the driver's), two trainer nodes, one evaluator node with room for two milestone
+    evals at once (with one, the run's evals queued ~60 s after its last step); its address."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_port": free_port()})
     for _ in range(2):
         cluster.add_node(num_cpus=2, resources={"trainer": 2})
-    cluster.add_node(num_cpus=1, resources={"evaluator": 1})
+    cluster.add_node(num_cpus=2, resources={"evaluator": 2})
     cluster.wait_for_nodes()
     yield cluster.address
     cluster.shutdown()
@@ -160,8 +161,8 @@ def test_a_cluster_without_room_for_the_evals_fails_before_training(workspace):
 
     root, bucket = workspace
     params = load_params(_params_file(root, bucket, "too-big", resource_timeout_s=1))
-    params.eval.resources["evaluator"] = 2  # the cluster has one evaluator slot
-    with pytest.raises(UserError, match=r"lacks evaluator 2 \(has 1\) .* \+ eval.resources"):
+    params.eval.resources["evaluator"] = 3  # the cluster has two evaluator slots
+    with pytest.raises(UserError, match=r"lacks evaluator 3 \(has 2\) .* \+ eval.resources"):
         pretrain(params)
     assert not _s3().glob(f"{bucket}/too-big/run-*/checkpoint_*")
 

@@ -201,17 +201,26 @@ def _sealed(root: Path, milestone: str) -> bool:
     return any(root.glob(f"checkpoints/pretrain/run-*/milestones/{milestone}/milestone.json"))
 
 
+def _resume_checkpoints(root: Path) -> list[Path]:
+    """The complete resume checkpoints of the copy's run, oldest first."""
+    return sorted(p for p in root.glob("checkpoints/pretrain/run-*/checkpoint_*") if (p / "checkpoint.json").is_file())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_path):
     """Two clean copies, same seed, CPU. The first runs to the end. The second's `dvc repro` is killed
-    (SIGKILL, the whole process group) once its second milestone is out, then `dvc repro` runs again: DVC
-    deletes the stage's outputs first, pretraining resumes from its last checkpoint, and every milestone
-    must be there, byte-identical to the first copy's, as must the tokenizer and the prepared data."""
+    (SIGKILL, the whole process group: the machine "dies") once its second milestone is out, and its newest
+    resume checkpoint is then cut short (a write the crash interrupted). `dvc repro` runs again: DVC deletes
+    the stage's outputs first, pretraining sets the corrupt checkpoint aside and resumes from the one before,
+    and every milestone must be there, byte-identical to the first copy's, as must the tokenizer and the
+    prepared data."""
+    import contextlib
     import os
     import signal
     import subprocess
 
+    import psutil
     from pipeline_repo import env_for
 
     first, second = fresh_copy(tmp_path / "first"), fresh_copy(tmp_path / "second")
@@ -225,9 +234,23 @@ def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_p
     while not _sealed(second, "8K") and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert killed.poll() is None and not _sealed(second, "32K"), "the run ended before it could be killed"
+    processes = [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]
     os.killpg(killed.pid, signal.SIGKILL)
+    for process in processes:  # Ray's daemons and workers too, or they would go on writing checkpoints
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
     killed.wait()
-    run_repro(second, "pretrain")
+    psutil.wait_procs(processes, timeout=60)
+    saved = _resume_checkpoints(second)
+    assert len(saved) >= 2, saved
+    previous, newest = saved[-2:]
+    cut_short = newest / "model.safetensors"
+    cut_short.write_bytes(cut_short.read_bytes()[: cut_short.stat().st_size // 2])
+    rerun = run_repro(second, "pretrain")
+    output = rerun.stdout + rerun.stderr
+    assert f"resume checkpoint {newest.name} is corrupt" in output, output[-3000:]
+    assert f"resuming from {previous.name}" in output, output[-3000:]
+    assert (newest.parent / f"corrupt-{newest.name}").is_dir()
 
     def out_hash(root: Path, stage: str, path: str) -> str:
         lock = yaml.safe_load((root / "dvc.lock").read_text())
