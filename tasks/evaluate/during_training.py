@@ -72,7 +72,7 @@ def _reported(client, run_id: str, result: dict, say: Callable[[str], None]) -> 
 def cached_milestone_scores(inputs: EvalInputs, milestone_dir: str, tokens_seen: int) -> dict | None:
     """The scores of a sealed milestone whose weights the eval cache already holds, found from its seal
     alone (each file's sha256), or None. A rerun after a fault exports again the milestones an earlier
-    attempt scored: the driver logs their cached scores itself instead of starting a task that would hold
+    attempt scored: the submitting worker logs their cached scores instead of starting a task that would hold
     `eval.resources` (a GPU on the cluster) and download the weights only to find them cached."""
     from tasks.errors import UserError
     from tasks.evaluate.checkpoints import sealed_weights_sha256
@@ -100,7 +100,8 @@ def submit_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str
     import ray
 
     say = console.say if console is not None else print
-    cached = cached_milestone_scores(inputs, resolve(milestone_dir), tokens_seen)
+    uri = resolve(milestone_dir)
+    cached = cached_milestone_scores(inputs, uri, tokens_seen)
     if cached is not None:
         from tasks.evaluate.mlflow_log import client_for
 
@@ -108,8 +109,8 @@ def submit_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str
     resources = eval_resources(params)
     # max_calls=1: the worker process, whose priority the task lowers, exits with it.
     task = ray.remote(max_calls=1)(_background_milestone_eval).options(
-        **resources, max_retries=0, name=f"eval-{str(milestone_dir).rstrip('/').rsplit('/', 1)[-1]}")
-    return task.remote(params.train.eval_priority, with_absolute_paths(params), inputs, resolve(milestone_dir),
+        **resources, max_retries=0, name=f"eval-{uri.rstrip('/').rsplit('/', 1)[-1]}")
+    return task.remote(params.train.eval_priority, with_absolute_paths(params), inputs, uri,
                        run_id, int(tokens_seen), mlflow_uri, max(1, int(resources["num_cpus"])), say)
 
 
