@@ -357,11 +357,26 @@ def test_failed_run_keeps_the_previous_output(tmp_path, small_tokenizer_dir, cap
     assert _files(tmp_path / "data" / "prepared") == before
 
 
+RAY_AGENTS = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+
+
+def _name(process) -> str:
+    """The process's name, or "" once it is gone."""
+    import psutil
+
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
 @pytest.mark.slow
 def test_killed_run_keeps_sealed_inputs_and_the_rerun_writes_the_same_bytes(tmp_path, small_tokenizer_dir):
     """SIGKILL mid-run: the previous output stays whole, the Ray it started goes with it, the inputs it
     sealed are kept and nothing half-written is trusted; the rerun tokenizes only the rest and writes
     exactly what an uninterrupted run writes."""
+    import contextlib
+
     import psutil
 
     small = [{"name": "sp", "format": "slimpajama", "uri": str(write_slimpajama(tmp_path / "small", 1, 1)),
@@ -381,13 +396,18 @@ def test_killed_run_keeps_sealed_inputs_and_the_rerun_writes_the_same_bytes(tmp_
         while len(list(units.rglob("*.json"))) < 2 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         children = psutil.Process(process.pid).children(recursive=True)
+        agents = [child for child in children if _name(child) in RAY_AGENTS]
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed: make the corpus bigger"
-    # Ray's agents go last: each reports the raylet's death to the (dead) GCS, retrying, before exiting (~60 s)
-    gone, alive = psutil.wait_procs(children, timeout=150)
-    assert not alive, f"orphaned processes still running: {[p.pid for p in alive]}"
+    # Everything that could still write goes with the driver. Ray's own agents linger: each publishes the raylet's
+    # death to the (dead) GCS under Ray's fixed 60 s timeout before exiting (Ray's code, not ours): the test ends them.
+    _, alive = psutil.wait_procs([child for child in children if child not in agents], timeout=30)
+    assert not alive, f"orphaned processes still running: {[(p.pid, p.name()) for p in alive]}"
+    for agent in agents:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            agent.kill()
     assert _files(tmp_path / "data" / "prepared") == before
     sealed = len(list(units.rglob("*.json")))
     assert 2 <= sealed < 9
