@@ -206,15 +206,9 @@ def _resume_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("checkpoints/pretrain/run-*/checkpoint_*") if (p / "checkpoint.json").is_file())
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_path):
-    """Two clean copies, same seed, CPU. The first runs to the end. The second's `dvc repro` is killed
-    (SIGKILL, the whole process group: the machine "dies") once its second milestone is out, and its newest
-    resume checkpoint is then cut short (a write the crash interrupted). `dvc repro` runs again: DVC deletes
-    the stage's outputs first, pretraining sets the corrupt checkpoint aside and resumes from the one before,
-    and every milestone must be there, byte-identical to the first copy's, as must the tokenizer and the
-    prepared data."""
+def _kill_the_machine_once_sealed(root: Path, milestone: str) -> None:
+    """Starts `dvc repro pretrain` in `root` and, once `milestone` is sealed, SIGKILLs its whole process group and
+    every Ray daemon and worker it started, as a machine's death would."""
     import contextlib
     import os
     import signal
@@ -223,17 +217,12 @@ def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_p
     import psutil
     from pipeline_repo import env_for
 
-    first, second = fresh_copy(tmp_path / "first"), fresh_copy(tmp_path / "second")
-    for root in (first, second):
-        _micro_profile(root)
-    run_repro(first, "pretrain")
-
-    killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=second, env=env_for(second),
+    killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=root, env=env_for(root),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not _sealed(second, "8K") and killed.poll() is None and time.monotonic() < deadline:
+    while not _sealed(root, milestone) and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert killed.poll() is None and not _sealed(second, "32K"), "the run ended before it could be killed"
+    assert killed.poll() is None and not _sealed(root, "32K"), "the run ended before it could be killed"
     processes = [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]
     os.killpg(killed.pid, signal.SIGKILL)
     for process in processes:  # Ray's daemons and workers too, or they would go on writing checkpoints
@@ -241,12 +230,44 @@ def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_p
             process.send_signal(signal.SIGKILL)
     killed.wait()
     psutil.wait_procs(processes, timeout=60)
-    saved = _resume_checkpoints(second)
-    assert len(saved) >= 2, saved
-    previous, newest = saved[-2:]
-    cut_short = newest / "model.safetensors"
-    cut_short.write_bytes(cut_short.read_bytes()[: cut_short.stat().st_size // 2])
-    rerun = run_repro(second, "pretrain")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_killed_pretrain_rerun_by_dvc_repro_matches_an_uninterrupted_run(tmp_path):
+    """Two clean copies, same seed, CPU, run side by side. The first runs to the end. The second's `dvc repro` is killed
+    (SIGKILL, the whole process group: the machine "dies") once its second milestone is out, and its newest
+    resume checkpoint is then cut short (a write the crash interrupted). `dvc repro` runs again: DVC deletes
+    the stage's outputs first, pretraining sets the corrupt checkpoint aside and resumes from the one before,
+    and every milestone must be there, byte-identical to the first copy's, as must the tokenizer and the
+    prepared data."""
+    import os
+    import signal
+    import subprocess
+
+    from pipeline_repo import env_for
+
+    first, second = fresh_copy(tmp_path / "first"), fresh_copy(tmp_path / "second")
+    for root in (first, second):
+        _micro_profile(root)
+    # The uninterrupted run goes on beside the killed one (two local Rays): most of each run is start-up waits.
+    reference_log = tmp_path / "uninterrupted.log"
+    with reference_log.open("wb") as log:
+        uninterrupted = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=first,
+                                         env=env_for(first), stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+    try:
+        _kill_the_machine_once_sealed(second, "8K")
+        saved = _resume_checkpoints(second)
+        assert len(saved) >= 2, saved
+        previous, newest = saved[-2:]
+        cut_short = newest / "model.safetensors"
+        cut_short.write_bytes(cut_short.read_bytes()[: cut_short.stat().st_size // 2])
+        rerun = run_repro(second, "pretrain")
+        assert uninterrupted.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
+    finally:
+        if uninterrupted.poll() is None:
+            os.killpg(uninterrupted.pid, signal.SIGKILL)
     output = rerun.stdout + rerun.stderr
     assert f"resume checkpoint {newest.name} is corrupt" in output, output[-3000:]
     assert f"resuming from {previous.name}" in output, output[-3000:]
