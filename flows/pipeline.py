@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.dag import Stage, load_stages
 from flows.report import artifact_key, read_metrics, run_ids, run_link, stage_markdown, summary
-from flows.repro import RAN, UP_TO_DATE
+from flows.repro import RAN, RESTORED, UP_TO_DATE
 from flows.serve import SERVE_LOG, deploy_to_cluster, how_to_serve, start_local, url
 from tasks.errors import UserError
 from tasks.files import write_atomic
@@ -87,27 +87,32 @@ def _mlflow_links(params: Params, ids: list[str]) -> dict[str, str]:
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_bad_input, cache_policy=NO_CACHE,
       task_run_name="{stage.name}")
-def run_stage(stage: Stage, root: str, ray_address: str | None, params: Params) -> StageResult:
-    """`dvc repro --single-item`, its output streamed line by line into the task's log.
+def run_stage(stage: Stage, root: str, ray_address: str | None, params: Params, sync_remote: bool = False
+              ) -> StageResult:
+    """`dvc repro --single-item` (with `--pull` and a push after it when `sync_remote`), its output streamed
+    line by line into the task's log.
 
     No Prefect result cache: DVC decides what is up to date.
     """
     logger = get_run_logger()
-    logger.info("$ dvc repro --single-item %s", stage.name)
-    started, ran = time.monotonic(), False
-    with subprocess.Popen([sys.executable, "-m", "flows.repro", stage.name], cwd=root, env=stage_env(ray_address),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          errors="replace") as proc:
+    logger.info("$ dvc repro --single-item %s%s", "--pull " if sync_remote else "", stage.name)
+    started, status = time.monotonic(), UP_TO_DATE
+    command = [sys.executable, "-m", "flows.repro", stage.name, *(["--sync-remote"] if sync_remote else [])]
+    with subprocess.Popen(command, cwd=root, env=stage_env(ray_address), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace") as proc:
         for line in proc.stdout:
             line = line.rstrip()
-            if line in (RAN, UP_TO_DATE):
-                ran = line == RAN
+            if line in (RAN, UP_TO_DATE, RESTORED):
+                status = line
             elif line:
                 logger.info(line)
     if proc.returncode:
         raise StageFailed(stage.name, proc.returncode)
     seconds = round(time.monotonic() - started, 1)
-    logger.info("%s: %s", stage.name, f"done in {seconds:.0f} s" if ran else "up to date (DVC cache), nothing to rerun")
+    ran = status == RAN
+    outcome = {RAN: f"done in {seconds:.0f} s", UP_TO_DATE: "up to date (DVC cache), nothing to rerun",
+               RESTORED: "restored from the DVC remote's run cache, nothing to rerun"}[status]
+    logger.info("%s: %s%s", stage.name, outcome, " (outputs and run cache pushed)" if sync_remote else "")
     root_path = Path(root)
     links = _mlflow_links(params, run_ids(read_metrics(root_path, stage)))
     create_markdown_artifact(markdown=stage_markdown(root_path, stage, ran, links), key=artifact_key(stage),
@@ -131,6 +136,23 @@ def check_cluster_profile(params: Params, ray_address: str | None) -> None:
     if not params.paths.shared:
         raise UserError("paths.shared: a run on a Ray cluster (--ray-address) needs storage every node reaches "
                         "(shards, eval cache, the served model), e.g. s3://<bucket>/pipeline")
+
+
+def syncs_with_dvc_remote(root: Path, ray_address: str | None) -> bool:
+    """Whether each stage restores from and pushes to DVC's default remote (flows/repro.py): on a cluster run
+    with one set (the image's .dvc/config.local sets it), so a new head gets back what a lost one had made. A
+    cluster run without one is allowed, and told what losing the head would cost."""
+    if not ray_address:
+        return False
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        remote = repo.config["core"].get("remote")
+    if not remote:
+        print("warning: no default DVC remote, so dvc.lock and every stage's outputs (the prepared manifest, the "
+              "milestones) stay on this head's disk only: a new head would prepare the corpus again. Set one "
+              "(README \"DVC remote on S3\") and each stage pushes its outputs and run cache to it.")
+    return bool(remote)
 
 
 def activate_params(params_file: str | Path, root: Path) -> Params:
@@ -172,10 +194,11 @@ def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retrie
     root = Path.cwd()
     check_cluster_profile(load_params(params), ray_address)
     profile = activate_params(params, root)
+    sync_remote = syncs_with_dvc_remote(root, ray_address)
     stages = load_stages(root)
     results = []
     for stage in stages:
-        results.append(run_stage.with_options(retries=retries)(stage, str(root), ray_address, profile))
+        results.append(run_stage.with_options(retries=retries)(stage, str(root), ray_address, profile, sync_remote))
     print(summary(root, stages, results, tracking_uri(profile)))
     if any(stage.name == "deploy" for stage in stages):
         publish(profile, str(root), ray_address, keep_serving, dashboard_address)

@@ -107,11 +107,10 @@ def _dvc(repo: Path, *args: str, env: dict) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.mark.slow
-def test_dvc_repro_push_and_clean_pull_through_an_s3_remote(tmp_path, s3_env, small_tokenizer_dir):
-    """A project repo whose prepare stage runs our CLI: the second `dvc repro` is a no-op, and the
-    outputs pushed to an S3 remote come back byte-identical after wiping outputs and cache. DVC
-    reaches the remote through its own `endpointurl` setting (AWS_ENDPOINT_URL is unset for it)."""
+def _project(tmp_path: Path, small_tokenizer_dir: Path, s3_env: str) -> tuple[Path, dict]:
+    """A DVC project repo whose prepare stage runs our CLI, with a default remote on a fresh bucket; and the
+    environment DVC runs in, which reaches the remote through its own `endpointurl` setting (AWS_ENDPOINT_URL
+    is unset for it)."""
     repo = tmp_path / "project"
     repo.mkdir()
     write_slimpajama(repo / "raw" / "SlimPajama-627B", chunks=1)
@@ -122,10 +121,13 @@ def test_dvc_repro_push_and_clean_pull_through_an_s3_remote(tmp_path, s3_env, sm
     params["paths"] = {"data": "data", "models": "models", "metrics": "metrics"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": {
-        "cmd": f"{sys.executable} -m tasks.cli prepare --params params.yaml",
+        # and a metric kept in git, as the pipeline's stages have (`cache: false`: `dvc push` leaves it out)
+        "cmd": f"{sys.executable} -m tasks.cli prepare --params params.yaml"
+               " && mkdir -p metrics && cp data/prepared/manifest.json metrics/prepare.json",
         "deps": ["raw/SlimPajama-627B", "models/tokenizer"],
         "params": ["data"],
         "outs": ["data/prepared"],
+        "metrics": [{"metrics/prepare.json": {"cache": False}}],
     }}}))
 
     env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
@@ -136,7 +138,14 @@ def test_dvc_repro_push_and_clean_pull_through_an_s3_remote(tmp_path, s3_env, sm
     _dvc(repo, "config", "core.analytics", "false", env=env)
     _dvc(repo, "remote", "add", "-d", "storage", f"s3://{bucket}/dvcstore", env=env)
     _dvc(repo, "remote", "modify", "storage", "endpointurl", s3_env, env=env)
+    return repo, env
 
+
+@pytest.mark.slow
+def test_dvc_repro_push_and_clean_pull_through_an_s3_remote(tmp_path, s3_env, small_tokenizer_dir):
+    """The second `dvc repro` is a no-op, and the outputs pushed to an S3 remote come back byte-identical
+    after wiping outputs and cache."""
+    repo, env = _project(tmp_path, small_tokenizer_dir, s3_env)
     _dvc(repo, "repro", "prepare", env=env)
     prepared = _files(repo / "data" / "prepared")
     assert "manifest.json" in prepared and any(k.endswith(".parquet") for k in prepared)
@@ -150,3 +159,37 @@ def test_dvc_repro_push_and_clean_pull_through_an_s3_remote(tmp_path, s3_env, sm
     _dvc(repo, "pull", env=env)
     assert _files(repo / "data" / "prepared") == prepared
     assert "in sync" in _dvc(repo, "status", "--cloud", env=env)
+
+
+@pytest.mark.slow
+def test_a_new_head_restores_a_stage_the_lost_one_synced_instead_of_running_it(tmp_path, s3_env,
+                                                                                small_tokenizer_dir):
+    """The flow's stage runner on a cluster run (`python -m flows.repro STAGE --sync-remote`): the stage runs and
+    pushes its outputs and run cache; on a "new head" (no dvc.lock, no outputs, no DVC cache: what a clone of
+    the repo has) the same command restores the stage from the remote without running its command, with the
+    same bytes and the same dvc.lock."""
+    from flows.repro import RAN, RESTORED, UP_TO_DATE
+
+    repo, env = _project(tmp_path, small_tokenizer_dir, s3_env)
+
+    def stage_runner() -> list[str]:
+        result = subprocess.run([sys.executable, "-m", "flows.repro", "prepare", "--sync-remote"], cwd=repo, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout.splitlines()
+
+    first = stage_runner()
+    assert first[-1] == RAN and any(line.startswith("prepared ") for line in first), first
+    prepared, lock = _files(repo / "data" / "prepared"), (repo / "dvc.lock").read_text()
+    metric = (repo / "metrics" / "prepare.json").read_bytes()
+    assert "in sync" in _dvc(repo, "status", "--cloud", env=env)
+    assert stage_runner()[-1] == UP_TO_DATE
+
+    for lost in (repo / "data", repo / "metrics", repo / ".dvc" / "cache", repo / ".dvc" / "tmp"):
+        shutil.rmtree(lost)
+    (repo / "dvc.lock").unlink()
+    restored = stage_runner()
+    assert restored[-1] == RESTORED and not any(line.startswith("prepared ") for line in restored), restored
+    assert _files(repo / "data" / "prepared") == prepared
+    assert (repo / "metrics" / "prepare.json").read_bytes() == metric
+    assert (repo / "dvc.lock").read_text() == lock

@@ -251,6 +251,24 @@ def test_a_cluster_run_without_a_shared_mlflow_or_storage_stops_in_one_line_with
         check_cluster_profile(type(params).model_validate(raw), "auto")
 
 
+def test_a_cluster_run_syncs_stages_with_the_default_dvc_remote_and_warns_without_one(tmp_path, capsys):
+    """Only a cluster run syncs each stage with DVC's remote (a local run keeps its cache to itself); the image's
+    .dvc/config.local names one, and a cluster run in a repo without one is told what losing the head costs."""
+    from flows.pipeline import syncs_with_dvc_remote
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "-q", "--no-scm"], cwd=repo, check=True, timeout=120)
+    assert not syncs_with_dvc_remote(repo, None)
+    assert capsys.readouterr().out == ""
+    assert not syncs_with_dvc_remote(repo, "auto")
+    assert "warning: no default DVC remote" in capsys.readouterr().out
+    shutil.copy2(ROOT / "infra" / "docker" / "dvc-config.local", repo / ".dvc" / "config.local")
+    assert syncs_with_dvc_remote(repo, "auto")
+    assert capsys.readouterr().out == ""
+
+
 def test_bad_input_is_not_retried_and_the_next_run_resumes_from_the_failed_stage(tmp_path, monkeypatch, prefect_server):
     root = _toy_repo(tmp_path / "toy")
     _mlflow_run(root)
