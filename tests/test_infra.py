@@ -162,11 +162,49 @@ def test_compose_file_structure():
             assert (INFRA / build["context"] / build["dockerfile"]).is_file()
 
 
+def test_shared_services_ask_for_credentials_that_every_node_has():
+    """MLflow runs its basic-auth app and Prefect its basic auth, with secrets that have no default (compose's
+    `${VAR:?}`) from the git-ignored infra/.env; the VM nodes get the MLflow password from SSM at boot."""
+    import json
+    import os
+
+    from configobj import ConfigObj
+
+    compose = _yaml("docker-compose.yaml")
+    mlflow, prefect = compose["services"]["mlflow"], compose["services"]["prefect"]
+    assert "--app-name basic-auth" in " ".join(mlflow["command"])
+    env = mlflow["environment"]
+    for secret in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", env[secret]), f"{secret} must be required, with no default"
+    auth_string = prefect["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert re.fullmatch(r"\$\{PREFECT_API_AUTH_STRING:\?[^}]+\}", auth_string), "the clients' variable, required"
+    mounts = dict(reversed(v.split(":")[:2]) for v in mlflow["volumes"])
+    ini = ConfigObj(str(INFRA / mounts[env["MLFLOW_AUTH_CONFIG_PATH"]].removeprefix("./")))
+    database = ini["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert mounts[os.path.dirname(database)] in compose["volumes"], "the users' database must outlive the container"
+    dockerfile = (INFRA / "docker" / "mlflow.Dockerfile").read_text()
+    (locked,) = re.findall(r"^mlflow==(\S+)", (ROOT / "requirements.lock").read_text(), re.M)
+    assert f'"mlflow[auth]=={locked}"' in dockerfile and "flask-wtf==" in dockerfile
+    assert "/infra/.env" in (ROOT / ".gitignore").read_text().splitlines()
+
+    config = _yaml("ray/cluster-16gpu.yaml")
+    env_files = [o.split()[1].replace("/home/ubuntu/", "~/") for o in config["docker"]["run_options"]
+                 if o.startswith("--env-file")]
+    (written,) = [c for c in config["initialization_commands"] if "MLFLOW_TRACKING_PASSWORD=" in c]
+    assert "/tinyllama/mlflow-password" in written and written.split("> ")[-1].strip() in env_files
+    policy = json.loads((INFRA / "aws" / "tinyllama-node-policy.json").read_text())
+    assert "parameter/tinyllama/mlflow-password" in json.dumps(policy)
+
+
 @pytest.mark.skipif(_compose_tool() is None,
                     reason="no docker compose / docker-compose to validate against the compose schema")
 def test_compose_file_passes_the_compose_schema():
+    import os
+
+    secrets = {name: "x" for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                       "PREFECT_API_AUTH_STRING")}
     proc = subprocess.run([*_compose_tool(), "-f", str(INFRA / "docker-compose.yaml"), "config", "-q"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, **secrets})
     assert proc.returncode == 0, proc.stderr
 
 
@@ -459,6 +497,47 @@ def test_every_node_has_an_instance_profile_with_the_buckets_rights():
         assert f"arn:aws:s3:::{bucket}/*" in resources, uri
 
 
+def test_the_training_nodes_share_one_zone():
+    """HSDP's gradient all-reduce between the two training nodes must not cross AZs: the VM cluster launches every
+    node in one AZ and the training nodes in a cluster placement group the runbook creates; KubeRay's training
+    pods require each other's zone."""
+    config = _yaml("ray/cluster-16gpu.yaml")
+    zone = config["provider"]["availability_zone"]
+    assert re.fullmatch(rf"{config['provider']['region']}[a-z]", zone), zone
+    runbook = (INFRA / "aws" / "README.md").read_text()
+    trainers = {name: t for name, t in config["available_node_types"].items() if "trainer" in t.get("resources", {})}
+    assert trainers
+    for name, node_type in trainers.items():
+        group = node_type["node_config"]["Placement"]["GroupName"]
+        assert f"create-placement-group --region {config['provider']['region']} --group-name {group} " \
+               "--strategy cluster" in runbook, name
+
+    job = _yaml("kuberay/rayjob.yaml")
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        if "trainer" not in group["rayStartParams"].get("resources", ""):
+            continue
+        (term,) = group["template"]["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "topology.kubernetes.io/zone"
+        assert term["labelSelector"] == {"matchLabels": {"ray.io/group": group["groupName"]}}  # KubeRay's label
+
+
+def test_the_images_dvc_remote_is_on_the_profiles_bucket_which_every_node_may_write():
+    """A cluster run syncs each stage with the image's default DVC remote (flows/repro.py): it must be a real
+    remote on the bucket the profile and the node policy name."""
+    import json
+
+    from configobj import ConfigObj  # what DVC reads its config files with
+
+    from tasks.params import load_params
+
+    dvc = ConfigObj(str(INFRA / "docker" / "dvc-config.local"))
+    url = dvc[f'remote "{dvc["core"]["remote"]}"']["url"]
+    bucket = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml").paths.shared.removeprefix("s3://").split("/")[0]
+    assert url.startswith(f"s3://{bucket}/"), url
+    policy = json.loads((INFRA / "aws" / "tinyllama-node-policy.json").read_text())
+    assert f"arn:aws:s3:::{bucket}/*" in " ".join(str(s["Resource"]) for s in policy["Statement"])
+
+
 def test_the_head_has_the_gpu_and_the_disk_its_driver_side_stages_need():
     """The stages run in the driver's process on the head: its SFT/DPO scorecards, a missed milestone's
     evaluate and the deploy gate use eval.device / deploy.device there, and prepare seals every input's
@@ -510,9 +589,10 @@ def test_the_serving_api_key_reaches_the_gate_and_every_replica():
     env = load_params(ROOT / "configs" / "tinyllama-1.1b.yaml").deploy.api_key_env
     config = _yaml("ray/cluster-16gpu.yaml")
     # written on the host before the container starts (as ubuntu: ~ is /home/ubuntu), read by `docker run`
-    (env_file,) = [o.split()[1] for o in config["docker"]["run_options"] if o.startswith("--env-file")]
+    env_files = [o.split()[1].replace("/home/ubuntu/", "~/") for o in config["docker"]["run_options"]
+                 if o.startswith("--env-file")]
     (written,) = [c for c in config["initialization_commands"] if f"{env}=" in c]
-    assert written.endswith("> " + env_file.replace("/home/ubuntu/", "~/")) and "/tinyllama/api-key" in written
+    assert written.split("> ")[-1].strip() in env_files and "/tinyllama/api-key" in written
     assert config["auth"]["ssh_user"] == "ubuntu"
     policy = json.loads((INFRA / "aws" / "tinyllama-node-policy.json").read_text())
     assert "parameter/tinyllama/api-key" in json.dumps(policy)
