@@ -155,19 +155,17 @@ def syncs_with_dvc_remote(root: Path, ray_address: str | None) -> bool:
     return bool(remote)
 
 
-def activate_params(params_file: str | Path, root: Path) -> Params:
-    """Validate the chosen profile in full, then make it the workspace's params.yaml.
+def activate_params(params_file: str | Path, params: Params, root: Path) -> None:
+    """Make the chosen profile, validated in full (`params`), the workspace's params.yaml.
 
     Validation comes first so a bad file stops the run before any stage or any write. dvc.yaml
     reads params.yaml (as `dvc exp run -S` edits it), so another profile is copied onto it
     (atomically) and DVC sees exactly which values changed.
     """
-    params = load_params(params_file)
     source, target = Path(params_file).resolve(), (root / ACTIVE_PARAMS).resolve()
     if source != target:
         write_atomic(target, source.read_bytes())
         print(f"params: {params_file} is now {ACTIVE_PARAMS}, the profile dvc.yaml tracks (profile {params.profile})")
-    return params
 
 
 @task(cache_policy=NO_CACHE)
@@ -192,8 +190,9 @@ def pipeline(params: str = ACTIVE_PARAMS, ray_address: str | None = None, retrie
     """Run the DAG in dvc.yaml on the profile `params`; `ray_address` points the stages at a Ray cluster
     (and deploys the champion there for good), `keep_serving` leaves it served on this machine."""
     root = Path.cwd()
-    check_cluster_profile(load_params(params), ray_address)
-    profile = activate_params(params, root)
+    profile = load_params(params)
+    check_cluster_profile(profile, ray_address)
+    activate_params(params, profile, root)
     sync_remote = syncs_with_dvc_remote(root, ray_address)
     stages = load_stages(root)
     results = []
