@@ -251,6 +251,19 @@ def test_a_cluster_run_without_a_shared_mlflow_or_storage_stops_in_one_line_with
         check_cluster_profile(type(params).model_validate(raw), "auto")
 
 
+def test_another_profile_becomes_params_yaml_byte_for_byte_and_params_yaml_stays_as_is(tmp_path, capsys):
+    from flows.pipeline import ACTIVE_PARAMS, activate_params
+    from tasks.params import load_params
+
+    profile_file = ROOT / "configs" / "tinyllama-1.1b.yaml"
+    (tmp_path / ACTIVE_PARAMS).write_bytes((ROOT / "params.yaml").read_bytes())
+    activate_params(profile_file, load_params(profile_file), tmp_path)
+    assert (tmp_path / ACTIVE_PARAMS).read_bytes() == profile_file.read_bytes()
+    assert f"is now {ACTIVE_PARAMS}" in capsys.readouterr().out
+    activate_params(tmp_path / ACTIVE_PARAMS, load_params(tmp_path / ACTIVE_PARAMS), tmp_path)
+    assert capsys.readouterr().out == "" and (tmp_path / ACTIVE_PARAMS).read_bytes() == profile_file.read_bytes()
+
+
 def test_a_cluster_run_syncs_stages_with_the_default_dvc_remote_and_warns_without_one(tmp_path, capsys):
     """Only a cluster run syncs each stage with DVC's remote (a local run keeps its cache to itself); the image's
     .dvc/config.local names one, and a cluster run in a repo without one is told what losing the head costs."""
