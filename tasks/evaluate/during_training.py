@@ -85,11 +85,10 @@ def cached_milestone_scores(inputs: EvalInputs, milestone_dir: str, tokens_seen:
         weights = sealed_weights_sha256(seal["files"], lambda: read_json(join(milestone_dir, WEIGHTS_INDEX_FILE)))
     except (UserError, OSError, KeyError, TypeError):
         return None  # unreadable here: the task reads it again and reports what is wrong
-    cached = None if weights is None else cached_result(inputs, weights)
-    if cached is None:
+    if weights is None:
         return None
     name = seal.get("milestone") or milestone_dir.rstrip("/").rsplit("/", 1)[-1]
-    return {**cached, "milestone": name, "tokens": int(tokens_seen), "cached": True}
+    return cached_result(inputs, weights, name, int(tokens_seen))
 
 
 def submit_milestone_eval(params: Params, inputs: EvalInputs, milestone_dir: str | Path, run_id: str,

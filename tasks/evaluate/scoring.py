@@ -62,24 +62,26 @@ def cache_path(inputs: EvalInputs, weights_sha256: str) -> str:
     return join(inputs.cache_dir, f"{weights_sha256}-{inputs.key}.json")
 
 
-def cached_result(inputs: EvalInputs, weights_sha256: str) -> dict | None:
-    """The cached scores of the weights with this sha256 (`Checkpoint.weights_sha256`), or None."""
+def cached_result(inputs: EvalInputs, weights_sha256: str, name: str, tokens: int) -> dict | None:
+    """What `score_checkpoint` returns (`cached`: true) for the weights with this sha256
+    (`Checkpoint.weights_sha256`) when the cache holds their scores, else None."""
     path = cache_path(inputs, weights_sha256)
     if not exists(path):
         return None
     try:
-        return read_json(path)
+        cached = read_json(path)
     except UserError:
         return None  # a damaged entry is re-scored, not trusted
+    return {**cached, "milestone": name, "tokens": tokens, "cached": True}
 
 
 def score_checkpoint(params: Params, inputs: EvalInputs, taskset: TaskSet, checkpoint: Checkpoint) -> dict:
     """{"milestone" (the checkpoint's name), "tokens", "weights_sha256", "scores": {task: TaskScore dict},
     "avg", "val_ppl", "wall_s", "cached"}; stored in the cache before it is returned. `taskset` is
     `inputs.tasks` written out (`TaskBundle.write`)."""
-    cached = cached_result(inputs, checkpoint.weights_sha256)
+    cached = cached_result(inputs, checkpoint.weights_sha256, checkpoint.name, checkpoint.tokens_seen)
     if cached is not None:
-        return {**cached, "milestone": checkpoint.name, "tokens": checkpoint.tokens_seen, "cached": True}
+        return cached
     start = time.perf_counter()
     model, tokenizer = load_checkpoint(checkpoint.directory, params.eval.device)
     rows = inputs.val_rows
