@@ -84,7 +84,8 @@ def test_rayservice_manifest_runs_our_application_builder():
     assert (args.device, args.dtype, args.compile) == ("cuda", "bf16", True), "the 1.1B serves on GPUs"
     (deployment,) = app.deployments
     options = deployment.ray_actor_options
-    assert {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus} == actor_options(args)
+    assert {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus, "runtime_env": options.runtime_env} == \
+        actor_options(args)
     assert deployment.max_ongoing_requests == args.max_ongoing_requests()
     assert deployment.max_queued_requests == args.max_queued_requests and args.stream_interval > 1
     assert deployment.backpressure_config.model_dump() == args.backpressure()
