@@ -51,6 +51,22 @@ from model.slots import SlotCache
 ATTENDED = 64  # on CPU a step attends over the first multiple of this many cache positions that its rows need
 
 
+_reserved_graphs = 0  # graphs the compiled steps of this process may hold, all on `StaticStep.forward`'s code
+
+
+def _reserve_graphs(graphs: int) -> None:
+    """Let Dynamo compile `graphs` more graphs of the step's code. It allows `recompile_limit` (8) per code
+    object and fails past it (`fullgraph`), counting every `StaticStep` of the process together (they share
+    `forward`'s code; modules are inlined, not told apart by identity). A step compiles one graph per
+    (batch bucket, width) by design: 12 on CUDA for 32 slots verifying 4 guesses (the 1.1B profile's replica),
+    and a process may hold several steps (a target and its draft, a benchmark's contenders)."""
+    global _reserved_graphs
+    _reserved_graphs += graphs
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, _reserved_graphs)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _reserved_graphs)
+
+
 def batch_buckets(slots: int) -> tuple[int, ...]:
     """1, 2, 4, ... and `slots` itself: the batch sizes a step is compiled for."""
     sizes, size = [], 1
@@ -150,6 +166,7 @@ class DecodeStep:
         self.fn = self.module
         self.warm = False  # every bucket compiled: guards are then only checked to pick the bucket's graph
         if compile:
+            _reserve_graphs(len(self.buckets) * len(self.widths))  # CUDA's count; CPU needs two per width
             cuda = self.device.type == "cuda"
             # CUDA graphs need static shapes: one graph per bucket. On CPU, a dynamic batch dim is one graph,
             # called through a C++ wrapper (inductor's Python wrapper costs ~0.1 ms a step at these sizes).

@@ -91,6 +91,20 @@ def test_prompt_lookup_on_the_compiled_verify_step(decoders):
     assert graphs() == before
 
 
+def test_a_step_compiles_its_graphs_whatever_dynamos_limit(model):
+    """Dynamo allows `recompile_limit` graphs per code object (8), counted over every step of a process (they
+    share the step's code), and `fullgraph` fails past it; a step compiles one graph per (batch bucket, width)
+    by design (12 on CUDA for the 1.1B replica's 32 slots verifying 4 guesses). Here the limit is 2, as if the
+    process's other steps had used the rest: the step still compiles every graph it needs at warm-up, and a
+    verify step then runs without compiling again."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        step = DecodeStep(model, SlotCache.for_model(model, SLOTS, spare=5), widths=(1, 5), compile=True)
+        step.warm_up()
+        before = graphs()
+        grid, _ = step.run([0, 3], [0, 0], [list(PROMPTS[0][:5]), list(PROMPTS[1][:2])])
+    assert grid.shape[:2] == (2, 5) and graphs() == before
+
+
 def test_int8_is_compiled_like_fp32():
     """The int8 engine (grouped q/k/v and gate/up matmuls) on the compiled step: the same greedy tokens as
     eager int8."""
