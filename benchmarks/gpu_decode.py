@@ -46,6 +46,7 @@ LLAMA_7B = LlamaConfig(n_layer=32, n_head=32, n_kv_head=32, dim=4096, mlp_dim=11
                        max_seq_len=2048)
 SMOKE_7B = preset("bench-55m")  # part b's shape under --smoke
 TARGETS = {"a": 1.3, "b": 0.6, "c": 2.0}
+PROMPT_TOKENS = 16
 
 
 def sync(device: torch.device) -> None:
@@ -99,9 +100,12 @@ def prompts(config: LlamaConfig, count: int, length: int) -> list[list[int]]:
     return torch.randint(3, config.vocab_size, (count, length), generator=generator).tolist()
 
 
-def one_sequence_decoder(model: Llama) -> BatchDecoder:
-    """What `generate(..., compile=True)` decodes on: one slot at the model's whole context, compiled here."""
-    return BatchDecoder(model, slots=1, prefill_chunk=16, compile=True, prompt_cache=False)
+def decoder_for(model: Llama, slots: int, tokens: int) -> BatchDecoder:
+    """Our compiled engine with a cache as long as a prompt and its `tokens` (transformers' static cache is sized
+    so too): on CUDA a step attends over the whole cache, so a 2048-position one would read more than the
+    contenders compared here need."""
+    return BatchDecoder(model, slots=slots, max_len=PROMPT_TOKENS + tokens, prefill_chunk=PROMPT_TOKENS, compile=True,
+                        prompt_cache=False)
 
 
 def ours_batch1(decoder: BatchDecoder, prompt: list[int], tokens: int) -> float:
@@ -128,8 +132,13 @@ class _Stamps:
 
 
 def _hf_generate(hf, ids: torch.Tensor, tokens: int, streamer=None) -> None:
+    """transformers' compiled static-cache decoding; `dynamic=False`: one static graph per shape, as ours (its
+    default lets Dynamo make the cache length dynamic once a second length comes)."""
+    from transformers import CompileConfig
+
     hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                do_sample=False, cache_implementation="static", eos_token_id=None, pad_token_id=0, streamer=streamer)
+                do_sample=False, cache_implementation="static", eos_token_id=None, pad_token_id=0, streamer=streamer,
+                compile_config=CompileConfig(dynamic=False))
 
 
 def transformers_batch1(hf, prompt: list[int], tokens: int) -> float:
@@ -174,10 +183,10 @@ def rounds_of(contenders: dict, rounds: int) -> dict[str, list[float]]:
 def part_a(config, dtype, device, tokens, rounds, bandwidth) -> dict:
     model = random_model(config, dtype, device)
     hf = transformers_copy(model, dtype, device)
-    prompt = prompts(config, 1, 16)[0]
-    decoder = one_sequence_decoder(model)
-    ours_batch1(decoder, prompt, 8)
-    transformers_batch1(hf, prompt, 8)  # transformers compiles its forward on the first static-cache call
+    prompt = prompts(config, 1, PROMPT_TOKENS)[0]
+    decoder = decoder_for(model, 1, tokens)
+    ours_batch1(decoder, prompt, tokens)  # warm-ups at the timed length: the same cache and graphs as the rounds
+    transformers_batch1(hf, prompt, tokens)  # transformers compiles its forward on the first static-cache call
     measured = rounds_of({"ours": lambda: ours_batch1(decoder, prompt, tokens),
                           "transformers": lambda: transformers_batch1(hf, prompt, tokens)}, rounds)
     roofline = bandwidth / step_weight_bytes(model)
@@ -189,7 +198,7 @@ def part_a(config, dtype, device, tokens, rounds, bandwidth) -> dict:
 
 
 def part_b(config, dtype, device, tokens, rounds, bandwidth) -> dict:
-    prompt = prompts(config, 1, 16)[0]
+    prompt = prompts(config, 1, PROMPT_TOKENS)[0]
     result = {}
     for name in (str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp"), "int8"):
         model = random_model(config, dtype, device)
@@ -197,7 +206,7 @@ def part_b(config, dtype, device, tokens, rounds, bandwidth) -> dict:
             model = quantize_int8(model)
         roofline = bandwidth / step_weight_bytes(model)
         try:
-            decoder = one_sequence_decoder(model)
+            decoder = decoder_for(model, 1, tokens)
             rates = [ours_batch1(decoder, prompt, tokens) for _ in range(rounds + 1)][1:]  # the first warms up
             del decoder
         except Exception as exc:  # e.g. a torch without a CUDA int8 weight-only kernel: report, go on
@@ -217,8 +226,8 @@ def part_b(config, dtype, device, tokens, rounds, bandwidth) -> dict:
 def part_c(config, dtype, device, tokens, rounds, sequences) -> dict:
     model = random_model(config, dtype, device)
     hf = transformers_copy(model, dtype, device)
-    batch = prompts(config, sequences, 16)
-    decoder = BatchDecoder(model, slots=sequences, prefill_chunk=16, compile=True, prompt_cache=False)
+    batch = prompts(config, sequences, PROMPT_TOKENS)
+    decoder = decoder_for(model, sequences, tokens)
     for contender in (lambda n: ours_batched(decoder, batch, n), lambda n: transformers_batched(hf, batch, n)):
         contender(tokens), contender(1)  # warm-up: compiles both lengths' paths
 

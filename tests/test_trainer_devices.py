@@ -78,6 +78,21 @@ def test_fsdp_loop_collectives_and_sharded_resume_on_cpu(tmp_path):
     assert outcome["gpu_mem"] is None, "the GPU memory metric only where there is a GPU"
 
 
+def test_a_cpu_trainer_leaves_deterministic_kernels_off_for_a_cuda_one():
+    """The flag is process-wide, and deterministic cuBLAS fails without CUBLAS_WORKSPACE_CONFIG: after the CPU test
+    above, the CUDA one below runs in the same process."""
+    from tasks.train.loop import deterministic_kernels
+
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        deterministic_kernels(torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+        deterministic_kernels(torch.device("cuda", 0))
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (NCCL, bf16): run where one is present")
 def test_fsdp_bf16_loop_over_nccl_on_a_gpu(tmp_path):
     outcome = _run_and_resume(tmp_path, "cuda", "nccl", "bf16")

@@ -69,6 +69,13 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
+def deterministic_kernels(device: torch.device) -> None:
+    """Deterministic algorithms for CPU training, not for CUDA. Set either way, because the flag is process-wide:
+    left on by a CPU trainer, every cuBLAS call of a later CUDA trainer in the same process fails (deterministic
+    cuBLAS demands CUBLAS_WORKSPACE_CONFIG)."""
+    torch.use_deterministic_algorithms(device.type != "cuda")
+
+
 class Trainer:
     def __init__(self, config: LoopConfig, placement: Placement):
         self.config = config
@@ -80,8 +87,7 @@ class Trainer:
         if self.device.type == "cuda":
             # object collectives (checkpoint hashes, RNG) use the current device
             torch.cuda.set_device(self.device.index if self.device.index is not None else torch.cuda.current_device())
-        else:
-            torch.use_deterministic_algorithms(True)
+        deterministic_kernels(self.device)
         self.objective = objective = config.objective
         self.plan = objective.plan(params)
         self.recipe = objective.recipe(params)
