@@ -267,7 +267,7 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 """Serve runs the app's handlers on the replica's own event loop, not on a second loop in a thread of its own
 (one of the settings of Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED`): each streamed chunk then skips a hop between
 two loops. The handlers never block (tokenizing and the engine run in threads of their own). Measured on 2 cores,
-55M at 32 concurrent streams: 4-8% more tokens/s (benchmarks/README.md)."""
+55M at 32 concurrent streams: about 5% more tokens/s (median of six A/B pairs, benchmarks/README.md)."""
 
 
 def actor_options(settings: ServeArgs) -> dict:
