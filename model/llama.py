@@ -6,10 +6,11 @@ with an optional KV cache for decoding. Parameter names follow Hugging Face's
 
 Speed choices (benchmarks/train_step.py measures them against transformers): grouped-query
 attention goes to SDPA with `enable_gqa` instead of copying K/V per query head (the KV cache
-holds only the KV heads), training projects q, k and v in one matmul (and gate and up in another),
-the training loss never materialises the full logits (model/loss.py), and `compile_loss` compiles
-the whole loss into one graph (`compile_blocks`, for sharded models, the one decoder-block graph
-every layer shares).
+holds only the KV heads; under a mask, where SDPA's kernels would copy them, each group of query heads
+is folded onto its KV head instead: `masked_attention`), training projects q, k and v in one matmul
+(and gate and up in another), the training loss never materialises the full logits (model/loss.py),
+and `compile_loss` compiles the whole loss into one graph (`compile_blocks`, for sharded models, the
+one decoder-block graph every layer shares).
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ def parallel_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, 
     return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of (b, heads, t, d) queries over (b, kv_heads, L, d) keys/values under a boolean `mask`
+    (broadcastable to (b, 1, t, L)), each group of query heads folded into the rows of the KV head it
+    shares: (b, kv_heads, group * t, d). Why: under a mask, SDPA's `enable_gqa` costs what repeating K and
+    V per query head would (its reference definition), and a decode step reads the whole attended cache;
+    folded, K and V are read as cached whichever kernel runs. Measured on CPU, compiled, 32 rows: the 55M
+    config's heads over 128 keys 0.37 → 0.19 ms a layer, the 1.1B's over 2048 keys 11.6 → 4.4 ms (CUDA
+    kernels not measured)."""
+    b, heads, t, d = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    mask = mask if mask.dim() == 4 else mask[None, None]
+    rows = mask.shape[0]
+    mask = mask[:, :, None].expand(rows, 1, group, t, keys).reshape(rows, 1, group * t, keys)
+    y = F.scaled_dot_product_attention(q.reshape(b, kv_heads, group * t, d), k, v, attn_mask=mask)
+    return y.view(b, heads, t, d)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
@@ -128,7 +149,8 @@ class Attention(nn.Module):
         else:
             if mask is None and t > 1:  # a chunk after a cached prefix: causal, offset by the prefix
                 mask = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(diagonal=total - t)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = (F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa) if mask is None  # one query, all keys
+                 else masked_attention(q, k, v, mask))
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import LlamaConfig, micro, tinyllama_1_1b
-from model.llama import Llama, RMSNorm, apply_rope, rope_cache
+from model.llama import Llama, RMSNorm, apply_rope, masked_attention, rope_cache
 from model.loss import _eager_chunk_loss_and_grad, _fused_chunk_loss_and_grad, linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -97,6 +97,22 @@ def test_gqa_attention_matches_transformers_eager_attention(model):
         expected, _ = theirs(x, position_embeddings, attention_mask=causal)
         got = ours(x, model.rope_cos[:21], model.rope_sin[:21])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,mask_dims", [(8, 2, 4), (6, 2, 2), (4, 4, 4)])
+def test_masked_attention_folds_query_groups_without_changing_the_result(heads, kv_heads, mask_dims):
+    """The decode step's attention (query heads folded onto their shared KV head) against SDPA's own
+    `enable_gqa`, under a per-row mask (a slot step's: each row's own context) and a shared 2-D one."""
+    torch.manual_seed(0)
+    b, t, keys, d = 3, 5, 40, 16
+    q, k, v = torch.randn(b, heads, t, d), torch.randn(b, kv_heads, keys, d), torch.randn(b, kv_heads, keys, d)
+    if mask_dims == 4:
+        positions = torch.tensor([[3, 4, 5, 6, 7], [30, 31, 32, 33, 34], [39, 39, 39, 39, 39]])
+        mask = (torch.arange(keys) <= positions[:, :, None])[:, None]
+    else:
+        mask = torch.ones(t, keys, dtype=torch.bool).tril(diagonal=keys - t)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(masked_attention(q, k, v, mask), expected, rtol=0, atol=1e-6)
 
 
 def test_decoder_layer_matches_transformers(model):
