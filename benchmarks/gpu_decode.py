@@ -101,9 +101,8 @@ def prompts(config: LlamaConfig, count: int, length: int) -> list[list[int]]:
 
 
 def decoder_for(model: Llama, slots: int, tokens: int) -> BatchDecoder:
-    """Our compiled engine with a cache as long as a prompt and its `tokens` (transformers' static cache is sized
-    so too): on CUDA a step attends over the whole cache, so a 2048-position one would read more than the
-    contenders compared here need."""
+    """Our compiled engine with a cache as long as a prompt and its `tokens`, as transformers' static cache is
+    sized: on CUDA a step attends over a length bucket of it (model/step.py), at these sizes 64, 128 or all of it."""
     return BatchDecoder(model, slots=slots, max_len=PROMPT_TOKENS + tokens, prefill_chunk=PROMPT_TOKENS, compile=True,
                         prompt_cache=False)
 

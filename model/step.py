@@ -6,10 +6,12 @@ graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, 
 
 - the cache is preallocated (slots x (max_len + spare) per layer, model/slots.py); which keys a query
   sees is data (a mask built from the fed positions: key position <= query position), so a step's
-  shapes never depend on which sequence sits in which row. On CUDA a step attends over all `max_len`
-  positions; on CPU over the first multiple of `ATTENDED` its longest row needs, a dynamic dimension
-  of the same graphs (no recompile as contexts grow; 55M at batch 1: attending over the whole cache,
-  scratch tail included, cost a quarter of the int8 step);
+  shapes never depend on which sequence sits in which row. A step attends over the keys its longest
+  row needs, rounded up: on CPU to a multiple of `ATTENDED`, a dynamic dimension of the same graphs (no
+  recompile as contexts grow; 55M at batch 1: attending over the whole cache, scratch tail included,
+  cost a quarter of the int8 step); on CUDA to a length bucket (64, 128, 256, ... `max_len`), the same
+  inductor graph recorded as one CUDA graph per length (attending over all 2048 positions read ~1.5 GB
+  of the 1.1B's KV a step at 32 slots, whatever the contexts' lengths);
 - a step feeds `B` rows (B: a batch bucket), `W` tokens each (W: a width bucket, 1 for plain decoding,
   k + 1 for a speculative verify). On CPU the rows are the slots being fed, in any order, padded to
   the bucket (`DecodeStep.rows`): the step costs what the running sequences need, wherever the prompt
@@ -24,7 +26,8 @@ graph (or a CUDA graph) cannot follow. Here every shape is fixed by the bucket, 
   machines: the 32000 x 512 output projection takes 7.5 ms for 1 row, 16.5 ms for 2; the 55M config's
   compiled step 36.5 ms for a lone row fed as two against the eager step's 28.1 ms). On CUDA each bucket
   is its own static graph, captured as a CUDA graph (`mode="reduce-overhead"`), the cache being a module
-  buffer so the graph's addresses stay fixed.
+  buffer so the graph's addresses stay fixed. `DecodeStep(static=True)` runs CUDA's layout on any device
+  (static batch buckets, first-B rows, length buckets), so the CPU tests cover it.
 
 `warm_up()` compiles every bucket at load, so no request pays for compilation. The step returns
 the logits of every fed position (B, W, vocab) with each row's penalties applied (model/sampling.py
@@ -67,13 +70,23 @@ def _reserve_graphs(graphs: int) -> None:
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _reserved_graphs)
 
 
-def batch_buckets(slots: int) -> tuple[int, ...]:
-    """1, 2, 4, ... and `slots` itself: the batch sizes a step is compiled for."""
-    sizes, size = [], 1
-    while size < slots:
+def doublings(first: int, last: int) -> tuple[int, ...]:
+    """first, 2 first, 4 first, ... below `last`, then `last` itself."""
+    sizes, size = [], first
+    while size < last:
         sizes.append(size)
         size *= 2
-    return (*sizes, slots)
+    return (*sizes, last)
+
+
+def batch_buckets(slots: int) -> tuple[int, ...]:
+    """1, 2, 4, ... and `slots` itself: the batch sizes a step is compiled for."""
+    return doublings(1, slots)
+
+
+def length_buckets(max_len: int) -> tuple[int, ...]:
+    """64, 128, 256, ... and `max_len` itself: the key lengths a static-layout step attends over."""
+    return doublings(ATTENDED, max_len)
 
 
 class _Rows:
@@ -106,7 +119,7 @@ class StaticStep(nn.Module):
     tensors are this module's buffers (shared with `cache` and `penalties`, so the eager prefill and the
     decoder's bookkeeping write into the same memory)."""
 
-    def __init__(self, model, cache: SlotCache, penalties: SlotPenalties | None = None):
+    def __init__(self, model, cache: SlotCache, penalties: SlotPenalties | None = None, gather: bool = True):
         super().__init__()
         self.model = model
         for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
@@ -118,7 +131,7 @@ class StaticStep(nn.Module):
             for name in ("counts", "prompt", "presence", "frequency", "repetition"):
                 self.register_buffer(f"penalty_{name}", getattr(penalties, name), persistent=False)
         self.last_rope = model.config.max_seq_len - 1
-        self.gather = cache.device.type != "cuda"  # see DecodeStep: rows are any slots on CPU, the first B on CUDA
+        self.gather = gather  # see DecodeStep.rows: any slots (CPU's layout), or the first B (CUDA's)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, keys: torch.Tensor,
                 slots: torch.Tensor, process: bool = True):
@@ -149,20 +162,24 @@ class StaticStep(nn.Module):
 
 class DecodeStep:
     """A `StaticStep` for a slot cache, eager or compiled, fed per bucket; `run` pads a step's rows to
-    its buckets, and `warm_up` compiles each (batch bucket, width) before the first request."""
+    its buckets, and `warm_up` compiles each (batch bucket, width) before the first request. `static`: the
+    layout CUDA graphs need (static batch buckets, the first B slots as rows, length buckets); default: on
+    CUDA only."""
 
     def __init__(self, model, cache: SlotCache, widths: Sequence[int] = (1,), compile: bool = False,
-                 penalties: SlotPenalties | None = None):
+                 penalties: SlotPenalties | None = None, static: bool | None = None):
         self.cache, self.widths = cache, tuple(sorted(set(widths)))
         if self.widths[-1] > cache.spare:
             raise ValueError(f"width {self.widths[-1]} exceeds the cache's scratch tail of {cache.spare}")
-        self.module = StaticStep(model, cache, penalties)
         self.device = cache.device
+        self.static = self.device.type == "cuda" if static is None else static
+        self.module = StaticStep(model, cache, penalties, gather=not self.static)
         self.compiled = compile
         # On CPU one graph with a dynamic batch dim serves every bucket >= 2, and torch specializes a size of 1
         # into a second graph (see the module docstring for why a lone row is not fed as two).
-        self.dynamic = compile and self.device.type != "cuda"
+        self.dynamic = compile and not self.static
         self.buckets = batch_buckets(cache.slots)
+        self.lengths = length_buckets(cache.max_len) if self.static else (cache.max_len,)
         self.fn = self.module
         self.warm = False  # every bucket compiled: guards are then only checked to pick the bucket's graph
         if compile:
@@ -172,7 +189,7 @@ class DecodeStep:
             # called through a C++ wrapper (inductor's Python wrapper costs ~0.1 ms a step at these sizes).
             # The bound forward, not the module: no nn.Module call layers around the compiled frame.
             self.fn = torch.compile(self.module.forward, mode="reduce-overhead" if cuda else None,
-                                    dynamic=False if cuda else None, fullgraph=True,
+                                    dynamic=False if self.static else None, fullgraph=True,
                                     options=None if cuda else {"cpp_wrapper": True})
 
     def bucket(self, rows: int) -> int:
@@ -197,17 +214,19 @@ class DecodeStep:
     def attended(self, end: int) -> torch.Tensor:
         """The cache positions a step attends over when its rows' real tokens end before `end`: on CPU the
         first multiple of `ATTENDED` that holds them (a dynamic dimension of the graphs: attention then
-        costs what the longest row's context needs, not the whole cache's); on CUDA all of `max_len`
-        (a CUDA graph's shapes are static)."""
-        length = self.cache.max_len
-        if self.device.type != "cuda":
-            length = min(length, -(-end // ATTENDED) * ATTENDED)
+        costs what the longest row's context needs, not the whole cache's); in the static layout the first
+        length bucket that holds them (a CUDA graph's shapes are static: one recorded per length)."""
+        if self.static:
+            length = next(n for n in self.lengths if n >= end)
+        else:
+            length = min(self.cache.max_len, -(-end // ATTENDED) * ATTENDED)
         return self.module.key_positions[:length]
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, drafted: torch.Tensor, keys: torch.Tensor,
                  slots: torch.Tensor, process: bool = True):
-        if self.dynamic:
+        if self.compiled:  # one inductor graph for every key length (on CUDA, recorded per length bucket)
             torch._dynamo.mark_dynamic(keys, 0, min=2, max=self.cache.max_len)
+        if self.dynamic:
             if idx.shape[0] > 1:
                 for tensor in (idx, positions, drafted, slots):
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
@@ -258,19 +277,22 @@ class DecodeStep:
         return tuple(None if o is None else o[rows] for o in out)
 
     def warm_up(self) -> None:
-        """Run every (batch bucket, width) once (CUDA graphs: three times, to record them) on scratch
-        positions only, so compilation happens now, not on a request's path; the cache's real
-        entries are untouched."""
+        """Run every (batch bucket, width, length bucket) once (CUDA graphs: three times, to record them) on
+        scratch positions only, so compilation happens now, not on a request's path; the cache's real
+        entries are untouched. The key length is a dynamic dimension: one inductor graph serves every
+        length, so more lengths cost CUDA graph recordings, not compiles."""
         if not self.compiled:
             return
         repeats = 3 if self.device.type == "cuda" else 1
-        keys = self.module.key_positions  # its length is a dynamic dimension on CPU: any will do
         with torch.inference_mode():
-            for width in self.widths:
-                for b in self.buckets:
-                    positions = torch.arange(self.cache.max_len, self.cache.max_len + width).repeat(b, 1)
-                    idx = torch.zeros((b, width), dtype=torch.long, device=self.device)
-                    slots = torch.arange(b, device=self.device)
-                    for _ in range(repeats):
-                        self(idx, positions.to(self.device), torch.zeros_like(idx, dtype=torch.bool), keys, slots)
+            for length in self.lengths:
+                keys = self.module.key_positions[:length]
+                for width in self.widths:
+                    for b in self.buckets:
+                        positions = torch.arange(self.cache.max_len, self.cache.max_len + width).repeat(b, 1)
+                        idx = torch.zeros((b, width), dtype=torch.long, device=self.device)
+                        slots = torch.arange(b, device=self.device)
+                        for _ in range(repeats):
+                            self(idx, positions.to(self.device), torch.zeros_like(idx, dtype=torch.bool), keys,
+                                 slots)
         self.warm = True

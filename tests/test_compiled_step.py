@@ -13,7 +13,7 @@ from model.llama import Llama
 from model.sampling import Sampling
 from model.slots import SlotCache
 from model.speculative import PromptLookup
-from model.step import DecodeStep, batch_buckets
+from model.step import DecodeStep, batch_buckets, length_buckets
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(600)]
 
@@ -39,17 +39,25 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_buckets_cover_every_batch_size():
+def test_buckets_cover_every_batch_size_and_length():
     assert batch_buckets(1) == (1,) and batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
+    assert length_buckets(2048) == (64, 128, 256, 512, 1024, 2048) and length_buckets(144) == (64, 128, 144)
+    assert length_buckets(40) == (40,)
 
 
-def test_compiled_logits_match_eager_at_every_step(model):
+@pytest.mark.parametrize("static", [False, True], ids=["cpu-layout", "cuda-layout"])
+def test_compiled_logits_match_eager_at_every_step(model, static):
     """Two sequences decoded step by step through a compiled step and through the model's full eager
-    forward over each whole sequence: logits close at every step, argmax equal where the margin is clear."""
+    forward over each whole sequence: logits close at every step, argmax equal where the margin is clear,
+    past the first length bucket (64). In CUDA's layout (static batch buckets, length buckets; run here on
+    CPU) warm-up compiles one graph per batch bucket, the key length being dynamic, and nothing after."""
     cache = SlotCache.for_model(model, SLOTS, spare=1)
-    step = DecodeStep(model, cache, compile=True)
+    step = DecodeStep(model, cache, compile=True, static=static)
     assert step.buckets == batch_buckets(SLOTS)  # a lone row is its own bucket, not fed as two (model/step.py)
+    before = graphs()
     step.warm_up()
+    if static:
+        assert step.lengths == (64, 128) and graphs() - before == len(step.buckets)
     before = graphs()
     seqs = [list(PROMPTS[0]), list(PROMPTS[2])]
     slots = [0, 2]  # not contiguous: on CPU the step feeds slots 0 and 2 as rows 0 and 1
@@ -57,7 +65,7 @@ def test_compiled_logits_match_eager_at_every_step(model):
         for i, seq in enumerate(seqs):  # prefill token by token through the step itself
             for pos, token in enumerate(seq[:-1]):
                 step.run([slots[i]], [pos], [[token]])
-        for _ in range(12):
+        for _ in range(60):
             grid, _ = step.run(slots, [len(s) - 1 for s in seqs], [[s[-1]] for s in seqs])
             for row, seq in enumerate(seqs):
                 got, want = grid[row, 0], model(torch.tensor([seq]))[0, -1]
@@ -66,7 +74,20 @@ def test_compiled_logits_match_eager_at_every_step(model):
                 if top2[0] - top2[1] > 2 * ATOL:
                     assert int(got.argmax()) == int(want.argmax())
                 seq.append(int(want.argmax()))
+    assert max(len(s) for s in seqs) > 64
     assert graphs() == before, "the step recompiled after warm-up"
+
+
+def test_a_step_attends_over_what_its_longest_row_needs(model):
+    """The keys a step attends over: on CPU the first multiple of 64 past its longest row's tokens, in the
+    static layout the first length bucket (so a CUDA step at short contexts reads a short cache, not all of it)."""
+    cache = SlotCache(model.config, SLOTS, 300, 1, torch.float32, torch.device("cpu"))  # longer than micro's context
+    cpu, static = DecodeStep(model, cache), DecodeStep(model, cache, static=True)
+    assert cpu.lengths == (300,) and static.lengths == (64, 128, 256, 300)
+    ends = (1, 64, 65, 130, 257, 300)
+    assert [len(cpu.attended(end)) for end in ends] == [64, 64, 128, 192, 300, 300]
+    assert [len(static.attended(end)) for end in ends] == [64, 64, 128, 256, 300, 300]
+    assert static.rows([2]) == ([0, 1, 2, 3], [2]) and cpu.rows([2]) == ([2], [0])
 
 
 def test_continuous_batching_is_identical_to_eager_without_recompiling(decoders):
