@@ -206,10 +206,10 @@ class DecodeStep:
         time grows with the rows, and with the prompt cache a lone request may sit in a high slot). On
         CUDA they are the first B slots, B the bucket past the highest (a GEMM of a few rows costs what one
         does there, and the cache is read as a view, not gathered)."""
-        if self.module.gather:
-            b = self.bucket(len(slots))
-            return [*slots, *[slots[0]] * (b - len(slots))], list(range(len(slots)))
-        return list(range(self.bucket(max(slots) + 1))), list(slots)
+        if self.static:
+            return list(range(self.bucket(max(slots) + 1))), list(slots)
+        b = self.bucket(len(slots))
+        return [*slots, *[slots[0]] * (b - len(slots))], list(range(len(slots)))
 
     def attended(self, end: int) -> torch.Tensor:
         """The cache positions a step attends over when its rows' real tokens end before `end`: on CPU the
@@ -271,7 +271,7 @@ class DecodeStep:
                    torch.tensor(positions, dtype=torch.long, device=self.device),
                    torch.tensor(drafted, dtype=torch.bool, device=self.device), keys,
                    torch.tensor(fed_slots, dtype=torch.long, device=self.device), process)
-        if self.module.gather:
+        if not self.static:  # rows are `slots` themselves, padded
             return tuple(None if o is None else o[:len(slots)] for o in out)
         rows = torch.tensor(row_of, device=self.device)
         return tuple(None if o is None else o[rows] for o in out)
