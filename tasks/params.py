@@ -300,15 +300,17 @@ class QualityGate(Section):
 
 
 class QuantizeParams(Section):
-    """The `quantize` stage (tasks/quantize/): GGUF files for llama.cpp, int8 for our engine, measured."""
+    """The `quantize` stage (tasks/quantize/): GGUF files for llama.cpp, int8 and bf16 for our engine, measured."""
     # A dir under paths.models ("pretrain/1M", "sft/<variant>"), any HF dir, or a registry ref
     # ("models:/tinyllama-chat@champion") once the alignment stages register chat variants.
     source: str = "models:/tinyllama-chat@champion"
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # file stem; default: from the source
     types: list[str] = Field(default_factory=lambda: list(GGUF_TYPES))
     int8: bool = True
+    bf16: bool = False                       # our engine with bf16 weights: what `serve --dtype bf16` runs on GPUs
     val_rows: int = Field(64, gt=0)          # prepared val rows scored (one llama.cpp chunk each)
     evaluate: bool = True                    # the lm-eval average per type (eval.* settings)
+    eval_limit: int | None = Field(None, gt=0)  # items per task for those averages; null: eval.limit
     threads: int = Field(2, gt=0)
     overwrite: bool = False
     registered_model: str = "tinyllama-chat-gguf"
@@ -325,9 +327,14 @@ class QuantizeParams(Section):
             raise ValueError("a quant type is listed twice")
         return types
 
+    @property
+    def ours(self) -> list[str]:
+        """Our engine's variants this stage measures besides fp32 (the reference), in the report's order."""
+        return [name for name, measured in (("bf16", self.bf16), ("int8", self.int8)) if measured]
+
     @model_validator(mode="after")
     def _gated_types_are_built(self):
-        built = set(self.types) | ({"int8"} if self.int8 else set())
+        built = set(self.types) | set(self.ours)
         for name in self.gates:
             if name not in built:
                 raise ValueError(f"quantize.gates.{name}: not a type this stage builds ({', '.join(sorted(built))})")

@@ -25,9 +25,10 @@ TYPES = ["F16", "Q8_0", "Q4_0", "Q5_0"]
 MICRO_GATES = {"Q8_0": {"max_ppl_ratio": 1.02, "min_same_top": 0.97}}
 
 
-def _write_params(project, path, metrics_dir=None, **quantize):
+def _write_params(project, path, metrics_dir=None, eval_settings=None, **quantize):
     raw = yaml.safe_load(project["params"].read_text())
     raw["quantize"].update({"source": "pretrain/4K", "threads": 1, "gates": MICRO_GATES, **quantize})
+    raw["eval"].update(eval_settings or {})
     raw["mlflow"]["experiment"] = "eval-tests"  # make_project's experiment: its artifacts live under the project
     if metrics_dir is not None:
         raw["paths"]["metrics"] = str(metrics_dir)
@@ -42,7 +43,7 @@ def project(tmp_path_factory, eval_models):
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     root = tmp_path_factory.mktemp("quantize")
     project = make_project(root, eval_models, f"sqlite:///{root / 'mlflow.db'}")
-    project["quantize_params"] = _write_params(project, root / "quantize.yaml")
+    project["quantize_params"] = _write_params(project, root / "quantize.yaml", bf16=True, int8=True)
     with time_limit(900, "the quantize stage on the micro project"):
         project["rc"] = cli(["quantize", "--params", str(project["quantize_params"])])
     yield project
@@ -62,22 +63,25 @@ def test_writes_every_gguf_and_the_quality_table(project):
     assert project["rc"] == 0
     assert _quantized(project) == sorted(f"pretrain-4K-{t}.gguf" for t in TYPES)
     metrics = _metrics(project)
-    assert list(metrics["types"]) == ["fp32", "int8", *TYPES]
+    assert list(metrics["types"]) == ["fp32", "bf16", "int8", *TYPES]
     rows = metrics["types"]
     assert rows["fp32"]["ppl_ratio"] == pytest.approx(1.0) and rows["fp32"]["kld"] == pytest.approx(0, abs=1e-12)
     assert rows["fp32"]["same_top"] == 1.0  # the baseline against itself
-    for name in ("int8", *TYPES):
+    for name in ("bf16", "int8", *TYPES):
         row = rows[name]
         assert row["ppl"] > 1 and 0 <= row["same_top"] <= 1 and row["kld"] >= 0 and 0 <= row["eval_avg"] <= 1, name
     # fewer bits, more divergence; every GGUF smaller than fp32
     assert rows["F16"]["kld"] < rows["Q8_0"]["kld"] < rows["Q5_0"]["kld"] < rows["Q4_0"]["kld"]
     assert rows["Q4_0"]["size_bytes"] < rows["Q5_0"]["size_bytes"] < rows["Q8_0"]["size_bytes"] \
         < rows["F16"]["size_bytes"] < rows["fp32"]["size_bytes"]
+    # bf16: the same weights rounded to 8 mantissa bits, half fp32's bytes, close to it but not equal
+    assert 0 < rows["bf16"]["kld"] < rows["Q4_0"]["kld"] and rows["bf16"]["same_top"] > 0.9
+    assert 0.45 < rows["bf16"]["size_bytes"] / rows["fp32"]["size_bytes"] <= 0.5
     assert rows["Q8_0"]["gate"] == {**MICRO_GATES["Q8_0"], "passed": True, "failures": []}
     assert metrics["gates_passed"] is True and metrics["scored_tokens"] == rows["fp32"]["tokens"] > 100
     table = (project["root"] / "metrics" / "quantize_table.md").read_text()
     assert f"| Q8_0 | llama.cpp | {rows['Q8_0']['size_bytes'] / 1e6:.2f} |" in table
-    assert "| fp32 | ours |" in table and "| int8 | ours |" in table and "none." in table
+    assert all(f"| {name} | ours |" in table for name in ("fp32", "bf16", "int8")) and "none." in table
 
 
 def test_fp32_eval_average_equals_the_evaluate_stage_score(project):
@@ -122,12 +126,18 @@ def _bad_source(project, name):
 
 
 @pytest.mark.parametrize("case", ["unknown type", "other architecture", "missing tensor", "not in registry",
-                                  "no such dir"])
+                                  "no such dir", "no cuda here"])
 def test_bad_input_exits_2_naming_it_and_writes_nothing(project, case, tmp_path, capsys):
+    import torch
     from safetensors.torch import load_file, save_file
 
-    quantize, expected = {"name": "bad"}, None
-    if case == "unknown type":
+    quantize, expected, eval_settings = {"name": "bad"}, None, None
+    if case == "no cuda here":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: eval.device cuda is not bad input here")
+        eval_settings = {"device": "cuda", "resources": {"CPU": 1, "GPU": 1}}
+        expected = "eval.device: cuda requested, but this machine has no CUDA"
+    elif case == "unknown type":
         quantize["types"], expected = ["Q8_0", "Q3_K"], "quantize.types: unknown quant type 'Q3_K'"
     elif case == "other architecture":
         source = _bad_source(project, "gpt2")
@@ -144,7 +154,7 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(project, case, tmp_path,
         quantize["source"], expected = "models:/tinyllama-chat@nobody", "models:/tinyllama-chat@nobody"
     else:
         quantize["source"], expected = "pretrain/9T", "quantize.source: 'pretrain/9T'"
-    params = _write_params(project, tmp_path / "bad.yaml", **quantize)
+    params = _write_params(project, tmp_path / "bad.yaml", eval_settings=eval_settings, **quantize)
     before = _quantized(project)
     assert cli(["quantize", "--params", str(params)]) == 2
     err = capsys.readouterr().err
@@ -165,6 +175,19 @@ def test_a_missed_gate_fails_the_stage_and_registers_nothing(project, tmp_path, 
     assert metrics["gates_passed"] is False and metrics["types"]["Q4_0"]["gate"]["passed"] is False
     assert "**FAIL**" in (tmp_path / "metrics" / "quantize_table.md").read_text()
     assert MlflowClient(tracking_uri=project["uri"]).search_model_versions("name='strict-gguf'") == []
+
+
+def test_eval_limit_scores_every_type_on_the_first_items_of_each_task(project, tmp_path):
+    """`quantize.eval_limit` (the GPU profile's 200): the types' averages over that many items a task, said in the
+    table's settings note; the evaluate stage's own `eval.limit` is left alone."""
+    params = _write_params(project, tmp_path / "limited.yaml", metrics_dir=tmp_path / "metrics", types=["Q8_0"],
+                           int8=False, eval_limit=2, name="limited", registered_model="limited-gguf")
+    assert cli(["quantize", "--params", str(params)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "quantize.json").read_text())
+    assert "first 2 items per task" in metrics["eval_settings"]
+    assert all(0 <= row["eval_avg"] <= 1 for row in metrics["types"].values())
+    assert "first 2 items per task" in (tmp_path / "metrics" / "quantize_table.md").read_text()
+    assert "first" not in _metrics(project)["eval_settings"]  # the module's run: eval.limit null, every item
 
 
 def test_the_tiny_pipeline_quantizes_its_champion_within_the_gates(pipeline_repo):

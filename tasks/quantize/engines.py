@@ -1,6 +1,6 @@
 """The engines a quantized model runs on, behind one call: token ids → logits at every position.
 
-`OursEngine` is our torch Llama (fp32, or int8 after `model.quant.quantize_int8`); `LlamaCppEngine` is
+`OursEngine` is our torch Llama (fp32, bf16, or int8 after `model.quant.quantize_int8`); `LlamaCppEngine` is
 llama.cpp itself, through llama-cpp-python with `logits_all=True`, so a GGUF is judged by the numbers
 llama.cpp computes from it, not by our reading of the file.
 """
@@ -59,14 +59,18 @@ def _plain_cpu_buffers():
 
 
 class OursEngine:
-    def __init__(self, model):
-        self.model = model.eval()
+    """Our Llama on `device` (the stage's `eval.device`: the GPU profile measures bf16 and int8 on the GPU that
+    serves them, where a CPU without bf16 units would take hours); logits come back to the CPU in fp32."""
+
+    def __init__(self, model, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
         self.vocab_size = model.config.vocab_size
         self.n_ctx = model.config.max_seq_len
 
     @torch.inference_mode()
     def logits(self, tokens: list[int]) -> torch.Tensor:
-        return self.model(torch.tensor([tokens]))[0].float()
+        return self.model(torch.tensor([tokens], device=self.device))[0].float().cpu()
 
     def close(self) -> None:
         self.model = None

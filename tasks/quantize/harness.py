@@ -1,4 +1,4 @@
-"""The milestones' lm-eval suite on any engine (ours fp32/int8, llama.cpp on a GGUF).
+"""The milestones' lm-eval suite on any engine (ours fp32/bf16/int8, llama.cpp on a GGUF).
 
 `EngineLM` is an lm-eval `TemplateLM`: lm-eval's own request building and `_encode_pair` split, the
 tokenizer of the source dir and BOS first exactly as the milestone evals' `HFLM(add_bos_token=True)`

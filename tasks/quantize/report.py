@@ -38,9 +38,10 @@ def markdown_table(metrics: dict) -> str:
         f"Source `{metrics['source']['source']}` ({metrics['source']['dir']}). Reference: fp32 ours. "
         f"{metrics['chunks']} val chunks of n_ctx={metrics['n_ctx']} (BOS first, second half scored, as llama.cpp's "
         f"perplexity tool does): {metrics['scored_tokens']} scored tokens.",
-        "GGUF rows are computed by llama.cpp (llama-cpp-python) from the file; int8 is our engine "
-        "(model/quant.py). eval avg: the milestones' lm-eval suite ×100" + (f" ({metrics['eval_settings']})."
-                                                                          if metrics.get("eval_settings") else "."),
+        "GGUF rows are computed by llama.cpp (llama-cpp-python) from the file; int8 (model/quant.py) and bf16 "
+        "(weights and activations in bf16, as `serve --dtype bf16` runs) are our engine. "
+        "eval avg: the milestones' lm-eval suite ×100"
+        + (f" ({metrics['eval_settings']})." if metrics.get("eval_settings") else "."),
         "Tensors kept F16 (row length not a multiple of the block size): "
         + ("; ".join(kept) if kept else "none") + ".",
     ]

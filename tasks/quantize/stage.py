@@ -1,4 +1,4 @@
-"""`tinyllama quantize --params FILE`: GGUF files for llama.cpp and int8 for our engine, measured.
+"""`tinyllama quantize --params FILE`: GGUF files for llama.cpp, and int8 and bf16 on our engine, measured.
 
 1. Check everything the user can get wrong before any output exists: the source (registry ref or
    dir; a Llama with every tensor and a SentencePiece tokenizer), the GGUF paths (an existing one is
@@ -70,7 +70,7 @@ def _val_chunks(params: Params, config) -> tuple[list[tuple[list[int], int]], in
 
 
 def _state_bytes(model) -> int:
-    """Bytes of every distinct tensor of a model (tied weights once): the int8 engine's footprint."""
+    """Bytes of every distinct tensor of a model (tied weights once): a bf16 or int8 engine's footprint."""
     seen, total = set(), 0
     for tensor in model.state_dict().values():
         if tensor.data_ptr() not in seen:
@@ -79,15 +79,27 @@ def _state_bytes(model) -> int:
     return total
 
 
-def _open_engines(params: Params, source: Source, model, files: dict) -> dict:
-    """fp32 ours (the reference), int8 ours, llama.cpp per GGUF; each with the model's whole context."""
+def _load_ours(variant: str, directory):
+    """The source as our engine runs it in `variant`: bf16 weights (`serve --dtype bf16`, the GPU profile's
+    deployment) or int8 weight-only (`serve --quant int8`)."""
+    import torch
+
     from model.hf import load_hf
     from model.quant import quantize_int8
+
+    if variant == "bf16":
+        return load_hf(directory, dtype=torch.bfloat16)
+    return quantize_int8(load_hf(directory))
+
+
+def _open_engines(params: Params, source: Source, model, files: dict) -> dict:
+    """fp32 ours (the reference), bf16 and int8 ours, on `eval.device`; llama.cpp per GGUF, on the CPU; each
+    with the model's whole context."""
     from tasks.quantize.engines import LlamaCppEngine, OursEngine
 
-    engines = {REFERENCE: OursEngine(model)}
-    if params.quantize.int8:
-        engines["int8"] = OursEngine(quantize_int8(load_hf(source.directory)))
+    engines = {REFERENCE: OursEngine(model, params.eval.device)}
+    for variant in params.quantize.ours:
+        engines[variant] = OursEngine(_load_ours(variant, source.directory), params.eval.device)
     for qtype, exported in files.items():
         engines[qtype] = LlamaCppEngine(exported.path, model.config.max_seq_len, params.quantize.threads)
     return engines
@@ -122,8 +134,13 @@ def check_gates(params: Params, rows: dict[str, dict]) -> None:
 
 def _preflight(params: Params, overwrite: bool):
     """Everything the user can get wrong, checked before any output exists: (source, GGUF paths, model)."""
+    from model.devices import check_device
     from tasks.quantize.mlflow_log import check_source_run
 
+    try:
+        check_device(params.eval.device, "eval.device")  # where our engine's rows are computed
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     source = resolve_source(params)
     check_source_run(params, source.run_id)
     paths = gguf_paths(params, source)
@@ -135,7 +152,7 @@ def _preflight(params: Params, overwrite: bool):
 
 
 def _score(params: Params, source: Source, model, files: dict, chunks: list, taskset) -> dict[str, dict]:
-    """Every engine's row: llama.cpp's perplexity statistics, the eval average, the int8 footprint."""
+    """Every engine's row: llama.cpp's perplexity statistics, the eval average, our variants' footprints."""
     from tasks.quantize.harness import eval_scores, load_tokenizer
 
     engines = _open_engines(params, source, model, files)
@@ -145,8 +162,8 @@ def _score(params: Params, source: Source, model, files: dict, chunks: list, tas
             tokenizer = load_tokenizer(source.directory)
             for name, engine in engines.items():
                 rows[name]["eval_avg"] = eval_scores(engine, tokenizer, taskset, params.eval)["avg"]
-        if "int8" in engines:
-            rows["int8"]["size_bytes"] = _state_bytes(engines["int8"].model)
+        for variant in params.quantize.ours:
+            rows[variant]["size_bytes"] = _state_bytes(engines[variant].model)
     finally:
         for engine in engines.values():
             engine.close()
@@ -155,7 +172,16 @@ def _score(params: Params, source: Source, model, files: dict, chunks: list, tas
         rows[qtype].update(size_bytes=exported.size_bytes, file=shown(exported.path), kept_f16=list(exported.kept_f16))
     for name, row in rows.items():
         row["engine"] = "llama.cpp" if name in files else "ours"
-    return {name: rows[name] for name in (REFERENCE, "int8", *files) if name in rows}
+    return {name: rows[name] for name in (REFERENCE, *params.quantize.ours, *files)}
+
+
+def _compared_evals(params: Params) -> Params:
+    """`params` with the eval settings the types' averages use: `quantize.eval_limit` items per task when set.
+    The same items for every type (a paired comparison); llama.cpp scores each GGUF on the CPU one request at a
+    time, which on the GPU profile's full suite (~69k requests a type) would take hours a type."""
+    if params.quantize.eval_limit is None:
+        return params
+    return params.model_copy(update={"eval": params.eval.model_copy(update={"limit": params.quantize.eval_limit})})
 
 
 def quantize(params: Params, overwrite: bool = False) -> dict:
@@ -167,17 +193,18 @@ def quantize(params: Params, overwrite: bool = False) -> dict:
     start = time.perf_counter()
     source, paths, model = _preflight(params, overwrite)
     chunks, n_ctx = _val_chunks(params, model.config)
+    compared = _compared_evals(params)
     with tempfile.TemporaryDirectory(prefix="tinyllama-quantize-") as include_dir:
-        taskset = build_taskset(params, Path(include_dir)) if params.quantize.evaluate else None
+        taskset = build_taskset(compared, Path(include_dir)) if params.quantize.evaluate else None
         files = {qtype: export_gguf(source.directory, path, qtype, source.lineage, source.name, overwrite=True)
                  for qtype, path in paths.items()}
-        rows = _score(params, source, model, files, chunks, taskset)
+        rows = _score(compared, source, model, files, chunks, taskset)
     check_gates(params, rows)
     metrics = {
         "name": source.name,
         "source": {**source.lineage, "dir": shown(source.directory)},
         "n_ctx": n_ctx, "chunks": len(chunks), "scored_tokens": rows[REFERENCE]["tokens"],
-        "eval_settings": f"{', '.join(params.eval.tasks)}; {settings_note(params, taskset)}" if taskset else None,
+        "eval_settings": f"{', '.join(params.eval.tasks)}; {settings_note(compared, taskset)}" if taskset else None,
         "types": rows,
         "gates_passed": all(row["gate"]["passed"] for row in rows.values() if "gate" in row),
         "wall_s": round(time.perf_counter() - start, 1),
