@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_fixtures import eval_items
 from serving_server import API_KEY, serving
 
 pytestmark = pytest.mark.slow
@@ -266,7 +267,6 @@ def test_lm_eval_local_completions_scores_the_served_model_as_in_process(server,
     logprobs=1, max_tokens=1) on the tiny tasks' items: every item's log-likelihood equals in-process
     scoring (HFLM on the same dir, BOS first as the milestone evals add it) within 1e-3."""
     import lm_eval
-    from eval_fixtures import eval_items
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -298,18 +298,14 @@ def test_lm_eval_local_completions_scores_the_served_model_as_in_process(server,
     assert worst < 1e-3, worst
 
 
-@pytest.mark.timeout(600)
-def test_the_deploy_gate_fails_when_the_served_weights_are_not_the_scored_ones(server, served_model_dir, tmp_path):
-    """The deploy stage's gate (tasks/deploy/gate.py) against this server: scored in process on the served
-    weights it passes; on a copy whose final norm is scaled (weights that were not served) it fails,
-    naming the worst request. Both on the first 4 items of two tasks."""
+def _gate_inputs(served_model_dir, tmp_path, dtype: str = "fp32"):
+    """(params, taskset, other): the deploy gate's settings for a `dtype` replica on the first 4 items of the
+    fixture's two tasks, and a copy of the served weights whose final norm is scaled (weights not served)."""
     import shutil
 
     import yaml
-    from eval_fixtures import eval_items
     from safetensors.torch import load_file, save_file
 
-    from tasks.deploy.gate import run_gate
     from tasks.evaluate.lm_eval_tiny import write_tiny_task
     from tasks.evaluate.tasksets import TaskSet
     from tasks.params import parse_params
@@ -321,19 +317,31 @@ def test_the_deploy_gate_fails_when_the_served_weights_are_not_the_scored_ones(s
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["paths"] = {name: str(tmp_path / name) for name in ("data", "models", "metrics")}
     raw["deploy"]["gate"] = {"items": 4, "tolerance": 1e-3}
-    params = parse_params(raw)
+    raw["deploy"]["dtype"] = dtype
     other = tmp_path / "other-weights"
     shutil.copytree(served_model_dir, other)
     weights = load_file(other / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    return parse_params(raw), taskset, other
+
+
+@pytest.mark.timeout(600)
+def test_the_deploy_gate_fails_when_the_served_weights_are_not_the_scored_ones(server, served_model_dir, tmp_path):
+    """The deploy stage's gate (tasks/deploy/gate.py) against this server: scored in process on the served
+    weights it passes; on a copy whose final norm is scaled (weights that were not served) it fails,
+    naming the worst request. Both on the first 4 items of two tasks."""
+    from tasks.deploy.gate import run_gate
+
+    params, taskset, other = _gate_inputs(served_model_dir, tmp_path)
 
     def gate(model_dir):
         return run_gate(params, taskset, f"{server.url}/v1", API_KEY, NAME, model_dir, {})
 
     same = gate(served_model_dir)
-    assert same["passed"] and same["requests"] == sum(4 * len(rows[0]["choices"]) for rows in items.values())
+    assert same["passed"] and same["requests"] == 4 * sum(len(rows[0]["choices"]) for rows in eval_items().values())
     assert same["max_abs_diff"] <= 1e-3 and same["scores"]["served"] == same["scores"]["in_process"]
+    assert same["rounding_noise"] == 0 and same["allowed"] == 1e-3  # an fp32 replica: the tolerance alone
     assert same["recorded"] is None  # no pipeline metrics here to put beside the scores
     differ = gate(other)
     assert not differ["passed"] and differ["max_abs_diff"] > 1e-3 and differ["requests"] == same["requests"]
@@ -341,3 +349,26 @@ def test_the_deploy_gate_fails_when_the_served_weights_are_not_the_scored_ones(s
         differ["message"]
     print(f"\ndeploy gate on this server: same weights {same['max_abs_diff']:.2e}, other weights "
           f"{differ['max_abs_diff']:.2e} at {differ['worst']}")
+
+
+@pytest.mark.timeout(600)
+def test_a_bf16_replica_passes_the_gate_within_its_rounding_and_other_weights_still_fail(served_model_dir,
+                                                                                           tmp_path):
+    """The GPU profile serves bf16 (`deploy.dtype`), scored against the fp32 numbers every stage recorded: its
+    requests differ from them by bf16 rounding, more than the fp32 tolerance. The gate measures that rounding
+    in process (the same weights in bf16) and allows it twice over: the bf16 replica passes, weights that were
+    not served still fail."""
+    from tasks.deploy.gate import NOISE_FACTOR, run_gate
+
+    params, taskset, other = _gate_inputs(served_model_dir, tmp_path, dtype="bf16")
+    (tmp_path / "serve").mkdir()
+    with serving(served_model_dir, tmp_path / "serve", "--name", NAME, "--dtype", "bf16", "--slots", "4",
+                 "--cpus", "2") as bf16_server:
+        same, differ = (run_gate(params, taskset, f"{bf16_server.url}/v1", API_KEY, NAME, model_dir, {})
+                        for model_dir in (served_model_dir, other))
+    assert same["dtype"] == "bf16" and same["rounding_noise"] > 0
+    assert same["allowed"] == pytest.approx(1e-3 + NOISE_FACTOR * same["rounding_noise"])
+    assert same["passed"] and same["max_abs_diff"] <= same["allowed"], same["message"]
+    assert not differ["passed"] and differ["max_abs_diff"] > differ["allowed"], differ["message"]
+    print(f"\nbf16 replica: {same['max_abs_diff']:.2e} from fp32 (bf16 rounding in process "
+          f"{same['rounding_noise']:.2e}, allowed {same['allowed']:.2e}); other weights {differ['max_abs_diff']:.2e}")
