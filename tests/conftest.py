@@ -11,6 +11,14 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# Ray binds its console handlers ("ray", "ray.data") to sys.stderr when first imported. Imported inside a test
+# that captures with capsys, that stream is closed when the test ends (the stages' logs restore those handlers),
+# and a record Ray logs later (a Ray Data prefetch thread exiting after its stage) prints "--- Logging error ---"
+# into whichever test runs then: a bad-input test's one-line stderr failed so. Imported here, at collection,
+# they hold pytest's session-long capture instead.
+import ray  # noqa: E402, F401, I001
+import ray.data  # noqa: E402, F401
+
 
 @contextmanager
 def time_limit(seconds: float, what: str):
