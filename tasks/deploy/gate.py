@@ -113,7 +113,8 @@ def rounding_noise(model, tokenizer, params: Params, taskset: TaskSet, reference
     """The largest |log-likelihood in the served dtype - fp32| over the gate's requests, both in process: how far
     a bf16 or fp16 replica's scores may move from the evaluated (fp32) ones by rounding alone (0 for fp32).
     The weights and activations in that dtype, the logits read out in fp32 as a replica does (lm-eval would
-    otherwise take the log-softmax in bf16, whose 8-bit mantissa alone moves a log-probability of -6 by 0.03)."""
+    otherwise take the log-softmax in bf16, whose 8-bit mantissa alone moves a log-probability of -6 by 0.03).
+    Converts `model` in place (no second copy on the device): the caller is done with its fp32 scores."""
     from model.devices import check_dtype
 
     if params.deploy.dtype == "fp32":
