@@ -22,6 +22,8 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,9 +107,12 @@ def prepare(params: Params) -> dict:
                     sealed[unit.index] = record
                     bar.update(_reader(readers, unit).sizes[unit.uri])
 
-                tokenize_units(todo, params, tokenizer, lambda unit: _units_dir(staging, unit), dtype, on_sealed)
+                with _driver_time("tokenized", lambda: sum(sealed[unit.index].ids for unit in todo)):
+                    tokenize_units(todo, params, tokenizer, lambda unit: _units_dir(staging, unit), dtype,
+                                   on_sealed)
     try:
-        manifest = _pack(readers, units, sealed, staging, params, tokenizer, dtype)
+        with _driver_time("packed", lambda: sum(record.ids for record in sealed.values())):
+            manifest = _pack(readers, units, sealed, staging, params, tokenizer, dtype)
     except BaseException:
         for name in ("prepared", "eval"):
             shutil.rmtree(staging / name, ignore_errors=True)
@@ -135,6 +140,20 @@ def _pack(readers, units: list[Unit], sealed: dict[int, Sealed], staging: Path, 
     _write_eval_items(params, staging / "eval")
     write_json_atomic(staging / "prepared" / MANIFEST_FILE, manifest)
     return manifest
+
+
+@contextmanager
+def _driver_time(done: str, tokens: Callable[[], int]):
+    """Prints a phase's wall time and this process's CPU time per token once it is done: the driver
+    receives and seals every token (phase 1) and packs every token (phase 2) in one process, whatever
+    the workers, so at a terabyte its rates bound the stage (`data.seal_tokens_per_second`,
+    `data.pack_tokens_per_second`)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    yield
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    count = tokens()
+    print(f"prepare: {done} {count:,} tokens in {wall:.1f}s; the driver used {cpu:.1f} CPU-s "
+          f"({count / max(cpu, 1e-9):,.0f} tokens per driver CPU-second)")
 
 
 def plan_units(readers: list[SourceReader], params: Params, tokenizer, dtype) -> list[Unit]:
