@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -75,6 +76,26 @@ def write_corpus(root: Path, entities: int, programs: int, copies: int) -> Path:
             payload = "".join(json.dumps({"text": d, "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
                               for d in part).encode()
             path.write_bytes(zstandard.ZstdCompressor(level=3).compress(payload))
+    return train
+
+
+def write_big_corpus(root: Path, entities: int, programs: int, files: int, copies_per_file: int) -> Path:
+    """`files` inputs in the SlimPajama layout, each the embedded corpus `copies_per_file` times over: inputs
+    of SlimPajama's size (~10M tokens a file at 25 copies), so the driver's per-input costs are amortized as
+    at scale."""
+    import zstandard
+
+    from tasks.data.corpus import build_corpus
+
+    corpus = build_corpus(seed=1234, entities=entities, programs=programs)
+    payload = "".join(json.dumps({"text": d, "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
+                      for d in corpus.text_documents + corpus.code_documents).encode() * copies_per_file
+    data = zstandard.ZstdCompressor(level=3).compress(payload)
+    train = root / "train"
+    for index in range(files):
+        path = train / f"chunk{index + 1}" / "example_train_0.jsonl.zst"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     return train
 
 
@@ -187,6 +208,61 @@ def run_stage(params_file: Path, work: Path, code: Path = ROOT, kill_after_s: fl
             "peak_worker_rss_mb": peak_worker / 2**20}
 
 
+DRIVER_LINE = re.compile(r"prepare: (tokenized|packed) ([\d,]+) tokens in [\d.]+s; the driver used [\d.]+ CPU-s "
+                         r"\(([\d,]+) tokens per driver CPU-second\)")
+
+
+def run_stage_for_driver(params_file: Path, work: Path) -> dict:
+    """The stage CLI once, clean: the tokens and driver CPU-seconds its two phases report."""
+    shutil.rmtree(work / "data", ignore_errors=True)
+    out = subprocess.run([sys.executable, "-m", "tasks.cli", "prepare", "--params", str(params_file)], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"prepare failed: {out.stderr[-3000:]}")
+    found = {phase: (int(tokens.replace(",", "")), int(tokens.replace(",", "")) / int(rate.replace(",", "")))
+             for phase, tokens, rate in DRIVER_LINE.findall(out.stdout)}  # CPU-s from the rate: 1 ms resolution
+    if set(found) != {"tokenized", "packed"}:
+        raise SystemExit(f"prepare printed no driver lines:\n{out.stdout[-3000:]}")
+    return found
+
+
+def driver_rates(args) -> None:
+    """`--driver`: what the driver process handles per second in each phase, on inputs of SlimPajama's size,
+    as the marginal between `--driver` and twice as many inputs (the fixed costs apart), over `--rounds`
+    interleaved rounds: what `data.seal_tokens_per_second` and `data.pack_tokens_per_second` should say for
+    the head's CPU."""
+    import statistics
+
+    builtin = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["builtin"]
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-driver-") as tmp:
+        works = {n: Path(tmp) / f"files{n}" for n in (args.driver, 2 * args.driver)}
+        files = {n: write_params(work, write_big_corpus(work / "raw", builtin["entities"], builtin["programs"], n,
+                                                        args.copies_per_file), args.workers)
+                 for n, work in works.items()}
+        train_tokenizer(files[args.driver])
+        shutil.copytree(works[args.driver] / "models", works[2 * args.driver] / "models")
+        rounds = []
+        for round_ in range(args.rounds):
+            sizes = sorted(works, reverse=bool(round_ % 2))
+            runs = {n: run_stage_for_driver(files[n], works[n]) for n in sizes}
+            small, big = runs[args.driver], runs[2 * args.driver]
+            rates = {phase: (big[phase][0] - small[phase][0]) / (big[phase][1] - small[phase][1])
+                     for phase in ("tokenized", "packed")}
+            rounds.append(rates)
+            print(f"round {round_ + 1}: {args.driver} vs {2 * args.driver} inputs of "
+                  f"{small['packed'][0] // args.driver:,} tokens: driver CPU-s {small['tokenized'][1]:.1f} / "
+                  f"{big['tokenized'][1]:.1f} sealing, "
+                  f"{small['packed'][1]:.1f} / {big['packed'][1]:.1f} packing; marginal tokens per driver CPU-second "
+                  f"sealing {rates['tokenized']:,.0f}, packing {rates['packed']:,.0f}", flush=True)
+    report = {"inputs": args.driver, "copies_per_file": args.copies_per_file, "rounds": rounds,
+              **{f"{phase}_tokens_per_driver_cpu_s": statistics.median(r[phase] for r in rounds)
+                 for phase in ("tokenized", "packed")}}
+    print(json.dumps(report, indent=2))
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "prepare-driver.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -198,10 +274,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--copies", type=int, default=10, help="corpus copies for the rounds")
     parser.add_argument("--kill-copies", type=int, default=150, help="corpus copies for kill and rerun")
+    parser.add_argument("--driver", type=int, metavar="INPUTS",
+                        help="instead: the driver's tokens per CPU-second, INPUTS vs 2 x INPUTS inputs of SlimPajama's "
+                             "size")
+    parser.add_argument("--copies-per-file", type=int, default=25, help="corpus copies per input for --driver")
     parser.add_argument("--raw-encode", metavar="PARAMS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_encode:
         print(json.dumps(raw_encode(Path(args.raw_encode))))
+        return
+    if args.driver:
+        driver_rates(args)
         return
     builtin = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["builtin"]
     entities, programs, rounds = (30, 400, 1) if args.quick else (builtin["entities"], builtin["programs"], args.rounds)

@@ -150,10 +150,14 @@ class DataParams(Section):
     # the autoscaled CPU group meant for them (infra/ray/cluster-16gpu.yaml, infra/kuberay/rayjob.yaml).
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
-    # For `tinyllama plan`'s prepare estimate: the corpus's tokens, and what one prepare worker tokenizes per
-    # CPU-second (benchmarks/prepare.py measures it; the tokenizer, not the engine, sets it).
+    # For `tinyllama plan`'s prepare estimate: the corpus's tokens, what one prepare worker tokenizes per
+    # CPU-second (the tokenizer, not the engine, sets it), and what the driver, one process whatever the
+    # workers, handles per second: it receives and seals every token (phase 1), then packs every token into
+    # the shards (phase 2). benchmarks/prepare.py measures the three; the stage prints the driver's two.
     corpus_tokens: int | str | None = None
     tokens_per_cpu_second: float = Field(850_000, gt=0)
+    seal_tokens_per_second: float = Field(55_000_000, gt=0)
+    pack_tokens_per_second: float = Field(30_000_000, gt=0)
     builtin: BuiltinCorpusParams = Field(default_factory=BuiltinCorpusParams)
     sources: list[SourceParams]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -417,6 +418,13 @@ def test_killed_run_keeps_sealed_inputs_and_the_rerun_writes_the_same_bytes(tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{sealed} of 9 inputs already tokenized" in result.stdout
     assert not (tmp_path / "data" / ".prepare.tmp").exists()
+    # the driver's lines (what `data.seal_/pack_tokens_per_second` are read from): it tokenized the rest, packed all
+    splits = json.loads((tmp_path / "data" / "prepared" / "manifest.json").read_text())["sources"]["sp"]["splits"]
+    counts = {phase: int(tokens.replace(",", "")) for phase, tokens in re.findall(
+        r"prepare: (tokenized|packed) ([\d,]+) tokens in [\d.]+s; the driver used .* per driver CPU-second",
+        result.stdout)}
+    assert counts["packed"] == sum(split["tokens"] + split["dropped_tokens"] for split in splits.values())
+    assert 0 < counts["tokenized"] < counts["packed"], result.stdout
     rerun = _files(tmp_path / "data" / "prepared")
     shutil.rmtree(tmp_path / "data")
     assert _run(params_file) == 0
@@ -465,7 +473,9 @@ def test_encode_processes_is_validated(tmp_path, small_tokenizer_dir, capsys):
 
 
 def test_plan_states_prepares_time_for_the_profiles_corpus():
-    """`tinyllama plan` puts prepare's time beside training's: the corpus over the workers' tokens per CPU-second."""
+    """`tinyllama plan` puts prepare's time beside training's: tokenizing takes the longer of the workers (the
+    corpus over their tokens per CPU-second) and the driver sealing every token, then the driver packs every
+    token; with the 1.1B profile's 256 workers the driver is the bound."""
     from tasks.params import load_params, parse_tokens
     from tasks.pretrain.plan import make_plan, render
 
@@ -473,9 +483,17 @@ def test_plan_states_prepares_time_for_the_profiles_corpus():
     plan = make_plan(params)
     data = params.data
     assert plan.prepare["corpus_tokens"] == parse_tokens("950B") == data.corpus_tokens
-    expected_days = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes) / 86400
-    assert plan.prepare["days"] == pytest.approx(expected_days)
+    workers_days = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes) / 86400
+    seal_days = data.corpus_tokens / data.seal_tokens_per_second / 86400
+    pack_days = data.corpus_tokens / data.pack_tokens_per_second / 86400
+    assert seal_days > workers_days
+    assert plan.prepare["workers_days"] == pytest.approx(workers_days)
+    assert plan.prepare["days"] == pytest.approx(seal_days + pack_days)
     line = next(line for line in render(plan, 40).splitlines() if line.startswith("prepare"))
     assert "950B tokens" in line and f"{data.encode_processes} CPU workers" in line
-    params.data.encode_processes *= 2
-    assert make_plan(params).prepare["days"] == pytest.approx(expected_days / 2)
+    assert "bound by the driver sealing" in line
+    params.data.encode_processes = 8  # too few workers: they are the bound, the driver still packs
+    assert make_plan(params).prepare["days"] == pytest.approx(workers_days * 32 + pack_days)
+    assert "bound by 8 CPU workers" in render(make_plan(params), 40)
+    params.data.pack_tokens_per_second *= 2
+    assert make_plan(params).prepare["pack_days"] == pytest.approx(pack_days / 2)

@@ -164,26 +164,40 @@ def make_plan(params: Params) -> Plan:
 
 
 def prepare_estimate(params: Params) -> dict | None:
-    """`prepare`'s expected time for the profile's corpus (`data.corpus_tokens`) on its
-    `data.encode_processes` CPU workers at `data.tokens_per_cpu_second` each; None without a corpus size."""
+    """`prepare`'s expected time for the profile's corpus (`data.corpus_tokens`): phase 1 takes the longer
+    of the `data.encode_processes` CPU workers tokenizing at `data.tokens_per_cpu_second` each and the
+    driver receiving and sealing every token at `data.seal_tokens_per_second`; phase 2, the driver packing
+    every token into the shards at `data.pack_tokens_per_second`, comes after it. None without a corpus size."""
     data = params.data
     if data.corpus_tokens is None:
         return None
     from tasks.data.shards import token_dtype
 
-    seconds = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes)
+    workers_s = data.corpus_tokens / (data.tokens_per_cpu_second * data.encode_processes)
+    seal_s = data.corpus_tokens / data.seal_tokens_per_second
+    pack_s = data.corpus_tokens / data.pack_tokens_per_second
     # the sealed units wait on the driver's disk ({paths.data}/.prepare.tmp) until phase 2 packs them
     staging_gb = data.corpus_tokens * token_dtype(params.tokenizer.vocab_size).itemsize / 1e9
     return {"corpus_tokens": data.corpus_tokens, "workers": data.encode_processes,
-            "tokens_per_cpu_second": data.tokens_per_cpu_second, "days": seconds / 86400,
-            "staging_disk_gb": staging_gb}
+            "tokens_per_cpu_second": data.tokens_per_cpu_second,
+            "seal_tokens_per_second": data.seal_tokens_per_second,
+            "pack_tokens_per_second": data.pack_tokens_per_second,
+            "workers_days": workers_s / 86400, "seal_days": seal_s / 86400,
+            "tokenize_days": max(workers_s, seal_s) / 86400, "pack_days": pack_s / 86400,
+            "days": (max(workers_s, seal_s) + pack_s) / 86400, "staging_disk_gb": staging_gb}
 
 
 def _render_prepare(estimate: dict | None) -> list[str]:
     if estimate is None:
         return ["prepare            (set data.corpus_tokens for an estimate)"]
-    return [f"prepare            {_duration(estimate['days'])} for {format_tokens(estimate['corpus_tokens'])} tokens "
-            f"on {estimate['workers']} CPU workers at {estimate['tokens_per_cpu_second']:,.0f} tok/CPU-s",
+    workers = f"{estimate['workers']} CPU workers at {estimate['tokens_per_cpu_second']:,.0f} tok/CPU-s"
+    driver = f"the driver sealing at {estimate['seal_tokens_per_second']:,.0f} tok/s"
+    bound, other = ((driver, workers) if estimate["seal_days"] > estimate["workers_days"] else (workers, driver))
+    other_days = min(estimate["seal_days"], estimate["workers_days"])
+    return [f"prepare            {_duration(estimate['days'])} for {format_tokens(estimate['corpus_tokens'])} tokens: "
+            f"tokenizing {_duration(estimate['tokenize_days'])}, bound by {bound} ({other}: "
+            f"{_duration(other_days)}), then packing {_duration(estimate['pack_days'])} on the driver "
+            f"(one process at {estimate['pack_tokens_per_second']:,.0f} tok/s)",
             f"{'':19}{estimate['staging_disk_gb']:,.0f} GB of sealed tokens on the driver's disk until packed"]
 
 
