@@ -231,8 +231,6 @@ def driver_rates(args) -> None:
     as the marginal between `--driver` and twice as many inputs (the fixed costs apart), over `--rounds`
     interleaved rounds: what `data.seal_tokens_per_second` and `data.pack_tokens_per_second` should say for
     the head's CPU."""
-    import statistics
-
     builtin = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["builtin"]
     with tempfile.TemporaryDirectory(prefix="bench-prepare-driver-") as tmp:
         works = {n: Path(tmp) / f"files{n}" for n in (args.driver, 2 * args.driver)}
