@@ -58,24 +58,32 @@ TARGET_RERUN = 0.75     # rerun after a kill at 60% ÷ a clean run, wall time, a
 BASELINE_COMMIT = "4deaecd"  # the last commit with the process-pool prepare
 
 
-def write_corpus(root: Path, entities: int, programs: int, copies: int) -> Path:
-    """The embedded corpus (the tiny profile's sizes) as SlimPajama-layout .jsonl.zst files,
-    `copies` times over."""
-    import zstandard
-
+def embedded_documents(entities: int, programs: int) -> list[str]:
+    """The embedded corpus's documents (text, then code) at the given sizes."""
     from tasks.data.corpus import build_corpus
 
     corpus = build_corpus(seed=1234, entities=entities, programs=programs)
-    documents = corpus.text_documents + corpus.code_documents
-    files = [documents[i::4] for i in range(4)]
+    return corpus.text_documents + corpus.code_documents
+
+
+def write_slimpajama_file(path: Path, documents: list[str], repeat: int = 1) -> None:
+    """`documents` (`repeat` times over) as one SlimPajama .jsonl.zst input."""
+    import zstandard
+
+    payload = "".join(json.dumps({"text": d, "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
+                      for d in documents).encode() * repeat
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(payload))
+
+
+def write_corpus(root: Path, entities: int, programs: int, copies: int) -> Path:
+    """The embedded corpus (the tiny profile's sizes) as SlimPajama-layout .jsonl.zst files,
+    `copies` times over."""
+    documents = embedded_documents(entities, programs)
     train = root / "train"
     for copy in range(copies):
-        for index, part in enumerate(files):
-            path = train / f"chunk{copy + 1}" / f"example_train_{index}.jsonl.zst"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            payload = "".join(json.dumps({"text": d, "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
-                              for d in part).encode()
-            path.write_bytes(zstandard.ZstdCompressor(level=3).compress(payload))
+        for index in range(4):
+            write_slimpajama_file(train / f"chunk{copy + 1}" / f"example_train_{index}.jsonl.zst", documents[index::4])
     return train
 
 
@@ -83,19 +91,10 @@ def write_big_corpus(root: Path, entities: int, programs: int, files: int, copie
     """`files` inputs in the SlimPajama layout, each the embedded corpus `copies_per_file` times over: inputs
     of SlimPajama's size (~10M tokens a file at 25 copies), so the driver's per-input costs are amortized as
     at scale."""
-    import zstandard
-
-    from tasks.data.corpus import build_corpus
-
-    corpus = build_corpus(seed=1234, entities=entities, programs=programs)
-    payload = "".join(json.dumps({"text": d, "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
-                      for d in corpus.text_documents + corpus.code_documents).encode() * copies_per_file
-    data = zstandard.ZstdCompressor(level=3).compress(payload)
+    documents = embedded_documents(entities, programs)
     train = root / "train"
     for index in range(files):
-        path = train / f"chunk{index + 1}" / "example_train_0.jsonl.zst"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        write_slimpajama_file(train / f"chunk{index + 1}" / "example_train_0.jsonl.zst", documents, copies_per_file)
     return train
 
 
