@@ -36,7 +36,9 @@ recompile it), and the raw log-softmax of the same positions (what a request's `
 A verify step's drafted guesses count as generated tokens for the columns after them, so speculative
 decoding stays exact under penalties. What the caller does with the logits (argmax, sampling) is the
 caller's, on the device, before one transfer to the host. Compiled and eager steps run the same code
-(`compile=False` is the eager engine, for debugging).
+(`compile=False` is the eager engine, for debugging). On CPU a step's model has its large fp32 linear layers
+packed for oneDNN first (model/packed.py: MKL's small-M GEMM streams weights at a third of the bandwidth on
+some CPUs); the tiny preset's weights are all below the size where that pays, and stay as they are.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
+from model.packed import pack_linears
 from model.sampling import SlotPenalties, penalize
 from model.slots import SlotCache
 
@@ -172,6 +175,8 @@ class DecodeStep:
         if self.widths[-1] > cache.spare:
             raise ValueError(f"width {self.widths[-1]} exceeds the cache's scratch tail of {cache.spare}")
         self.device = cache.device
+        if self.device.type == "cpu":  # large fp32 weights through oneDNN (model/packed.py); training is unaffected
+            pack_linears(model)
         self.static = self.device.type == "cuda" if static is None else static
         self.module = StaticStep(model, cache, penalties, gather=not self.static)
         self.compiled = compile

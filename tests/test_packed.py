@@ -1,0 +1,75 @@
+"""fp32 linear layers through oneDNN's reordered weights (model/packed.py): the same numbers as `F.linear` to
+fp32 rounding, eager and compiled, a fresh reorder when the weight changes, autograd untouched, and the compiled
+decode step on packed layers decoding the unpacked model's greedy text."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_serving_math import PROMPTS, run_all
+
+from model.config import micro
+from model.decoder import BatchDecoder
+from model.llama import Llama
+from model.packed import MIN_WEIGHTS, PackedLinear, available, pack_linears
+from model.sampling import Sampling
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(600),
+              pytest.mark.skipif(not available(), reason="torch built without oneDNN")]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a - b).norm() / b.norm()) < 1e-6)
+
+
+def test_packed_linear_matches_f_linear_and_reorders_a_changed_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=False)
+    layer = PackedLinear(linear)
+    x = torch.randn(3, 5, 96)
+    with torch.inference_mode():
+        assert close(layer(x), F.linear(x, linear.weight))
+        assert close(layer(x[0, :1]), F.linear(x[0, :1], linear.weight))  # one row, as a decode step feeds
+    with torch.no_grad():
+        linear.weight.mul_(-2)  # in place: same address, a new version
+        assert close(layer(x), F.linear(x, linear.weight))
+
+
+def test_autograd_and_other_dtypes_take_nn_linear():
+    torch.manual_seed(0)
+    layer = PackedLinear(torch.nn.Linear(32, 48, bias=False))
+    x = torch.randn(4, 32, requires_grad=True)
+    layer(x).sum().backward()  # the custom op has no backward: training must not reach it
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.inference_mode():
+        y = layer.to(torch.bfloat16)(x.detach().bfloat16())
+    assert y.dtype == torch.bfloat16
+
+
+def test_pack_linears_replaces_large_weights_only_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    model = Llama(micro())
+    names = list(model.state_dict())
+    pack_linears(model)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # micro's weights are all small
+    assert micro().vocab_size * micro().dim < MIN_WEIGHTS
+    pack_linears(model, min_weights=micro().dim * micro().mlp_dim)  # the MLP's three and the output projection
+    packed = {name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert packed == {"lm_head", *(f"layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down"))}
+    assert list(model.state_dict()) == names
+
+
+def test_compiled_packed_model_decodes_the_unpacked_text():
+    """Every linear packed, continuous batching on the compiled step: the eager, unpacked engine's greedy tokens;
+    the full forward's logits close to the unpacked model's."""
+    torch.manual_seed(23)
+    plain = Llama(micro()).eval()
+    model = pack_linears(copy.deepcopy(plain), min_weights=0)
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 2 * 7 + 1
+    x = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        assert close(model(x), plain(x))
+    jobs = [(p, 12, Sampling()) for p in PROMPTS[:3]]
+    expected = run_all(BatchDecoder(plain, 2, prefill_chunk=8), jobs)
+    assert run_all(BatchDecoder(model, 2, prefill_chunk=8, compile=True), jobs) == expected
