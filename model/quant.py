@@ -1,13 +1,25 @@
-"""int8 weight-only quantization for our own CPU engine (`serving --quant int8`).
+"""int8 quantization for our own engine (`serving --quant int8`).
 
 Every `nn.Linear` of a Llama (q/k/v/o, gate/up/down, lm_head) becomes an `Int8Linear`: its weight
 stored as int8 with one symmetric scale per output channel (w ≈ q · s, |q| ≤ 127), a quarter of the
-fp32 bytes. The matmul is torch's int8 CPU kernel `aten._weight_int8pack_mm`, which reads the int8
-weight directly (no dequantized copy per call). Its vectorized (AVX2/AVX-512) path takes bf16
-activations and scales, its fp32 path is scalar code ~10x slower than an fp32 GEMV, so activations
-are cast to bf16 for the matmul and the output back to the model's dtype; the scales are rounded up
-to bf16 *before* the weights are rounded, so the stored pair is exact (|w - q·s| ≤ s/2).
-The embedding (a lookup, no matmul) and the norms stay as they are.
+fp32 bytes; the scales are rounded up to bf16 *before* the weights are rounded, so the stored pair is
+exact (|w - q·s| ≤ s/2). The embedding (a lookup, no matmul) and the norms stay as they are.
+
+How the matmul runs depends on the device:
+- CPU: the activations are quantized too, per row (per token: one symmetric scale from the row's
+  largest magnitude), and multiplied in integers by `torch._int_mm` (int8 x int8 -> int32, oneDNN's
+  int8 GEMM, VNNI where the CPU has it), then scaled back: what llama.cpp's Q8_0 does, per row
+  instead of per block of 32. Why not weight-only: torch's weight-only kernel `aten._weight_int8pack_mm`
+  converts every int8 weight to float for each row it multiplies, so it is compute-bound and its time
+  grows with the rows. 55M config, 2-core AMD EPYC (AVX-512 VNNI): its matmuls for one step took 1.79 ->
+  1.40 ms at 1 row, 4.6 -> 3.0 ms at 5 (a speculative verify), 18.0 -> 7.4 ms at 32 (a serving batch); the
+  whole compiled step at 1 row no faster (3.1-3.9 against 3.9-4.3 ms), at 5 rows 7.0-7.1 -> 5.4-5.9 ms.
+  The price: the tiny chat model's mean KL divergence from fp32 0.000050 -> 0.000130 (llama.cpp's Q8_0
+  0.000037), the same top token 99.33 -> 99.49%, PPL ratio 1.0000 -> 0.9992 (benchmarks/README.md,
+  "int8 activations"); `quantize.gates.int8` holds it to the stage's bound. Each row is quantized alone,
+  so a token's output does not depend on which other tokens share its step (batching changes no number),
+  and the integer product is exact.
+- CUDA: weight-only (`_weight_int8pack_mm` with bf16 activations; `_int_mm` there needs more than 16 rows).
 
 Grouped matmuls: q/k/v read the same input, and so do gate/up; each group becomes one `Int8Linear` on
 the concatenated weights (`qkv` on the attention, `gate_up` on the MLP), so a decode step runs one int8
@@ -40,6 +52,21 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 rows, fp32 (M, 1) scales) with x ≈ q * scale, each row of the (M, K) `x` scaled alone."""
+    x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / QMAX
+    return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, K) activations times the (N, K) int8 `weight` with its (N,) scales -> (M, N) fp32 (see the docstring)."""
+    if x.device.type == "cpu":
+        rows, row_scale = quantize_rows(x)
+        return torch._int_mm(rows, weight.t()).float() * row_scale * scale.float()
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).float()
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer whose weight is int8 with per-output-channel bf16 scales."""
 
@@ -57,8 +84,7 @@ class Int8Linear(nn.Module):
         return cls(*quantize_weight(linear.weight if weight is None else weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        y = int8_matmul(x.reshape(-1, self.in_features), self.weight, self.scale)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ import torch
 from model.config import preset
 from model.gguf import block_size, permute_qk, unpermute_qk
 from model.llama import Llama, apply_rope, rope_cache
-from model.quant import Int8Linear, dequantize_weight, quantize_int8, quantize_weight
+from model.quant import Int8Linear, dequantize_weight, int8_matmul, quantize_int8, quantize_rows, quantize_weight
 from tasks.quantize.measures import KlStats, chunk
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -107,8 +107,31 @@ def test_int8_linear_matches_float_within_tolerance():
         exact = x @ dequantize_weight(layer.weight, layer.scale).T
     got = layer(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
-    assert ((got - expected).norm() / expected.norm()) < 0.02   # int8 weights + bf16 activations
-    assert ((got - exact).norm() / exact.norm()) < 0.006        # the bf16 activations alone
+    assert ((got - expected).norm() / expected.norm()) < 0.02   # int8 weights + int8 activations
+    # the int8 activations alone: per-row steps of max|x| / 127, ~0.0066 relative for 256 Gaussian entries
+    assert ((got - exact).norm() / exact.norm()) < 0.009
+
+
+def test_int8_activations_are_rounded_per_row_to_half_a_step():
+    x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 2.0])[:, None]
+    rows, scale = quantize_rows(x)
+    assert rows.dtype == torch.int8 and scale.shape == (5, 1) and int(rows.abs().max()) == 127
+    assert torch.all((rows.float() * scale - x).abs() <= scale / 2 * (1 + 1e-6))
+    assert torch.equal(rows[3], torch.zeros(64, dtype=torch.int8))  # an all-zero row stays zero, no NaN
+
+
+def test_int8_matmul_on_cpu_is_the_exact_integer_product_and_each_row_its_own():
+    """The CPU path multiplies int8 rows by int8 weights in integers: the result is the float64 product of the
+    rounded operands up to fp32 rounding, and a row's output does not depend on the rows beside it (batching
+    changes no number: a sequence decodes the same text alone or in a full step)."""
+    torch.manual_seed(0)
+    q, scale = quantize_weight(torch.randn(48, 320))
+    x = torch.randn(9, 320)
+    got = int8_matmul(x, q, scale)
+    rows, row_scale = quantize_rows(x)
+    exact = (rows.double() @ q.double().T) * row_scale.double() * scale.double()
+    assert torch.allclose(got.double(), exact, rtol=1e-6, atol=0)
+    assert all(torch.equal(int8_matmul(x[i:i + 1], q, scale), got[i:i + 1]) for i in range(9))
 
 
 def test_quantize_int8_replaces_every_linear_and_decodes():

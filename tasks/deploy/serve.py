@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--draft", default=None, metavar=f"DIR|{PROMPT_LOOKUP}",
                         help="speculative decoding: a smaller model dir with the same vocabulary, or prompt lookup")
     parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per step")
-    parser.add_argument("--quant", choices=("none", "int8"), default="none", help="weight-only int8 matmuls")
+    parser.add_argument("--quant", choices=("none", "int8"), default="none", help="int8 matmuls (model/quant.py)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key-env", default=None, metavar="VAR",

@@ -81,7 +81,7 @@ def _state_bytes(model) -> int:
 
 def _load_ours(variant: str, directory):
     """The source as our engine runs it in `variant`: bf16 weights (`serve --dtype bf16`, the GPU profile's
-    deployment) or int8 weight-only (`serve --quant int8`)."""
+    deployment) or int8 (`serve --quant int8`, model/quant.py)."""
     import torch
 
     from model.hf import load_hf
