@@ -5,7 +5,7 @@ MKL's small-M GEMM, which streams it at a fraction of the memory bandwidth on so
 2-core AMD EPYC (AVX-512), copy bandwidth 32 GB/s: the 55M config's 32000 x 512 output projection at one row
 took 6.9-7.0 ms through MKL (9 GB/s) and 2.5-2.7 ms through oneDNN on a weight reordered once into its
 blocked layout, 11-12 ms against 1.8 ms at 5 rows (a speculative verify); the 55M's compiled decode step at
-one row went from 17.3-17.8 ms to 10.2-10.8 ms (benchmarks/README.md, "fp32 through oneDNN").
+one row went from 17.3-17.8 ms to 10.2-11.3 ms (benchmarks/README.md, "fp32 through oneDNN").
 
 How: `pack_linears(model)` turns the model's large `nn.Linear`s into `PackedLinear`s holding the same
 parameters (state dicts, training and quantization see plain linear layers). Without autograd (decoding,
