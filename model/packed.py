@@ -1,4 +1,4 @@
-"""fp32 linear layers on the CPU through oneDNN with reordered (prepacked) weights, for decoding.
+"""fp32 linear layers for decoding on the CPU: inductor's own loop at one row, oneDNN on reordered weights above.
 
 Why: at a decode step's few rows a linear layer streams its whole weight, and torch's fp32 `F.linear` runs
 MKL's small-M GEMM, which streams it at a fraction of the memory bandwidth on some CPUs. Measured on a
@@ -7,14 +7,19 @@ took 6.9-7.0 ms through MKL (9 GB/s) and 2.5-2.7 ms through oneDNN on a weight r
 blocked layout, 11-12 ms against 1.8 ms at 5 rows (a speculative verify); the 55M's compiled decode step at
 one row went from 17.3-17.8 ms to 10.2-11.3 ms (benchmarks/README.md, "fp32 through oneDNN").
 
-How: `pack_linears(model)` turns the model's large `nn.Linear`s into `PackedLinear`s holding the same
-parameters (state dicts, training and quantization see plain linear layers). Without autograd (decoding,
-under `no_grad` / `inference_mode`), on a CPU fp32 input, they call `tinyllama::packed_linear`, a custom op
-that torch.compile calls from its graph as an opaque kernel; it reorders the weight on first use and keeps
-the reordered copy while the weight is unchanged (its version counter: an optimizer step or `load_state_dict`
-reorders it again). Cost: one more copy of each packed weight in memory. Weights under `MIN_WEIGHTS`
-elements stay on MKL: the op's call from a compiled graph costs ~20 us, more than such a weight gains (the
-tiny preset's step went from 1.5 to 2.3 ms with every linear packed; its largest weight is 2048 x 192).
+How: `pack_linears(model)` turns the model's bias-free fp32 `nn.Linear`s into `PackedLinear`s holding the same
+parameters (state dicts, training and quantization see plain linear layers). Without autograd (decoding, under
+`no_grad` / `inference_mode`), on a CPU fp32 input:
+- in a compiled graph of one row (a lone sequence's decode step), every one of them is a multiply and a sum
+  (`one_row_linear`) that inductor writes as its own vectorized loop over the weight: no library call, whose
+  fixed cost dominates small weights (the tiny preset's 43 MKL GEMVs took ~40 us each) and which streams large
+  ones slower than that loop does (the 55M's compiled step at one row 10.3-12.4 -> 5.3-6.9 ms);
+- otherwise, the large ones (`MIN_WEIGHTS` elements and up) call `tinyllama::packed_linear`, a custom op that
+  torch.compile calls from its graph as an opaque kernel; it reorders the weight on first use and keeps the
+  reordered copy while the weight is unchanged (its version counter: an optimizer step or `load_state_dict`
+  reorders it again). Cost: one more copy of each such weight in memory. Smaller weights stay on MKL: the op's
+  call from a compiled graph costs ~20 us, more than such a weight gains (the tiny preset's step went from 1.5 to
+  2.3 ms with every linear packed; its largest weight is 2048 x 192).
 """
 
 from __future__ import annotations
@@ -62,32 +67,41 @@ def _forget(pointer: int) -> None:
     _reordered.pop(pointer, None)
 
 
-class PackedLinear(nn.Linear):
-    """An `nn.Linear` (bias-free, fp32) that decodes on the CPU through `packed_linear`; anything else (autograd
-    on, another device or dtype) runs `nn.Linear`'s own forward."""
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` for an `x` of one row, written as a multiply and a sum: in a compiled graph, inductor
+    makes it one vectorized loop over the weight's rows, fused with what feeds it, in place of a BLAS call."""
+    return (x.unsqueeze(-2) * weight).sum(-1)
 
-    def __init__(self, linear: nn.Linear):
+
+class PackedLinear(nn.Linear):
+    """An `nn.Linear` (bias-free, fp32) prepared for decoding on the CPU: in a compiled graph of one row,
+    `one_row_linear`; else, when `reorders` (a large weight), `packed_linear`; else `F.linear`. Anything else
+    (autograd on, another device or dtype) runs `nn.Linear`'s own forward."""
+
+    def __init__(self, linear: nn.Linear, reorders: bool = True):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, None
+        self.weight, self.bias, self.reorders = linear.weight, None, reorders
         weakref.finalize(self, _forget, self.weight.data_ptr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 \
                 or self.weight.dtype != torch.float32:
             return F.linear(x, self.weight)
-        return packed_linear(x, self.weight)
+        if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+            return one_row_linear(x, self.weight)
+        return packed_linear(x, self.weight) if self.reorders else F.linear(x, self.weight)
 
 
 def pack_linears(model: nn.Module, min_weights: int = MIN_WEIGHTS) -> nn.Module:
-    """Replace `model`'s bias-free fp32 `nn.Linear`s of at least `min_weights` elements by `PackedLinear`s, in
-    place (a no-op without oneDNN); returns `model`."""
+    """Replace `model`'s bias-free fp32 `nn.Linear`s by `PackedLinear`s, in place, those of at least `min_weights`
+    elements reordered for oneDNN (a no-op without oneDNN); returns `model`."""
     if not available():
         return model
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32
-               and module.weight.numel() >= min_weights]
+               if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, PackedLinear(linear))
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr,
+                PackedLinear(linear, reorders=linear.weight.numel() >= min_weights))
     return model

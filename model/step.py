@@ -37,8 +37,10 @@ A verify step's drafted guesses count as generated tokens for the columns after 
 decoding stays exact under penalties. What the caller does with the logits (argmax, sampling) is the
 caller's, on the device, before one transfer to the host. Compiled and eager steps run the same code
 (`compile=False` is the eager engine, for debugging). On CPU a step's model has its large fp32 linear layers
-packed for oneDNN first (model/packed.py: MKL's small-M GEMM streams weights at a third of the bandwidth on
-some CPUs); the tiny preset's weights are all below the size where that pays, and stay as they are.
+packed for oneDNN first (model/packed.py; MKL's small-M GEMM streams weights at a third of the bandwidth on
+some CPUs; the tiny preset's weights are all below the size where that pays, and stay as they are), and a compiled
+step of one row runs no BLAS or oneDNN matmul at all: its linear layers are a multiply and a sum that inductor
+writes as its own loops over the weights.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """fp32 linear layers through oneDNN's reordered weights (model/packed.py): the same numbers as `F.linear` to
-fp32 rounding, eager and compiled, a fresh reorder when the weight changes, autograd untouched, and the compiled
-decode step on packed layers decoding the unpacked model's greedy text."""
+fp32 rounding, eager and compiled, a fresh reorder when the weight changes, autograd untouched, a compiled row
+multiplied by inductor's own loop, and the compiled decode step on packed layers decoding the unpacked model's
+greedy text."""
 
 import copy
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_serving_math import PROMPTS, run_all
+from torch._dynamo.utils import counters
 
 from model.config import micro
 from model.decoder import BatchDecoder
@@ -47,17 +49,31 @@ def test_autograd_and_other_dtypes_take_nn_linear():
     assert y.dtype == torch.bfloat16
 
 
-def test_pack_linears_replaces_large_weights_only_and_keeps_the_state_dict():
+def test_pack_linears_reorders_large_weights_only_and_keeps_the_state_dict():
     torch.manual_seed(0)
-    model = Llama(micro())
-    names = list(model.state_dict())
-    pack_linears(model)
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # micro's weights are all small
+    names = list(Llama(micro()).state_dict())
+    model = pack_linears(Llama(micro()))
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 2 * 7 + 1
+    assert not any(m.reorders for m in model.modules() if isinstance(m, PackedLinear))  # micro's are all small
     assert micro().vocab_size * micro().dim < MIN_WEIGHTS
-    pack_linears(model, min_weights=micro().dim * micro().mlp_dim)  # the MLP's three and the output projection
-    packed = {name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
-    assert packed == {"lm_head", *(f"layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down"))}
+    model = pack_linears(Llama(micro()), min_weights=micro().dim * micro().mlp_dim)
+    reordered = {name for name, m in model.named_modules() if isinstance(m, PackedLinear) and m.reorders}
+    assert reordered == {"lm_head", *(f"layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down"))}
     assert list(model.state_dict()) == names
+
+
+def test_a_compiled_row_multiplies_in_inductors_loop_not_a_library_call():
+    """One row in a compiled graph: `one_row_linear`, no extern kernel (BLAS, oneDNN); two rows: the packed op."""
+    torch.manual_seed(0)
+    layer = PackedLinear(torch.nn.Linear(96, 200, bias=False))
+    x = torch.randn(2, 1, 96)
+    with torch.inference_mode():
+        for rows in (1, 2):
+            counters.clear()
+            torch._dynamo.reset()
+            y = torch.compile(layer, fullgraph=True)(x[:rows])
+            assert close(y, F.linear(x[:rows], layer.weight))
+            assert (counters["inductor"]["extern_calls"] > 0) == (rows > 1), (rows, dict(counters["inductor"]))
 
 
 def test_compiled_packed_model_decodes_the_unpacked_text():
