@@ -82,7 +82,8 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias, self.reorders = linear.weight, None, reorders
-        weakref.finalize(self, _forget, self.weight.data_ptr())
+        if reorders:  # only reordered weights have an entry to drop
+            weakref.finalize(self, _forget, self.weight.data_ptr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 \
