@@ -8,9 +8,11 @@ stages run the copy's code, not the editable install's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,17 +107,66 @@ def clone_workspace(source: Path, dest: Path, *, outputs: bool = True, dvc_cache
     return dest
 
 
-def run_flow(root: Path) -> PipelineRun:
-    """The whole DAG the way `make run` runs it (the Prefect flow over dvc.yaml, a throwaway Prefect
-    server with its own PREFECT_HOME), with its console output and each stage's wall time."""
-    start = time.monotonic()
-    env = {**env_for(root), "PREFECT_HOME": str(root / ".prefect"), "PYTHONUNBUFFERED": "1"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], cwd=root, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
-    if proc.returncode:
-        raise AssertionError(f"the pipeline flow exited {proc.returncode}\n{proc.stdout[-8000:]}")
-    finished = re.search(r"Pipeline finished: (.*)\.", proc.stdout)
+@dataclass
+class FlowInBackground:
+    """The whole DAG running the way `make run` runs it, started by `start_flow`."""
+    root: Path
+    process: subprocess.Popen
+    started: float
+
+
+_running: list[FlowInBackground] = []  # the flows this process started and has not finished or stopped
+
+
+def start_flow(root: Path, **env: str) -> FlowInBackground:
+    """Start the whole DAG the way `make run` runs it (the Prefect flow over dvc.yaml, a throwaway
+    Prefect server with its own PREFECT_HOME) in its own process group, its console output going to
+    `FLOW_OUTPUT`; `env` adds to its environment. `finish_flow` waits for it."""
+    full_env = {**env_for(root), "PREFECT_HOME": str(root / ".prefect"), "PYTHONUNBUFFERED": "1", **env}
+    full_env.pop("PREFECT_API_URL", None)
+    (root / FLOW_OUTPUT).parent.mkdir(exist_ok=True)
+    with (root / FLOW_OUTPUT).open("wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], cwd=root,
+                                   env=full_env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    flow = FlowInBackground(root, process, time.monotonic())
+    _running.append(flow)
+    return flow
+
+
+def finish_flow(flow: FlowInBackground, timeout: float = 3600) -> PipelineRun:
+    """Wait for a flow `start_flow` started: its console output and each stage's wall time, or an
+    AssertionError with the output's tail if it failed."""
+    try:
+        returncode = flow.process.wait(timeout=max(1.0, flow.started + timeout - time.monotonic()))
+    finally:
+        stop_flow(flow)
+    output = (flow.root / FLOW_OUTPUT).read_text(errors="replace")
+    if returncode:
+        raise AssertionError(f"the pipeline flow exited {returncode}\n{output[-8000:]}")
+    finished = re.search(r"Pipeline finished: (.*)\.", output)
     seconds = dict(re.findall(r"(\w+) (\d+) s", finished.group(1))) if finished else {}
-    return PipelineRun(root, {name: float(s) for name, s in seconds.items()}, round(time.monotonic() - start, 1),
-                       proc.stdout)
+    return PipelineRun(flow.root, {name: float(s) for name, s in seconds.items()},
+                       round(time.monotonic() - flow.started, 1), output)
+
+
+def stop_flow(flow: FlowInBackground) -> None:
+    """End a flow's whole process group if it still runs (a session cut short, a timeout)."""
+    if flow.process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow.process.pid, signal.SIGKILL)
+        flow.process.wait()
+    if flow in _running:
+        _running.remove(flow)
+
+
+def background_pids() -> set[int]:
+    """Every process of the flows still running in the background: what a test that finds processes
+    to kill by their names (Ray's training or tokenizer workers) must leave alone."""
+    import psutil
+
+    pids = set()
+    for flow in list(_running):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parent = psutil.Process(flow.process.pid)
+            pids |= {parent.pid, *(child.pid for child in parent.children(recursive=True))}
+    return pids

@@ -67,11 +67,14 @@ def _workspace(root: Path, tokenizer_dir, sources, **data) -> Path:
 
 
 def _tokenizer_workers():
+    """Ray Data's tokenizer actors on the machine, the shared pipeline run's excepted (it runs beside this)."""
     import psutil
+    from pipeline_repo import background_pids
 
-    found = []
+    found, shared_run = [], background_pids()
     for process in psutil.process_iter(["cmdline"]):
-        if any("MapWorker" in part and "UnitEncoder" in part for part in process.info["cmdline"] or []):
+        cmdline = process.info["cmdline"] or []
+        if process.pid not in shared_run and any("MapWorker" in part and "UnitEncoder" in part for part in cmdline):
             found.append(process)
     return found
 
