@@ -277,7 +277,7 @@ def pytest_collection_modifyitems(config, items):
     the CPU its start-ups and waits leave idle, instead of everything waiting ~12 minutes for it first.
     Whole modules, not single tests: their other tests (a killed `dvc repro`, servers starting) then use
     the CPU left idle after the run, not the CPU the run needs (moved beside it, that `dvc repro` test took
-    215 s instead of 116 and the suite 31.5 minutes), and a module's fixtures are made once."""
+    215 s instead of 113-127 and the suite 31.5 minutes), and a module's fixtures are made once."""
     late = {item.nodeid.split("::")[0] for item in items if _uses_the_pipeline(item)}
     items[:] = sorted(items, key=lambda item: item.nodeid.split("::")[0] in late)
 
@@ -287,14 +287,12 @@ def pipeline_in_background(request, tmp_path_factory):
     """Starts the shared pipeline run (`pipeline_repo`) in a clean copy of this repo as the session's
     first test starts, when a selected test needs it; ends it if the session ends first. Its model cache
     (`TINYLLAMA_MODEL_CACHE`) is its own: tests running beside it register and fetch models of the same names."""
-    from pathlib import Path
-
     from pipeline_repo import fresh_copy, start_flow, stop_flow
 
     if os.environ.get("TINYLLAMA_PIPELINE_REPO") or not any(map(_uses_the_pipeline, request.session.items)):
         yield None
         return
-    base = Path(tmp_path_factory.mktemp("pipeline"))
+    base = tmp_path_factory.mktemp("pipeline")
     flow = start_flow(fresh_copy(base / "repo"), TINYLLAMA_MODEL_CACHE=str(base / "model-cache"))
     yield flow
     stop_flow(flow)
