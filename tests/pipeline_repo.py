@@ -118,16 +118,20 @@ class FlowInBackground:
 _running: list[FlowInBackground] = []  # the flows this process started and has not finished or stopped
 
 
-def start_flow(root: Path, **env: str) -> FlowInBackground:
+def start_flow(root: Path, niceness: int = 0, **env: str) -> FlowInBackground:
     """Start the whole DAG the way `make run` runs it (the Prefect flow over dvc.yaml, a throwaway
     Prefect server with its own PREFECT_HOME) in its own process group, its console output going to
-    `FLOW_OUTPUT`; `env` adds to its environment. `finish_flow` waits for it."""
+    `FLOW_OUTPUT`; `env` adds to its environment. A positive `niceness` gives the CPU to other work
+    first (every process of the run inherits it): the group is in the caller's session, since on Linux a
+    session of its own is a scheduling autogroup of its own, which gets an equal share whatever its nice
+    value. `finish_flow` waits for it."""
     full_env = {**env_for(root), "PREFECT_HOME": str(root / ".prefect"), "PYTHONUNBUFFERED": "1", **env}
     full_env.pop("PREFECT_API_URL", None)
     (root / FLOW_OUTPUT).parent.mkdir(exist_ok=True)
     with (root / FLOW_OUTPUT).open("wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], cwd=root,
-                                   env=full_env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        command = [sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"]
+        process = subprocess.Popen(["nice", "-n", str(niceness), *command], cwd=root,
+                                   env=full_env, stdout=output, stderr=subprocess.STDOUT, process_group=0)
     flow = FlowInBackground(root, process, time.monotonic())
     _running.append(flow)
     return flow
