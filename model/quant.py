@@ -18,7 +18,10 @@ How the matmul runs depends on the device:
   0.000037), the same top token 99.33 -> 99.49%, PPL ratio 1.0000 -> 0.9992 (benchmarks/README.md,
   "int8 activations"); `quantize.gates.int8` holds it to the stage's bound. Each row is quantized alone,
   so a token's output does not depend on which other tokens share its step (batching changes no number),
-  and the integer product is exact.
+  and the integer product is exact. In a compiled step of one row, a model of at least `LOOPED_MODEL_WEIGHTS`
+  skips oneDNN: `one_row_int8_product` computes the same integers in fp32 (exactly: sums short enough never
+  to round) in a loop inductor writes and fuses with the rounding (55M, int8 / llama.cpp Q8_0 0.54-0.65 ->
+  0.62-0.72 in three interleaved pairs of runs), as the fp32 engine does with its one-row linears (model/packed.py).
 - CUDA: weight-only (`_weight_int8pack_mm` with bf16 activations; `_int_mm` there needs more than 16 rows).
 
 Grouped matmuls: q/k/v read the same input, and so do gate/up; each group becomes one `Int8Linear` on
@@ -52,27 +55,61 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
+def _rounded_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows`' integers, still fp32: round(x · 127 / max|row|) is within [-127, 127] by construction
+    (an all-zero row: 127 over a floor small enough to keep nothing but zeros, and finite)."""
+    x = x.float()
+    peak = x.abs().amax(dim=1, keepdim=True).clamp(min=QMAX * torch.finfo(torch.float32).tiny)
+    return torch.round(x * (QMAX / peak)), peak / QMAX
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 rows, fp32 (M, 1) scales) with x ≈ q * scale, each row of the (M, K) `x` scaled alone."""
-    x = x.float()
-    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / QMAX
-    return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8), scale
+    rows, scale = _rounded_rows(x)
+    return rows.to(torch.int8), scale
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(M, K) activations times the (N, K) int8 `weight` with its (N,) scales -> (M, N) fp32 (see the docstring)."""
+# Products of two int8 values in [-127, 127] are at most 127² in magnitude, so fp32 holds the sum of up to this
+# many exactly (every partial sum an integer below 2^24), whatever order a vectorized loop adds them in.
+EXACT_FP32_TERMS = 2 ** 24 // QMAX ** 2
+# A compiled one-row step multiplies in its own loop (`one_row_int8_product`) when the model's int8 weights are at
+# least this many: more than a CPU's caches keep from token to token, so every step streams them from memory.
+# A model that stays in cache is faster through oneDNN (the tiny preset, 1.2M weights: int8 / llama.cpp Q8_0
+# 0.58-0.60 through oneDNN, 0.46-0.52 looped; the 55M config, 42M: 0.54-0.65 -> 0.62-0.72; benchmarks/README.md).
+LOOPED_MODEL_WEIGHTS = 2 ** 23
+
+
+def one_row_int8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The integer product of one rounded row (1, K) and the (N, K) int8 `weight`, exactly what `torch._int_mm`
+    gives (as fp32), written as multiplies and sums in fp32 over chunks of K short enough to be exact, the
+    chunks' sums added in int32: in a compiled graph inductor makes it one vectorized loop over the int8
+    weights, fused with the row's rounding, in place of oneDNN's int8 GEMM (which streams its weights at
+    about half the copy bandwidth at one row)."""
+    n, k = weight.shape
+    chunks = next(c for c in range(-(-k // EXACT_FP32_TERMS), k + 1) if k % c == 0)
+    partial = (rows.reshape(1, chunks, k // chunks) * weight.reshape(n, chunks, k // chunks).float()).sum(-1)
+    return (partial if chunks == 1 else partial.to(torch.int32).sum(-1)).float().reshape(1, n)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, looped: bool = False) -> torch.Tensor:
+    """(M, K) activations times the (N, K) int8 `weight` with its (N,) scales -> (M, N) fp32 (see the docstring);
+    `looped`: a compiled graph of one row on the CPU uses `one_row_int8_product` (the same numbers)."""
     if x.device.type == "cpu":
-        rows, row_scale = quantize_rows(x)
-        return torch._int_mm(rows, weight.t()).float() * row_scale * scale.float()
+        rows, row_scale = _rounded_rows(x)
+        if looped and torch.compiler.is_compiling() and x.shape[0] == 1:
+            product = one_row_int8_product(rows, weight)
+        else:
+            product = torch._int_mm(rows.to(torch.int8), weight.t()).float()
+        return product * row_scale * scale.float()
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).float()
 
 
 class Int8Linear(nn.Module):
     """A bias-free linear layer whose weight is int8 with per-output-channel bf16 scales."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, looped: bool = False):
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.in_features, self.out_features, self.looped = weight.shape[1], weight.shape[0], looped
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
 
@@ -84,7 +121,7 @@ class Int8Linear(nn.Module):
         return cls(*quantize_weight(linear.weight if weight is None else weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x.reshape(-1, self.in_features), self.weight, self.scale)
+        y = int8_matmul(x.reshape(-1, self.in_features), self.weight, self.scale, self.looped)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -119,4 +156,8 @@ def quantize_int8(model: Llama) -> Llama:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, Int8Linear.from_linear(linear))
+    layers = [module for module in model.modules() if isinstance(module, Int8Linear)]
+    looped = sum(layer.weight.numel() for layer in layers) >= LOOPED_MODEL_WEIGHTS
+    for layer in layers:
+        layer.looped = looped
     return model.eval()

@@ -10,7 +10,16 @@ import torch
 from model.config import preset
 from model.gguf import block_size, permute_qk, unpermute_qk
 from model.llama import Llama, apply_rope, rope_cache
-from model.quant import Int8Linear, dequantize_weight, int8_matmul, quantize_int8, quantize_rows, quantize_weight
+from model.quant import (
+    EXACT_FP32_TERMS,
+    Int8Linear,
+    dequantize_weight,
+    int8_matmul,
+    one_row_int8_product,
+    quantize_int8,
+    quantize_rows,
+    quantize_weight,
+)
 from tasks.quantize.measures import KlStats, chunk
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -132,6 +141,42 @@ def test_int8_matmul_on_cpu_is_the_exact_integer_product_and_each_row_its_own():
     exact = (rows.double() @ q.double().T) * row_scale.double() * scale.double()
     assert torch.allclose(got.double(), exact, rtol=1e-6, atol=0)
     assert all(torch.equal(int8_matmul(x[i:i + 1], q, scale), got[i:i + 1]) for i in range(9))
+
+
+@pytest.mark.parametrize("k", [320, EXACT_FP32_TERMS, 1408, 5632])
+def test_one_row_in_fp32_is_the_integer_product_even_at_the_extremes(k):
+    """Products at or near ±127², odd, all of one sign: the largest sums fp32 has to hold, which would round at
+    every addition past 2^24. One chunk up to `EXACT_FP32_TERMS`, several past it (the 55M's down projection: 1408;
+    the 1.1B's: 5632), eager and compiled."""
+    torch.manual_seed(0)
+    weight = torch.full((6, k), 127, dtype=torch.int8)
+    weight[1] = -127
+    weight[2:4] = 125 + 2 * torch.randint(0, 2, (2, k), dtype=torch.int8)
+    weight[4] = torch.randint(-127, 128, (k,), dtype=torch.int8)
+    rows = torch.full((1, k), 127.0)
+    rows[0, ::3] = -127.0
+    for row in (rows, torch.full((1, k), -127.0), torch.randint(-127, 128, (1, k)).float()):
+        expected = torch._int_mm(row.to(torch.int8), weight.t()).float()
+        assert torch.equal(one_row_int8_product(row, weight), expected)
+        assert torch.equal(torch.compile(one_row_int8_product, fullgraph=True)(row, weight), expected)
+
+
+def test_a_compiled_row_gets_the_numbers_it_gets_in_a_batch():
+    """A compiled step of one row multiplies large weights in its own loop, a batch through `torch._int_mm`: the same
+    numbers, so a sequence decodes the same text alone or beside others."""
+    torch.manual_seed(0)
+    q, scale = quantize_weight(torch.randn(320, 1408))
+    x = torch.randn(4, 1408) * torch.tensor([1e-3, 1.0, 30.0, 0.0])[:, None]
+    batch = int8_matmul(x, q, scale, looped=True)
+    compiled = torch.compile(int8_matmul, fullgraph=True)
+    assert all(torch.equal(compiled(x[i:i + 1], q, scale, True), batch[i:i + 1]) for i in range(4))
+
+
+def test_only_a_model_larger_than_caches_loops_its_one_row_steps():
+    assert all(not layer.looped for layer in quantize_int8(Llama(preset("tiny"))).modules()
+               if isinstance(layer, Int8Linear))
+    assert all(layer.looped for layer in quantize_int8(Llama(preset("bench-55m"))).modules()
+               if isinstance(layer, Int8Linear))
 
 
 def test_quantize_int8_replaces_every_linear_and_decodes():
