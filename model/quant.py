@@ -20,8 +20,9 @@ How the matmul runs depends on the device:
   so a token's output does not depend on which other tokens share its step (batching changes no number),
   and the integer product is exact. In a compiled step of one row, a model of at least `LOOPED_MODEL_WEIGHTS`
   skips oneDNN: `one_row_int8_product` computes the same integers in fp32 (exactly: sums short enough never
-  to round) in a loop inductor writes and fuses with the rounding (55M, int8 / llama.cpp Q8_0 0.54-0.65 ->
-  0.62-0.72 in three interleaved pairs of runs), as the fp32 engine does with its one-row linears (model/packed.py).
+  to round) in a loop inductor writes and fuses with the rounding, as the fp32 engine does with its one-row
+  linears (model/packed.py). 55M: the step alone 265-308 -> 319-336 tok/s in four alternations; int8 /
+  llama.cpp Q8_0 0.54-0.66 -> 0.62-0.72, within that benchmark's noise.
 - CUDA: weight-only (`_weight_int8pack_mm` with bf16 activations; `_int_mm` there needs more than 16 rows).
 
 Grouped matmuls: q/k/v read the same input, and so do gate/up; each group becomes one `Int8Linear` on
@@ -75,7 +76,7 @@ EXACT_FP32_TERMS = 2 ** 24 // QMAX ** 2
 # A compiled one-row step multiplies in its own loop (`one_row_int8_product`) when the model's int8 weights are at
 # least this many: more than a CPU's caches keep from token to token, so every step streams them from memory.
 # A model that stays in cache is faster through oneDNN (the tiny preset, 1.2M weights: int8 / llama.cpp Q8_0
-# 0.58-0.60 through oneDNN, 0.46-0.52 looped; the 55M config, 42M: 0.54-0.65 -> 0.62-0.72; benchmarks/README.md).
+# 0.58-0.60 through oneDNN, 0.46-0.52 looped; the 55M config, 42M: see the module docstring; benchmarks/README.md).
 LOOPED_MODEL_WEIGHTS = 2 ** 23
 
 
