@@ -162,7 +162,7 @@ def test_one_row_in_fp32_is_the_integer_product_even_at_the_extremes(k):
 
 
 def test_a_compiled_row_gets_the_numbers_it_gets_in_a_batch():
-    """A compiled step of one row multiplies large weights in its own loop, a batch through `torch._int_mm`: the same
+    """A looped layer's compiled step of one row multiplies in its own loop, a batch through `torch._int_mm`: the same
     numbers, so a sequence decodes the same text alone or beside others."""
     torch.manual_seed(0)
     q, scale = quantize_weight(torch.randn(320, 1408))
