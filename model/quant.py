@@ -80,16 +80,29 @@ EXACT_FP32_TERMS = 2 ** 24 // QMAX ** 2
 LOOPED_MODEL_WEIGHTS = 2 ** 23
 
 
+# `one_row_int8_product` splits a weight's rows into this many groups, each its own sum over K: inductor fuses such
+# sibling reductions into one loop that keeps one accumulator per group. One sum alone is bound by the latency of its
+# single accumulator's adds, not by memory (55M, 2-core AMD EPYC: the 32000 x 512 output projection 664-731 -> 537-544
+# us, the step 2.86-3.20 -> 2.63-2.77 ms; 8 groups no faster than 4; benchmarks/README.md).
+INTERLEAVED_ROWS = 4
+
+
 def one_row_int8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The integer product of one rounded row (1, K) and the (N, K) int8 `weight`, exactly what `torch._int_mm`
     gives (as fp32), written as multiplies and sums in fp32 over chunks of K short enough to be exact, the
     chunks' sums added in int32: in a compiled graph inductor makes it one vectorized loop over the int8
     weights, fused with the row's rounding, in place of oneDNN's int8 GEMM (which streams its weights at
-    about half the copy bandwidth at one row)."""
+    about half the copy bandwidth at one row). The rows go in `INTERLEAVED_ROWS` groups (when they divide
+    evenly), which changes no number: each output is still its own row's sum."""
     n, k = weight.shape
     chunks = next(c for c in range(-(-k // EXACT_FP32_TERMS), k + 1) if k % c == 0)
-    partial = (rows.reshape(1, chunks, k // chunks) * weight.reshape(n, chunks, k // chunks).float()).sum(-1)
-    return (partial if chunks == 1 else partial.to(torch.int32).sum(-1)).float().reshape(1, n)
+
+    def product(part: torch.Tensor) -> torch.Tensor:
+        partial = (rows.reshape(1, chunks, k // chunks) * part.reshape(-1, chunks, k // chunks).float()).sum(-1)
+        return (partial if chunks == 1 else partial.to(torch.int32).sum(-1)).float()
+
+    groups = INTERLEAVED_ROWS if n % INTERLEAVED_ROWS == 0 else 1
+    return torch.cat([product(part) for part in weight.chunk(groups)]).reshape(1, n)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, looped: bool = False) -> torch.Tensor:

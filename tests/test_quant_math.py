@@ -12,6 +12,7 @@ from model.gguf import block_size, permute_qk, unpermute_qk
 from model.llama import Llama, apply_rope, rope_cache
 from model.quant import (
     EXACT_FP32_TERMS,
+    INTERLEAVED_ROWS,
     Int8Linear,
     dequantize_weight,
     int8_matmul,
@@ -147,18 +148,21 @@ def test_int8_matmul_on_cpu_is_the_exact_integer_product_and_each_row_its_own():
 def test_one_row_in_fp32_is_the_integer_product_even_at_the_extremes(k):
     """Products at or near ±127², odd, all of one sign: the largest sums fp32 has to hold, which would round at
     every addition past 2^24. One chunk up to `EXACT_FP32_TERMS`, several past it (the 55M's down projection: 1408;
-    the 1.1B's: 5632), eager and compiled."""
+    the 1.1B's: 5632), eager and compiled; weights whose rows split into `INTERLEAVED_ROWS` groups and one whose
+    rows do not."""
     torch.manual_seed(0)
-    weight = torch.full((6, k), 127, dtype=torch.int8)
+    weight = torch.full((2 * INTERLEAVED_ROWS, k), 127, dtype=torch.int8)
     weight[1] = -127
     weight[2:4] = 125 + 2 * torch.randint(0, 2, (2, k), dtype=torch.int8)
-    weight[4] = torch.randint(-127, 128, (k,), dtype=torch.int8)
+    weight[4:] = torch.randint(-127, 128, (len(weight) - 4, k), dtype=torch.int8)
     rows = torch.full((1, k), 127.0)
     rows[0, ::3] = -127.0
+    compiled = torch.compile(one_row_int8_product, fullgraph=True)
     for row in (rows, torch.full((1, k), -127.0), torch.randint(-127, 128, (1, k)).float()):
-        expected = torch._int_mm(row.to(torch.int8), weight.t()).float()
-        assert torch.equal(one_row_int8_product(row, weight), expected)
-        assert torch.equal(torch.compile(one_row_int8_product, fullgraph=True)(row, weight), expected)
+        for w in (weight, weight[:-1]):
+            expected = torch._int_mm(row.to(torch.int8), w.t()).float()
+            assert torch.equal(one_row_int8_product(row, w), expected)
+            assert torch.equal(compiled(row, w), expected)
 
 
 def test_a_compiled_row_gets_the_numbers_it_gets_in_a_batch():
