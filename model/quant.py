@@ -22,7 +22,8 @@ How the matmul runs depends on the device:
   skips oneDNN: `one_row_int8_product` computes the same integers in fp32 (exactly: sums short enough never
   to round) in a loop inductor writes and fuses with the rounding, as the fp32 engine does with its one-row
   linears (model/packed.py). 55M: the step alone 265-308 -> 319-336 tok/s in four alternations; int8 /
-  llama.cpp Q8_0 0.54-0.66 -> 0.62-0.72, within that benchmark's noise.
+  llama.cpp Q8_0 0.54-0.66 -> 0.62-0.72, within that benchmark's noise. Summed over `interleaved` groups of rows
+  (model/packed.py: one accumulator per group), int8 / Q8_0 went 0.62-0.77 -> 0.72-0.83 in eight alternating pairs.
 - CUDA: weight-only (`_weight_int8pack_mm` with bf16 activations; `_int_mm` there needs more than 16 rows).
 
 Grouped matmuls: q/k/v read the same input, and so do gate/up; each group becomes one `Int8Linear` on
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from model.llama import Llama
+from model.packed import interleaved
 
 QMAX = 127
 
@@ -80,29 +82,20 @@ EXACT_FP32_TERMS = 2 ** 24 // QMAX ** 2
 LOOPED_MODEL_WEIGHTS = 2 ** 23
 
 
-# `one_row_int8_product` splits a weight's rows into this many groups, each its own sum over K: inductor fuses such
-# sibling reductions into one loop that keeps one accumulator per group. One sum alone is bound by the latency of its
-# single accumulator's adds, not by memory (55M, 2-core AMD EPYC: the 32000 x 512 output projection 664-731 -> 537-544
-# us, the step 2.86-3.20 -> 2.63-2.77 ms; 8 groups no faster than 4; benchmarks/README.md).
-INTERLEAVED_ROWS = 4
-
-
 def one_row_int8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The integer product of one rounded row (1, K) and the (N, K) int8 `weight`, exactly what `torch._int_mm`
     gives (as fp32), written as multiplies and sums in fp32 over chunks of K short enough to be exact, the
     chunks' sums added in int32: in a compiled graph inductor makes it one vectorized loop over the int8
     weights, fused with the row's rounding, in place of oneDNN's int8 GEMM (which streams its weights at
-    about half the copy bandwidth at one row). The rows go in `INTERLEAVED_ROWS` groups (when they divide
-    evenly), which changes no number: each output is still its own row's sum."""
+    about half the copy bandwidth at one row), over `interleaved` groups of the weight's rows."""
     n, k = weight.shape
     chunks = next(c for c in range(-(-k // EXACT_FP32_TERMS), k + 1) if k % c == 0)
 
     def product(part: torch.Tensor) -> torch.Tensor:
         partial = (rows.reshape(1, chunks, k // chunks) * part.reshape(-1, chunks, k // chunks).float()).sum(-1)
-        return (partial if chunks == 1 else partial.to(torch.int32).sum(-1)).float()
+        return (partial.squeeze(-1) if chunks == 1 else partial.to(torch.int32).sum(-1)).float()
 
-    groups = INTERLEAVED_ROWS if n % INTERLEAVED_ROWS == 0 else 1
-    return torch.cat([product(part) for part in weight.chunk(groups)]).reshape(1, n)
+    return interleaved(product, weight).reshape(1, n)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, looped: bool = False) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from model.config import micro
 from model.decoder import BatchDecoder
 from model.llama import Llama
-from model.packed import MIN_WEIGHTS, PackedLinear, available, pack_linears
+from model.packed import INTERLEAVED_ROWS, MIN_WEIGHTS, PackedLinear, available, one_row_linear, pack_linears
 from model.sampling import Sampling
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(600),
@@ -74,6 +74,18 @@ def test_a_compiled_row_multiplies_in_inductors_loop_not_a_library_call():
             y = torch.compile(layer, fullgraph=True)(x[:rows])
             assert close(y, F.linear(x[:rows], layer.weight))
             assert (counters["inductor"]["extern_calls"] > 0) == (rows > 1), (rows, dict(counters["inductor"]))
+
+
+@pytest.mark.parametrize("rows", [50 * INTERLEAVED_ROWS, 50 * INTERLEAVED_ROWS + 1])
+def test_interleaved_rows_give_the_same_numbers(rows):
+    """A compiled row over groups of the weight's rows: each output bitwise what the one sum gives (a row count the
+    groups do not divide: one sum)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(rows, 512), torch.randn(1, 512)
+    with torch.inference_mode():
+        alone = torch.compile(one_row_linear, fullgraph=True)(x, weight)
+        grouped = torch.compile(one_row_linear, fullgraph=True)(x, weight, interleave=True)
+    assert torch.equal(grouped, alone) and close(alone, F.linear(x, weight))
 
 
 def test_compiled_packed_model_decodes_the_unpacked_text():

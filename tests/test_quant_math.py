@@ -10,9 +10,9 @@ import torch
 from model.config import preset
 from model.gguf import block_size, permute_qk, unpermute_qk
 from model.llama import Llama, apply_rope, rope_cache
+from model.packed import INTERLEAVED_ROWS
 from model.quant import (
     EXACT_FP32_TERMS,
-    INTERLEAVED_ROWS,
     Int8Linear,
     dequantize_weight,
     int8_matmul,
