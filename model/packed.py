@@ -13,7 +13,8 @@ parameters (state dicts, training and quantization see plain linear layers). Wit
 - in a compiled graph of one row (a lone sequence's decode step), every one of them is a multiply and a sum
   (`one_row_linear`) that inductor writes as its own vectorized loop over the weight: no library call, whose
   fixed cost dominates small weights (the tiny preset's 43 MKL GEMVs took ~40 us each) and which streams large
-  ones slower than that loop does (the 55M's compiled step at one row 10.3-12.4 -> 5.3-6.9 ms);
+  ones slower than that loop does (the 55M's compiled step at one row 10.3-12.4 -> 5.3-6.9 ms); a large weight's
+  rows are summed in `interleaved` groups, one accumulator each;
 - otherwise, the large ones (`MIN_WEIGHTS` elements and up) call `tinyllama::packed_linear`, a custom op that
   torch.compile calls from its graph as an opaque kernel; it reorders the weight on first use and keeps the
   reordered copy while the weight is unchanged (its version counter: an optimizer step or `load_state_dict`
@@ -112,7 +113,7 @@ class PackedLinear(nn.Linear):
             return F.linear(x, self.weight)
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
             # a large weight streams from memory, where interleaving pays; the tiny preset's, which stay in cache,
-            # were slower interleaved (its compiled step 520-547 -> 609-718 us)
+            # were slower interleaved (its compiled step 520-548 -> 609-718 us)
             return one_row_linear(x, self.weight, interleave=self.reorders)
         return packed_linear(x, self.weight) if self.reorders else F.linear(x, self.weight)
 
