@@ -23,7 +23,8 @@ How the matmul runs depends on the device:
   to round) in a loop inductor writes and fuses with the rounding, as the fp32 engine does with its one-row
   linears (model/packed.py). 55M: the step alone 265-308 -> 319-336 tok/s in four alternations; int8 /
   llama.cpp Q8_0 0.54-0.66 -> 0.62-0.72, within that benchmark's noise. Summed over `interleaved` groups of rows
-  (model/packed.py: one accumulator per group), int8 / Q8_0 went 0.62-0.77 -> 0.72-0.83 in eight alternating pairs.
+  (model/packed.py: one accumulator per group), int8 / Q8_0 went 0.62-0.77 -> 0.72-0.83 in eight alternating pairs,
+  and two later whole runs gave 0.76 and 0.65: the 0.8 target met in 4 of 10 runs.
 - CUDA: weight-only (`_weight_int8pack_mm` with bf16 activations; `_int_mm` there needs more than 16 rows).
 
 Grouped matmuls: q/k/v read the same input, and so do gate/up; each group becomes one `Int8Linear` on
@@ -114,9 +115,10 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, loop
 class Int8Linear(nn.Module):
     """A bias-free linear layer whose weight is int8 with per-output-channel bf16 scales."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, looped: bool = False):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        self.in_features, self.out_features, self.looped = weight.shape[1], weight.shape[0], looped
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.looped = False  # `quantize_int8` sets it from the whole model's size
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
 
