@@ -25,9 +25,14 @@ from model.step import DecodeStep
 
 
 class PromptLookup:
-    """Draft by matching the last `max_ngram` .. `min_ngram` tokens earlier in the sequence."""
+    """Draft by matching the last `max_ngram` .. `min_ngram` tokens earlier in the sequence.
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    At least two tokens must match by default: a lone repeated token (a space, a comma) predicts little,
+    and every guess costs a wider verify step (the tiny model on 16 input-grounded prompts, compiled, one
+    thread: with 1-gram matches 25% of guesses were accepted, 1.52 tokens per target pass, 1.17-1.19x plain
+    decoding; from 2-grams 41%, 1.42 tokens per pass, 1.20-1.21x, with fewer passes paying for a verify)."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup n-gram sizes: need 1 <= min_ngram <= max_ngram, "
                              f"got {min_ngram}, {max_ngram}")

@@ -135,12 +135,15 @@ def test_prompt_lookup_speeds_up_input_grounded_text():
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
-    lookup = PromptLookup(max_ngram=3)
+    lookup = PromptLookup(max_ngram=3, min_ngram=1)
     assert lookup.propose([5, 6, 7, 8, 9, 1, 5, 6, 7], 3) == [8, 9, 1]
     assert lookup.propose([5, 6, 7, 8, 5, 6, 7, 2, 5, 6, 7], 2) == [2, 5]      # the latest occurrence
     assert lookup.propose([1, 2, 3, 9, 3], 4) == [9, 3]                        # falls back to a 1-gram
     assert lookup.propose([1, 2, 3, 4], 4) == []                               # nothing repeats
     assert lookup.propose([3, 3], 0) == []
+    default = PromptLookup()
+    assert default.propose([1, 2, 3, 9, 3], 4) == []                           # one token is not a match
+    assert default.propose([1, 2, 3, 9, 2, 3], 4) == [9, 2, 3]                 # two are
 
 
 def test_rejection_sampling_preserves_the_target_distribution():
