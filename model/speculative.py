@@ -29,8 +29,9 @@ class PromptLookup:
 
     At least two tokens must match by default: a lone repeated token (a space, a comma) predicts little,
     and every guess costs a wider verify step (the tiny model on 16 input-grounded prompts, compiled, one
-    thread: with 1-gram matches 25% of guesses were accepted, 1.52 tokens per target pass, 1.17-1.19x plain
-    decoding; from 2-grams 41%, 1.42 tokens per pass, 1.20-1.21x, with fewer passes paying for a verify)."""
+    thread, a 2-core AMX Xeon; benchmarks/README.md: with 1-gram matches 25% of guesses were accepted,
+    1.52 tokens per target pass, 1.17-1.19x plain decoding; from 2-grams 41%, 1.42 tokens per pass,
+    1.20-1.21x, with fewer passes paying for a verify)."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         if not 1 <= min_ngram <= max_ngram:
